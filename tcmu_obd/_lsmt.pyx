@@ -1,0 +1,1030 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The Cython read core of tcmu-obd: index records, lookup, stack merge,
+read-merge into the caller's buffer, and ZFile block decode/encode.
+
+It knows sectors, records, file descriptors and compressed blocks; it knows
+nothing of headers, configs, paths or registries (tcmu_obd.layer and
+tcmu_obd.image do that and hand it open descriptors and parsed tables).  Every
+loop over records, buffers or blocks runs with the GIL released; a read costs
+one Python call.  tcmu_obd.reference is a pure-Python twin of this module with
+the same API, and the differential tests hold the two to the same answers.
+
+Units: every offset/length/moffset of a record is in 512-byte sectors; every
+argument named *_bytes, and the offsets of read()/read_into(), are bytes.
+"""
+
+from libc.stdint cimport uint64_t, uint32_t, uint8_t, int64_t
+from libc.stdlib cimport malloc, free, realloc
+from libc.string cimport memcpy, memset, memmove
+from libc.errno cimport errno, EINTR
+from posix.unistd cimport pread
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+from tcmu_obd.errors import CorruptDataError, FormatError, ReadError, UsageError
+
+cdef extern from "crc32c.h" nogil:
+    uint32_t obd_crc32c(uint32_t seed, const void *data, size_t n)
+    int obd_crc32c_hw()
+
+cdef extern from "lz4.h" nogil:
+    int LZ4_decompress_safe(const char *src, char *dst, int csize, int cap)
+    int LZ4_compress_default(const char *src, char *dst, int size, int cap)
+    int LZ4_compressBound(int size)
+
+cdef extern from "zstd.h" nogil:
+    size_t ZSTD_decompress(void *dst, size_t cap, const void *src, size_t csize)
+    size_t ZSTD_compress(void *dst, size_t cap, const void *src, size_t size, int level)
+    size_t ZSTD_compressBound(size_t size)
+    unsigned ZSTD_isError(size_t code)
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_rwlock_t:
+        pass
+    int pthread_rwlock_init(pthread_rwlock_t *, void *)
+    int pthread_rwlock_destroy(pthread_rwlock_t *)
+    int pthread_rwlock_rdlock(pthread_rwlock_t *)
+    int pthread_rwlock_wrlock(pthread_rwlock_t *)
+    int pthread_rwlock_unlock(pthread_rwlock_t *)
+
+# ---------------------------------------------------------------- constants
+cdef extern from *:
+    """
+    #define OBD_INVALID_OFFSET ((uint64_t)((1ULL << 50) - 1))
+    #define OBD_MAX_LENGTH ((uint64_t)((1ULL << 14) - 1))
+    #define OBD_MAX_MOFFSET ((uint64_t)((1ULL << 55) - 1))
+    """
+    const uint64_t INVALID_OFFSET "OBD_INVALID_OFFSET"
+    const uint64_t MAX_LENGTH "OBD_MAX_LENGTH"
+    const uint64_t MAX_MOFFSET "OBD_MAX_MOFFSET"
+DEF SECTOR = 512
+DEF MAX_IO = 4 * 1024 * 1024
+DEF MAX_INDEX = 128000000
+DEF ZF_SALT = 100007
+DEF ALGO_LZ4 = 1
+DEF ALGO_ZSTD = 2
+DEF ZSTD_LEVEL = 3
+DEF COALESCE_MAX = 1 << 20      # largest single pread of compressed bytes
+
+SALT = ZF_SALT
+CRC_HW = bool(obd_crc32c_hw())   # also initialises the tables once, before any thread
+
+
+def crc32c(data, uint32_t seed=0):
+    """overlaybd's raw CRC32C of a bytes-like object, from `seed`."""
+    cdef Py_buffer view
+    cdef uint32_t r
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        with nogil:
+            r = obd_crc32c(seed, view.buf, <size_t>view.len)
+    finally:
+        PyBuffer_Release(&view)
+    return r
+
+
+# ---------------------------------------------------------------- records
+cdef struct Rec:
+    uint64_t offset
+    uint64_t moffset
+    uint32_t length
+    uint8_t zeroed
+    uint8_t tag
+
+
+cdef inline uint64_t rend(const Rec *r) nogil:
+    return r.offset + r.length
+
+
+cdef inline void decode_rec(const unsigned char *p, Rec *r) nogil:
+    cdef uint64_t w0, w1
+    memcpy(&w0, p, 8)
+    memcpy(&w1, p + 8, 8)
+    r.offset = w0 & INVALID_OFFSET
+    r.length = <uint32_t>(w0 >> 50)
+    r.moffset = w1 & MAX_MOFFSET
+    r.zeroed = <uint8_t>((w1 >> 55) & 1)
+    r.tag = <uint8_t>(w1 >> 56)
+
+
+cdef inline void encode_rec(const Rec *r, unsigned char *p) nogil:
+    cdef uint64_t w0 = (r.offset & INVALID_OFFSET) | ((<uint64_t>r.length) << 50)
+    cdef uint64_t w1 = (r.moffset & MAX_MOFFSET) | ((<uint64_t>r.zeroed) << 55) | ((<uint64_t>r.tag) << 56)
+    memcpy(p, &w0, 8)
+    memcpy(p + 8, &w1, 8)
+
+
+cdef class Index:
+    """A sorted, non-overlapping array of records in C memory.
+
+    Built from raw on-disk bytes (from_raw), by replaying an RW log
+    (replay / insert: the newer record wins), or by merge().  Lookups use a
+    bucket table over the record ends once build_search() ran; without it
+    (an RW index that changes per write) a binary search.
+    """
+    cdef Rec *recs
+    cdef Py_ssize_t n
+    cdef Py_ssize_t cap
+    cdef uint32_t *buckets
+    cdef int shift
+    cdef uint64_t nbuckets
+    cdef pthread_rwlock_t lock
+
+    def __cinit__(self):
+        self.recs = NULL
+        self.n = 0
+        self.cap = 0
+        self.buckets = NULL
+        self.nbuckets = 0
+        pthread_rwlock_init(&self.lock, NULL)
+
+    def __dealloc__(self):
+        free(self.recs)
+        free(self.buckets)
+        pthread_rwlock_destroy(&self.lock)
+
+    cdef int _reserve(self, Py_ssize_t want) except -1:
+        cdef Py_ssize_t ncap
+        cdef Rec *p
+        if want <= self.cap:
+            return 0
+        if want > MAX_INDEX:
+            raise FormatError("<index>", "record count", want, f"more than {MAX_INDEX} records")
+        ncap = max(want, self.cap * 2, 64)
+        p = <Rec *>realloc(self.recs, ncap * sizeof(Rec))
+        if p == NULL:
+            raise MemoryError()
+        self.recs = p
+        self.cap = ncap
+        return 0
+
+    cdef inline int _push(self, const Rec *r) except -1:
+        if self.n >= self.cap:
+            self._reserve(self.n + 1)
+        self.recs[self.n] = r[0]
+        self.n += 1
+        return 0
+
+    # -------------------------------------------------------- construction
+    @staticmethod
+    def from_raw(data, bint keep_tags=False):
+        """Records from on-disk bytes (16 each), invalid ones dropped, in
+        file order; tags are forced to 0 unless keep_tags."""
+        cdef Index idx = Index()
+        cdef Py_buffer view
+        cdef Py_ssize_t i, cnt
+        cdef const unsigned char *p
+        cdef Rec r
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            cnt = view.len // 16
+            idx._reserve(cnt)
+            p = <const unsigned char *>view.buf
+            with nogil:
+                for i in range(cnt):
+                    decode_rec(p + 16 * i, &r)
+                    if r.offset == INVALID_OFFSET:
+                        continue
+                    if not keep_tags:
+                        r.tag = 0
+                    idx.recs[idx.n] = r
+                    idx.n += 1
+        finally:
+            PyBuffer_Release(&view)
+        return idx
+
+    @staticmethod
+    def from_records(records):
+        """From an iterable of (offset, length, moffset, zeroed, tag), kept in order."""
+        cdef Index idx = Index()
+        cdef Rec r
+        for rec in records:
+            idx._reserve(idx.n + 1)
+            r.offset, r.length, r.moffset, r.zeroed, r.tag = rec
+            idx.recs[idx.n] = r
+            idx.n += 1
+        return idx
+
+    def replay(self, data):
+        """Apply an RW index log in file order: invalid and zero-length
+        records skipped, tags forced to 0, each newer record wins."""
+        cdef Py_buffer view
+        cdef Py_ssize_t i, cnt
+        cdef const unsigned char *p
+        cdef Rec r
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            cnt = view.len // 16
+            p = <const unsigned char *>view.buf
+            for i in range(cnt):
+                decode_rec(p + 16 * i, &r)
+                if r.offset == INVALID_OFFSET or r.length == 0:
+                    continue
+                self._insert(r.offset, r.length, r.moffset, r.zeroed, 0)
+        finally:
+            PyBuffer_Release(&view)
+
+    def insert(self, uint64_t offset, uint32_t length, uint64_t moffset, bint zeroed=False, uint8_t tag=0):
+        """Insert one record; whatever it overlaps is cut away (newer wins)."""
+        if length == 0:
+            return
+        if length > MAX_LENGTH or offset + length > INVALID_OFFSET or moffset > MAX_MOFFSET:
+            raise UsageError(f"record out of range: offset={offset} length={length} moffset={moffset}")
+        self._insert(offset, length, moffset, zeroed, tag)
+
+    cdef int _insert(self, uint64_t off, uint32_t length, uint64_t moff, uint8_t zeroed, uint8_t tag) except -1:
+        cdef uint64_t end = off + length
+        cdef Py_ssize_t i, j, k
+        cdef Rec head, tail, new
+        cdef int has_head = 0, has_tail = 0, nrep
+        self._reserve(self.n + 2)
+        pthread_rwlock_wrlock(&self.lock)
+        i = self._first_end_after(off)
+        j = i
+        while j < self.n and self.recs[j].offset < end:
+            j += 1
+        # records i..j-1 overlap [off, end)
+        if i < j and self.recs[i].offset < off:
+            head = self.recs[i]
+            head.length = <uint32_t>(off - head.offset)
+            has_head = 1
+        if i < j and rend(&self.recs[j - 1]) > end:
+            tail = self.recs[j - 1]
+            k = <Py_ssize_t>(end - tail.offset)
+            tail.offset = end
+            tail.length -= <uint32_t>k
+            if not tail.zeroed:
+                tail.moffset += k
+            has_tail = 1
+        new.offset = off
+        new.length = length
+        new.moffset = moff
+        new.zeroed = zeroed
+        new.tag = tag
+        nrep = has_head + 1 + has_tail
+        if nrep != j - i:
+            memmove(&self.recs[i + nrep], &self.recs[j], (self.n - j) * sizeof(Rec))
+            self.n += nrep - (j - i)
+        k = i
+        if has_head:
+            self.recs[k] = head
+            k += 1
+        self.recs[k] = new
+        k += 1
+        if has_tail:
+            self.recs[k] = tail
+        free(self.buckets)
+        self.buckets = NULL
+        self.nbuckets = 0
+        pthread_rwlock_unlock(&self.lock)
+        return 0
+
+    # -------------------------------------------------------- search
+    def build_search(self):
+        """Build the bucket table that makes lookups O(1) on average.
+        Bucket b holds the first record whose end > b << shift."""
+        cdef uint64_t maxend, nb, b, key
+        cdef int shift = 0
+        cdef Py_ssize_t i
+        cdef uint32_t *t
+        free(self.buckets)
+        self.buckets = NULL
+        self.nbuckets = 0
+        if self.n < 64:
+            return
+        maxend = rend(&self.recs[self.n - 1])
+        while (maxend >> shift) > <uint64_t>(2 * self.n) and shift < 62:
+            shift += 1
+        nb = (maxend >> shift) + 2
+        t = <uint32_t *>malloc(nb * sizeof(uint32_t))
+        if t == NULL:
+            raise MemoryError()
+        with nogil:
+            i = 0
+            for b in range(nb):
+                key = b << shift
+                while i < self.n and rend(&self.recs[i]) <= key:
+                    i += 1
+                t[b] = <uint32_t>i
+        self.buckets = t
+        self.nbuckets = nb
+        self.shift = shift
+
+    cdef inline Py_ssize_t _first_end_after(self, uint64_t x) nogil:
+        """Index of the first record whose end > x (n if none)."""
+        cdef Py_ssize_t lo = 0, hi = self.n, mid
+        cdef uint64_t b
+        if self.buckets != NULL:
+            b = x >> self.shift
+            if b + 1 >= self.nbuckets:
+                return self.n
+            lo = self.buckets[b]
+            hi = self.buckets[b + 1]
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if rend(&self.recs[mid]) > x:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def find(self, uint64_t x):
+        """Position of the first record whose end > x (len(self) if none)."""
+        return self._first_end_after(x)
+
+    def bench_find(self, keys):
+        """Look up every u64 key in `keys` (a buffer); returns (checksum,
+        seconds) measured inside the core, GIL released."""
+        cdef Py_buffer view
+        cdef const uint64_t *k
+        cdef Py_ssize_t i, cnt
+        cdef uint64_t acc = 0
+        cdef timespec t0, t1
+        PyObject_GetBuffer(keys, &view, PyBUF_SIMPLE)
+        try:
+            k = <const uint64_t *>view.buf
+            cnt = view.len // 8
+            with nogil:
+                clock_gettime(CLOCK_MONOTONIC, &t0)
+                for i in range(cnt):
+                    acc += <uint64_t>self._first_end_after(k[i])
+                clock_gettime(CLOCK_MONOTONIC, &t1)
+        finally:
+            PyBuffer_Release(&view)
+        return acc, (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9
+
+    # -------------------------------------------------------- inspection
+    def __len__(self):
+        return self.n
+
+    def record(self, Py_ssize_t i):
+        if i < 0 or i >= self.n:
+            raise IndexError(i)
+        r = &self.recs[i]
+        return (r.offset, r.length, r.moffset, r.zeroed, r.tag)
+
+    def records(self):
+        return [self.record(i) for i in range(self.n)]
+
+    def check_sorted(self):
+        """-1 when sorted and non-overlapping, else the position of the
+        first record that starts before its predecessor ends."""
+        cdef Py_ssize_t i
+        for i in range(1, self.n):
+            if self.recs[i].offset < rend(&self.recs[i - 1]):
+                return i
+        return -1
+
+    def check_moffset(self, uint64_t lo, uint64_t hi):
+        """-1 when every data record lies in [lo, hi) and every zeroed
+        record has lo <= moffset <= hi; else the first bad position."""
+        cdef Py_ssize_t i
+        cdef Rec *r
+        for i in range(self.n):
+            r = &self.recs[i]
+            if r.zeroed:
+                if r.moffset < lo or r.moffset > hi:
+                    return i
+            elif r.moffset < lo or r.moffset >= hi or r.moffset + r.length > hi:
+                return i
+        return -1
+
+    def data_sectors(self):
+        """Sectors held by non-zeroed records (fstat's st_blocks)."""
+        cdef uint64_t s = 0
+        cdef Py_ssize_t i
+        for i in range(self.n):
+            if not self.recs[i].zeroed:
+                s += self.recs[i].length
+        return s
+
+    def dump(self, Py_ssize_t pad_to=1):
+        """On-disk bytes of the records (tags kept), padded with invalid
+        records to a multiple of pad_to records."""
+        cdef Py_ssize_t total = self.n, i
+        cdef Rec inv
+        if pad_to > 1 and total % pad_to:
+            total += pad_to - total % pad_to
+        out = PyBytes_FromStringAndSize(NULL, total * 16)
+        cdef unsigned char *p = <unsigned char *>PyBytes_AS_STRING(out)
+        inv.offset = INVALID_OFFSET
+        inv.length = 0
+        inv.moffset = 0
+        inv.zeroed = 0
+        inv.tag = 0
+        for i in range(total):
+            encode_rec(&self.recs[i] if i < self.n else &inv, p + 16 * i)
+        return out
+
+    def lookup(self, uint64_t offset, uint64_t length):
+        """Records overlapping [offset, offset+length) in sectors, the first
+        and last trimmed to it (moffset advanced unless zeroed)."""
+        cdef uint64_t end = offset + length
+        cdef Py_ssize_t i = self._first_end_after(offset)
+        cdef Rec r
+        cdef uint64_t cut
+        out = []
+        while i < self.n and self.recs[i].offset < end:
+            r = self.recs[i]
+            if r.offset < offset:
+                cut = offset - r.offset
+                r.offset = offset
+                r.length -= <uint32_t>cut
+                if not r.zeroed:
+                    r.moffset += cut
+            if rend(&r) > end:
+                r.length = <uint32_t>(end - r.offset)
+            out.append((r.offset, r.length, r.moffset, r.zeroed, r.tag))
+            i += 1
+        return out
+
+
+def merge(list layers):
+    """Merge indexes given top-first into one: each layer fills only the
+    holes left by the layers above it; tag = position in `layers`."""
+    cdef Index acc = Index(), low, nxt
+    cdef Py_ssize_t li, i, j, k, nr
+    cdef Rec piece, L
+    cdef uint64_t pos, e, gend
+    if len(layers) > 255:
+        raise FormatError("<stack>", "layer count", len(layers), "at most 255 read-only layers")
+    for li in range(len(layers)):
+        low = layers[li]
+        nxt = Index()
+        nxt._reserve(acc.n + 2 * low.n + 1)
+        nr = acc.n
+        i = 0
+        for j in range(low.n):
+            L = low.recs[j]
+            L.tag = <uint8_t>li
+            e = rend(&L)
+            while i < nr and rend(&acc.recs[i]) <= L.offset:
+                nxt._push(&acc.recs[i])
+                i += 1
+            pos = L.offset
+            k = i
+            while pos < e:
+                if k < nr and acc.recs[k].offset <= pos:
+                    pos = rend(&acc.recs[k])
+                    k += 1
+                    continue
+                gend = e
+                if k < nr and acc.recs[k].offset < e:
+                    gend = acc.recs[k].offset
+                while i < nr and acc.recs[i].offset < pos:
+                    nxt._push(&acc.recs[i])
+                    i += 1
+                piece = L
+                piece.offset = pos
+                piece.length = <uint32_t>(gend - pos)
+                if not L.zeroed:
+                    piece.moffset = L.moffset + (pos - L.offset)
+                nxt._push(&piece)
+                pos = gend
+        while i < nr:
+            nxt._push(&acc.recs[i])
+            i += 1
+        acc = nxt
+    acc.build_search()
+    return acc
+
+
+
+
+# ---------------------------------------------------------------- backings
+DEF K_RAW = 1
+DEF K_ZFILE = 2
+
+DEF E_IO = 1
+DEF E_SHORT = 2
+DEF E_CRC = 3
+DEF E_DECODE = 4
+DEF E_RANGE = 5
+DEF E_NOMEM = 6
+
+cdef struct BackingC:
+    int kind
+    int fd
+    uint64_t base          # where the backing's byte 0 lies in fd
+    uint64_t size          # the backing's logical size in bytes
+    uint32_t block_size    # ZFile only from here on
+    int algo
+    int verify
+    uint64_t nblocks
+    uint64_t *boff         # nblocks+1 block starts, relative to base
+
+
+cdef struct Err:
+    int code
+    int err_no
+    int which
+    uint64_t a
+    uint64_t b
+    uint64_t c
+
+
+cdef inline int set_err(Err *err, int code, uint64_t a, uint64_t b, uint64_t c) nogil:
+    err.code = code
+    err.err_no = errno
+    err.a = a
+    err.b = b
+    err.c = c
+    return -1
+
+
+cdef int pread_full(int fd, char *dst, uint64_t n, uint64_t off, Err *err) nogil:
+    cdef ssize_t r
+    cdef uint64_t done = 0
+    while done < n:
+        r = pread(fd, dst + done, n - done, off + done)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            return set_err(err, E_IO, off + done, n, 0)
+        if r == 0:
+            return set_err(err, E_SHORT, off, n, done)
+        done += r
+    return 0
+
+
+cdef int decode_block(const BackingC *b, uint64_t blk, const char *src, uint64_t clen,
+                      char *out, uint64_t want, Err *err) nogil:
+    """Check one stored block's CRC and decompress it into out (exactly
+    `want` bytes)."""
+    cdef uint32_t stored, calc
+    cdef int r
+    cdef size_t zr
+    if b.verify:
+        clen -= 4
+        memcpy(&stored, src + clen, 4)
+        calc = obd_crc32c(ZF_SALT, src, clen)
+        if stored != calc:
+            return set_err(err, E_CRC, blk, stored, calc)
+    if b.algo == ALGO_LZ4:
+        r = LZ4_decompress_safe(src, out, <int>clen, <int>want)
+        if r < 0 or <uint64_t>r != want:
+            return set_err(err, E_DECODE, blk, <uint64_t>(<int64_t>r), want)
+    else:
+        zr = ZSTD_decompress(out, want, src, clen)
+        if ZSTD_isError(zr) or zr != want:
+            return set_err(err, E_DECODE, blk, <uint64_t>zr, want)
+    return 0
+
+
+cdef int zfile_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err *err) nogil:
+    cdef uint64_t bs = b.block_size
+    cdef uint64_t blk = off / bs, last = (off + n - 1) / bs, stop, i
+    cdef uint64_t span, bstart, want, lo, hi
+    cdef char *cbuf = NULL
+    cdef char *scratch = NULL
+    cdef uint64_t ccap = 0
+    cdef int rc = 0
+    while blk <= last:
+        # coalesce blocks into one pread of at most COALESCE_MAX bytes
+        stop = blk + 1
+        while stop <= last and b.boff[stop + 1] - b.boff[blk] <= COALESCE_MAX:
+            stop += 1
+        span = b.boff[stop] - b.boff[blk]
+        if span > ccap:
+            free(cbuf)
+            cbuf = <char *>malloc(span)
+            ccap = span
+            if cbuf == NULL:
+                rc = set_err(err, E_NOMEM, span, 0, 0)
+                break
+        rc = pread_full(b.fd, cbuf, span, b.base + b.boff[blk], err)
+        if rc:
+            break
+        for i in range(blk, stop):
+            bstart = i * bs
+            want = bs if bstart + bs <= b.size else b.size - bstart
+            lo = off if off > bstart else bstart
+            hi = off + n if off + n < bstart + want else bstart + want
+            if lo == bstart and hi == bstart + want:
+                rc = decode_block(b, i, cbuf + (b.boff[i] - b.boff[blk]), b.boff[i + 1] - b.boff[i],
+                                  dst + (bstart - off), want, err)
+            else:
+                if scratch == NULL:
+                    scratch = <char *>malloc(bs)
+                    if scratch == NULL:
+                        rc = set_err(err, E_NOMEM, bs, 0, 0)
+                        break
+                rc = decode_block(b, i, cbuf + (b.boff[i] - b.boff[blk]), b.boff[i + 1] - b.boff[i],
+                                  scratch, want, err)
+                if rc == 0:
+                    memcpy(dst + (lo - off), scratch + (lo - bstart), hi - lo)
+            if rc:
+                break
+        if rc:
+            break
+        blk = stop
+    free(cbuf)
+    free(scratch)
+    return rc
+
+
+cdef int backing_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err *err) nogil:
+    if n == 0:
+        return 0
+    if off + n > b.size or off + n < off:
+        return set_err(err, E_RANGE, off, n, b.size)
+    if b.kind == K_RAW:
+        return pread_full(b.fd, dst, n, b.base + off, err)
+    return zfile_read(b, dst, off, n, err)
+
+
+cdef class Backing:
+    """A byte range of an open file that records point into: raw bytes
+    (RawBacking) or a ZFile's decompressed view (ZFileBacking).  It does not
+    own the descriptor; whoever opened the file closes it."""
+    cdef BackingC c
+    cdef public str name
+
+    def __dealloc__(self):
+        free(self.c.boff)
+
+    @property
+    def size(self):
+        return self.c.size
+
+    @property
+    def fd(self):
+        return self.c.fd
+
+    def pread(self, uint64_t offset, uint64_t length):
+        """Bytes [offset, offset+length) of the backing (clamped to its size)."""
+        cdef Err err
+        cdef int rc
+        if offset >= self.c.size:
+            return b""
+        if offset + length > self.c.size:
+            length = self.c.size - offset
+        out = PyBytes_FromStringAndSize(NULL, length)
+        cdef char *p = PyBytes_AS_STRING(out)
+        err.which = 0
+        with nogil:
+            rc = backing_read(&self.c, p, offset, length, &err)
+        if rc:
+            raise_err(&err, [self])
+        return out
+
+
+cdef class RawBacking(Backing):
+    def __init__(self, int fd, uint64_t base, uint64_t size, str name="<raw>"):
+        self.c.kind = K_RAW
+        self.c.fd = fd
+        self.c.base = base
+        self.c.size = size
+        self.name = name
+
+
+cdef class ZFileBacking(Backing):
+    """The decompressed view of a ZFile whose jump table is `table` (u32
+    stored lengths); blocks start at data_start and must end by data_end
+    (both relative to base)."""
+
+    def __init__(self, int fd, uint64_t base, uint64_t data_start, uint64_t data_end, table,
+                 uint32_t block_size, int algo, bint verify, uint64_t original_size, str name="<zfile>"):
+        cdef Py_buffer view
+        cdef const uint32_t *t
+        cdef uint64_t i, cnt, bound, pos
+        self.name = name
+        if block_size < 512 or block_size > 65536 or (block_size & (block_size - 1)):
+            raise FormatError(name, "block_size", block_size, "must be a power of two from 512 to 65536")
+        if algo != ALGO_LZ4 and algo != ALGO_ZSTD:
+            raise FormatError(name, "algo", algo, "only 1 (LZ4) and 2 (ZSTD) are supported")
+        bound = (<uint64_t>LZ4_compressBound(block_size) if algo == ALGO_LZ4
+                 else <uint64_t>ZSTD_compressBound(block_size)) + 4
+        PyObject_GetBuffer(table, &view, PyBUF_SIMPLE)
+        try:
+            cnt = view.len // 4
+            if cnt != (original_size + block_size - 1) // block_size:
+                raise FormatError(name, "index_size", cnt,
+                                  f"{original_size} bytes in {block_size}-byte blocks need "
+                                  f"{(original_size + block_size - 1) // block_size} blocks")
+            self.c.boff = <uint64_t *>malloc((cnt + 1) * sizeof(uint64_t))
+            if self.c.boff == NULL:
+                raise MemoryError()
+            t = <const uint32_t *>view.buf
+            pos = data_start
+            for i in range(cnt):
+                self.c.boff[i] = pos
+                if t[i] <= (4 if verify else 0) or t[i] > bound:
+                    raise FormatError(name, f"jump table entry {i}", t[i],
+                                      f"stored block length must be in {5 if verify else 1}..{bound}")
+                pos += t[i]
+            self.c.boff[cnt] = pos
+            if pos > data_end:
+                raise FormatError(name, "jump table", pos,
+                                  f"blocks end at byte {pos}, past the jump table at {data_end}")
+        finally:
+            PyBuffer_Release(&view)
+        self.c.kind = K_ZFILE
+        self.c.fd = fd
+        self.c.base = base
+        self.c.size = original_size
+        self.c.block_size = block_size
+        self.c.algo = algo
+        self.c.verify = verify
+        self.c.nblocks = cnt
+
+    @property
+    def nblocks(self):
+        return self.c.nblocks
+
+    def block_extent(self, uint64_t i):
+        """(start, length) in the file, relative to base, of stored block i."""
+        if i >= self.c.nblocks:
+            raise IndexError(i)
+        return self.c.boff[i], self.c.boff[i + 1] - self.c.boff[i]
+
+    def verify_all(self):
+        """Check every block's CRC and decompression; raises on the first bad one."""
+        cdef Err err
+        cdef int rc
+        cdef uint64_t off = 0, step = 16 << 20, n
+        cdef char *buf = <char *>malloc(step)
+        if buf == NULL:
+            raise MemoryError()
+        err.which = 0
+        try:
+            while off < self.c.size:
+                n = min(step, self.c.size - off)
+                with nogil:
+                    rc = zfile_read(&self.c, buf, off, n, &err)
+                if rc:
+                    raise_err(&err, [self])
+                off += n
+        finally:
+            free(buf)
+
+
+cdef int raise_err(Err *err, list files) except -1:
+    import os
+    name = files[err.which].name if 0 <= err.which < len(files) else "<backing>"
+    if err.code == E_IO:
+        raise ReadError(f"{name}: read at byte {err.a} failed: {os.strerror(err.err_no)}")
+    if err.code == E_SHORT:
+        raise ReadError(f"{name}: file ends at byte {err.a + err.c} inside a read of {err.b} bytes "
+                        f"at byte {err.a} (truncated?)")
+    if err.code == E_CRC:
+        raise CorruptDataError(name, f"zfile block {err.a} crc", err.b,
+                               f"computed crc is 0x{err.c:08x}")
+    if err.code == E_DECODE:
+        raise CorruptDataError(name, f"zfile block {err.a}", <int64_t>err.b,
+                               f"block does not decompress to {err.c} bytes")
+    if err.code == E_RANGE:
+        raise CorruptDataError(name, "moffset", err.a,
+                               f"read of {err.b} bytes runs past the end of the layer data ({err.c} bytes)")
+    if err.code == E_NOMEM:
+        raise MemoryError(f"{name}: cannot allocate {err.a} bytes")
+    raise ReadError(f"{name}: read failed (code {err.code})")
+
+
+# ---------------------------------------------------------------- stack
+cdef struct Pending:
+    int tag
+    uint64_t foff
+    char *dst
+    uint64_t len
+
+
+cdef class Stack:
+    """Read-merge over a stack: `files` top-first (lower tags index it),
+    the merged lower Index, and an optional upper (RW) Index whose records
+    read from files[-1].  Upper data and zeroed records both shadow the
+    lower stack; only holes fall through; a hole everywhere reads as zeros."""
+    cdef list files_py
+    cdef BackingC **files
+    cdef int nfiles
+    cdef Index lower
+    cdef Index upper
+    cdef int upper_tag
+
+    def __init__(self, list files, Index lower=None, Index upper=None):
+        cdef Py_ssize_t i
+        cdef Backing b
+        if len(files) > 256:
+            raise UsageError(f"too many backing files: {len(files)}")
+        self.files_py = list(files)
+        self.files = <BackingC **>malloc(max(1, len(files)) * sizeof(BackingC *))
+        if self.files == NULL:
+            raise MemoryError()
+        for i, f in enumerate(files):
+            b = <Backing?>f
+            self.files[i] = &b.c
+        self.nfiles = len(files)
+        self.lower = lower
+        self.upper = upper
+        self.upper_tag = self.nfiles - 1
+        if upper is not None and self.nfiles == 0:
+            raise UsageError("an upper index needs its backing file last in `files`")
+        if lower is not None:
+            for i in range(lower.n):
+                if lower.recs[i].tag >= self.nfiles or (upper is not None and lower.recs[i].tag == self.upper_tag):
+                    raise UsageError(f"lower record {i} has tag {lower.recs[i].tag}, no such file")
+
+    def __dealloc__(self):
+        free(self.files)
+
+    @property
+    def lower(self):
+        return self.lower
+
+    @property
+    def upper(self):
+        return self.upper
+
+    cdef int _flush(self, Pending *p, Err *err) nogil:
+        cdef int rc = 0
+        if p.len:
+            rc = backing_read(self.files[p.tag], p.dst, p.foff, p.len, err)
+            if rc:
+                err.which = p.tag
+        p.len = 0
+        return rc
+
+    cdef int _emit(self, const Rec *r, int tag, uint64_t s, uint64_t e, char *dst, uint64_t base,
+                   Pending *p, Err *err) nogil:
+        """Serve [s, e) (sectors, inside r) into dst (dst = sector `base`)."""
+        cdef char *d = dst + (s - base) * SECTOR
+        cdef uint64_t n = (e - s) * SECTOR
+        cdef uint64_t foff
+        if r.zeroed:
+            memset(d, 0, n)
+            return 0
+        foff = (r.moffset + (s - r.offset)) * SECTOR
+        if p.len and p.tag == tag and p.foff + p.len == foff and p.dst + p.len == d:
+            p.len += n
+            return 0
+        if self._flush(p, err):
+            return -1
+        p.tag = tag
+        p.foff = foff
+        p.dst = d
+        p.len = n
+        return 0
+
+    cdef int _read_lower(self, uint64_t s, uint64_t e, char *dst, uint64_t base,
+                         Pending *p, Err *err) nogil:
+        cdef Py_ssize_t i
+        cdef uint64_t pos = s, rs, re
+        cdef const Rec *r
+        if self.lower is None:
+            memset(dst + (s - base) * SECTOR, 0, (e - s) * SECTOR)
+            return 0
+        i = self.lower._first_end_after(s)
+        while i < self.lower.n and self.lower.recs[i].offset < e:
+            r = &self.lower.recs[i]
+            rs = r.offset if r.offset > pos else pos
+            if rs > pos:
+                memset(dst + (pos - base) * SECTOR, 0, (rs - pos) * SECTOR)
+            re = rend(r) if rend(r) < e else e
+            if self._emit(r, r.tag, rs, re, dst, base, p, err):
+                return -1
+            pos = re
+            i += 1
+        if pos < e:
+            memset(dst + (pos - base) * SECTOR, 0, (e - pos) * SECTOR)
+        return 0
+
+    cdef int _read(self, char *dst, uint64_t s, uint64_t e, Err *err) nogil:
+        cdef Pending p
+        cdef Py_ssize_t i
+        cdef uint64_t pos = s, rs, re
+        cdef const Rec *r
+        cdef int rc = 0
+        p.len = 0
+        if self.upper is None:
+            rc = self._read_lower(s, e, dst, s, &p, err)
+        else:
+            pthread_rwlock_rdlock(&self.upper.lock)
+            i = self.upper._first_end_after(s)
+            while i < self.upper.n and self.upper.recs[i].offset < e:
+                r = &self.upper.recs[i]
+                rs = r.offset if r.offset > pos else pos
+                if rs > pos:
+                    rc = self._read_lower(pos, rs, dst, s, &p, err)
+                    if rc:
+                        break
+                re = rend(r) if rend(r) < e else e
+                rc = self._emit(r, self.upper_tag, rs, re, dst, s, &p, err)
+                if rc:
+                    break
+                pos = re
+                i += 1
+            if rc == 0 and pos < e:
+                rc = self._read_lower(pos, e, dst, s, &p, err)
+            pthread_rwlock_unlock(&self.upper.lock)
+        if rc == 0:
+            rc = self._flush(&p, err)
+        return rc
+
+    def read_into(self, buf, uint64_t offset):
+        """Fill the writable buffer `buf` with the stack's bytes at `offset`.
+        offset and len(buf) must be multiples of 512."""
+        cdef Py_buffer view
+        cdef Err err
+        cdef int rc
+        PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+        try:
+            if offset % SECTOR or view.len % SECTOR:
+                raise UsageError(f"read of {view.len} bytes at {offset} is not 512-byte aligned")
+            err.which = -1
+            with nogil:
+                rc = self._read(<char *>view.buf, offset // SECTOR, (offset + view.len) // SECTOR, &err)
+        finally:
+            PyBuffer_Release(&view)
+        if rc:
+            raise_err(&err, self.files_py)
+        return None
+
+    def read(self, uint64_t offset, uint64_t length):
+        out = bytearray(length)
+        self.read_into(out, offset)
+        return bytes(out)
+
+    def lookup(self, uint64_t offset, uint64_t length):
+        """The effective records for [offset, offset+length) in sectors:
+        upper records (tag = upper file) with lower ones in their holes."""
+        if self.upper is None:
+            return self.lower.lookup(offset, length) if self.lower is not None else []
+        out = []
+        pos = offset
+        end = offset + length
+        for r in self.upper.lookup(offset, length):
+            if r[0] > pos and self.lower is not None:
+                out.extend(self.lower.lookup(pos, r[0] - pos))
+            out.append((r[0], r[1], r[2], r[3], self.upper_tag))
+            pos = r[0] + r[1]
+        if pos < end and self.lower is not None:
+            out.extend(self.lower.lookup(pos, end - pos))
+        return out
+
+
+# ---------------------------------------------------------------- encode
+def compress_blocks(int algo, data, uint32_t block_size, bint verify):
+    """Compress `data` into consecutive blocks of block_size bytes (the last
+    may be shorter), each followed by its salted CRC when verify.  Returns
+    (stored bytes, list of stored lengths).  Runs without the GIL, so worker
+    threads compress in parallel."""
+    cdef Py_buffer view
+    cdef uint64_t nblk, i, pos, size, blen
+    cdef size_t cap, bound
+    cdef char *out
+    cdef char *src
+    cdef int r
+    cdef size_t zr
+    cdef uint32_t crc
+    cdef uint32_t *lens
+    if algo != ALGO_LZ4 and algo != ALGO_ZSTD:
+        raise UsageError(f"unknown compression algorithm {algo}")
+    if block_size == 0:
+        raise UsageError("block_size must be positive")
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        size = view.len
+        nblk = (size + block_size - 1) // block_size
+        bound = (<size_t>LZ4_compressBound(block_size) if algo == ALGO_LZ4
+                 else ZSTD_compressBound(block_size)) + 4
+        cap = nblk * bound
+        out = <char *>malloc(cap if cap else 1)
+        lens = <uint32_t *>malloc((nblk if nblk else 1) * sizeof(uint32_t))
+        if out == NULL or lens == NULL:
+            free(out)
+            free(lens)
+            raise MemoryError()
+        src = <char *>view.buf
+        pos = 0
+        r = 0
+        with nogil:
+            for i in range(nblk):
+                blen = block_size if (i + 1) * block_size <= size else size - i * block_size
+                if algo == ALGO_LZ4:
+                    r = LZ4_compress_default(src + i * block_size, out + pos, <int>blen, <int>(bound - 4))
+                    if r <= 0:
+                        break
+                    zr = r
+                else:
+                    zr = ZSTD_compress(out + pos, bound - 4, src + i * block_size, blen, ZSTD_LEVEL)
+                    if ZSTD_isError(zr):
+                        r = -1
+                        break
+                if verify:
+                    crc = obd_crc32c(ZF_SALT, out + pos, zr)
+                    memcpy(out + pos + zr, &crc, 4)
+                    zr += 4
+                lens[i] = <uint32_t>zr
+                pos += zr
+        if r < 0 or (algo == ALGO_LZ4 and nblk and r == 0):
+            free(out)
+            free(lens)
+            raise UsageError("compression failed")
+        result = PyBytes_FromStringAndSize(out, pos)
+        lengths = [lens[i] for i in range(nblk)]
+        free(out)
+        free(lens)
+    finally:
+        PyBuffer_Release(&view)
+    return result, lengths

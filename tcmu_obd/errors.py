@@ -1,0 +1,50 @@
+"""The one exception hierarchy of tcmu-obd.
+
+Every error the package raises on purpose derives from ObdError.  Errors about
+bad bytes in a file (FormatError and its children) name the file, the field and
+the value, so a user can tell which blob is broken and how.  This module holds
+no logic beyond formatting those messages.
+"""
+
+
+class ObdError(Exception):
+    """Base class of every error tcmu-obd raises deliberately."""
+
+
+class FormatError(ObdError):
+    """A file's bytes break the format: wrong magic, bad field, bad record."""
+
+    def __init__(self, path, field, value, why):
+        self.path = str(path)
+        self.field = field
+        self.value = value
+        self.why = why
+        super().__init__(f"{self.path}: {field} = {_show(value)}: {why}")
+
+
+class CorruptDataError(FormatError):
+    """Stored data fails its own check (CRC mismatch, undecodable block)."""
+
+
+class UnsupportedError(ObdError):
+    """A valid input asks for something tcmu-obd does not (yet) do."""
+
+
+class ReadError(ObdError):
+    """An I/O error while reading a backing file."""
+
+
+class UsageError(ObdError):
+    """A tool or API was called with arguments that cannot work."""
+
+
+class ConfigError(ObdError):
+    """A configuration file is missing a key, or a key has a wrong type."""
+
+
+def _show(value):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value} (0x{value:x})" if value > 9 else str(value)
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value[:32]).hex() + ("..." if len(value) > 32 else "")
+    return repr(value)
