@@ -1,0 +1,98 @@
+"""overlaybd-commit: turn a writable layer into a committed layer (optionally
+ZFile-compressed and tar-wrapped), seal it in place, or commit a sealed file."""
+import argparse
+import os
+import sys
+
+from .. import commit, lsmt
+from ..errors import UnsupportedError, UsageError
+from ..layer import unwrap
+from ..rw import RWLayer
+from .common import Output, algorithm, block_size, run, setup_logging
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="overlaybd-commit", description="Commit a writable overlaybd layer.")
+    p.add_argument("-m", "--message", default="", help="commit message (user_tag, at most 256 bytes)")
+    p.add_argument("--uuid", default="", help="UUID of the new layer")
+    p.add_argument("-p", "--parent-uuid", "--parent_uuid", dest="parent_uuid", default="")
+    p.add_argument("-z", "--compress", dest="zfile", action="store_true", help="ZFile output")
+    p.add_argument("-t", "--tar", action="store_true", help="wrap the output in the one-file tar")
+    p.add_argument("-f", "--force", action="store_true", help="remove an existing output first")
+    p.add_argument("--algorithm", default=None, help="lz4 (default) or zstd")
+    p.add_argument("--bs", type=int, default=None, help="ZFile block size in KiB (4..64)")
+    p.add_argument("--turboOCI", "--fastoci", dest="turbo", action="store_true")
+    p.add_argument("--seal", action="store_true", help="seal data_file in place")
+    p.add_argument("--commit_sealed", action="store_true", help="data_file is sealed; 2nd arg is the output")
+    p.add_argument("--compress_threads", type=int, default=1)
+    p.add_argument("--upload", default="")
+    p.add_argument("--upload_bs", type=int, default=0)
+    p.add_argument("--cred_file_path", default="")
+    p.add_argument("--tls_key_path", default="")
+    p.add_argument("--tls_cert_path", default="")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("data_file")
+    p.add_argument("index_file", nargs="?")
+    p.add_argument("commit_file", nargs="?")
+    return p
+
+
+def body(argv):
+    args = parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if args.upload:
+        raise UnsupportedError("--upload: uploading to a registry is not yet supported")
+    if args.turbo:
+        raise UnsupportedError("--turboOCI / --fastoci: TurboOCI commit is not yet supported")
+    if not args.zfile and (args.algorithm or args.bs):
+        print("warning: --algorithm/--bs have no effect without -z", file=sys.stderr)
+    algo = algorithm(args.algorithm or "lz4")
+    bs = block_size(args.bs or 4)
+    if args.compress_threads < 1:
+        raise UsageError(f"--compress_threads {args.compress_threads}: must be at least 1")
+    if len(args.message.encode()) > lsmt.TAG_SIZE:
+        raise UsageError(f"-m: commit message is {len(args.message.encode())} bytes, at most {lsmt.TAG_SIZE}")
+
+    if args.seal:
+        layer = RWLayer.open(args.data_file, args.index_file)
+        try:
+            layer.seal()
+        finally:
+            layer.close()
+        return 0
+
+    if args.commit_sealed:
+        out_path = args.index_file
+        if not out_path:
+            raise UsageError("--commit_sealed needs: sealed_file commit_file")
+        fd = os.open(args.data_file, os.O_RDONLY)
+        try:
+            backing, _, _, _ = unwrap(fd, args.data_file)
+            _, _, index = lsmt.load_ro(backing, args.data_file)
+            return _write(args, [backing], index.records(), out_path, algo, bs)
+        finally:
+            os.close(fd)
+
+    if not args.index_file or not args.commit_file:
+        raise UsageError("usage: overlaybd-commit data_file index_file commit_file")
+    layer = RWLayer.open(args.data_file, args.index_file)
+    try:
+        return _write(args, [layer.backing], layer.index.records(), args.commit_file, algo, bs)
+    finally:
+        layer.close()
+
+
+def _write(args, files, records, out_path, algo, bs):
+    header = commit.layer_info(files, args.uuid, args.parent_uuid, args.message)
+    out = Output(out_path, args.force, args.zfile, args.tar, algo, bs, args.compress_threads,
+                 overwrite_header=args.zfile)
+    try:
+        commit.compact(records, files, out, header)
+        out.close()
+    finally:
+        out.abort()
+    return 0
+
+
+def main(argv=None):
+    sys.exit(run(body, sys.argv[1:] if argv is None else argv))

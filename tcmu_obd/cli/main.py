@@ -1,0 +1,169 @@
+"""The `tcmu-obd` command: info, export, read and demo.  Each subcommand
+opens an image (a config.v1.json, or a single layer file) through the
+library and prints or writes what it finds.  No format logic lives here."""
+import argparse
+import json
+import os
+import sys
+
+from .. import baselayer, config, ext4
+from ..image import Image
+from ..layer import open_layer
+from ..lsmt import SECTOR
+from .common import run, setup_logging
+
+EXPORT_CHUNK = 4 << 20
+
+
+def open_target(path):
+    """An Image from a config.v1.json, or from one layer file."""
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    if head.startswith(b"{"):
+        return config.open_image(path)
+    return Image([open_layer(path)])
+
+
+def layer_info(path):
+    layer = open_layer(path)
+    try:
+        recs = layer.index.records()
+        info = {
+            "file": path,
+            "size": os.fstat(layer.fd).st_size,
+            "wrappers": layer.wrappers,
+            "uuid": layer.trailer.uuid,
+            "parent_uuid": layer.trailer.parent_uuid,
+            "virtual_size": layer.trailer.virtual_size,
+            "user_tag": layer.trailer.user_tag.decode("utf-8", "replace"),
+            "header_flags": f"0x{layer.header.flags:02x}",
+            "trailer_flags": f"0x{layer.trailer.flags:02x}",
+            "version": f"{layer.trailer.version}.{layer.trailer.sub_version}",
+            "index_offset": layer.trailer.index_offset,
+            "index_size": layer.trailer.index_size,
+            "records": len(recs),
+            "data_records": sum(1 for r in recs if not r[3]),
+            "zeroed_records": sum(1 for r in recs if r[3]),
+            "data_bytes": layer.index.data_sectors() * SECTOR,
+        }
+        if layer.tar_extent:
+            info["tar_payload"] = {"offset": layer.tar_extent[0], "size": layer.tar_extent[1]}
+        if layer.zinfo is not None:
+            z = layer.zinfo
+            info["zfile"] = {"algorithm": {1: "lz4", 2: "zstd"}[z.algo], "block_size": z.block_size,
+                             "blocks": z.index_size, "original_size": z.original_file_size,
+                             "verify": bool(z.verify)}
+        return info
+    finally:
+        layer.close()
+
+
+def cmd_info(args):
+    info = layer_info(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, val in info.items():
+        if isinstance(val, dict):
+            val = ", ".join(f"{k}={v}" for k, v in val.items())
+        print(f"{key:16} {val}")
+    return 0
+
+
+def cmd_export(args):
+    image = open_target(args.config)
+    try:
+        vsize = image.virtual_size
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, vsize)
+            written = 0
+            for off, length, _moff, zeroed, _tag in image.effective_records():
+                if zeroed:
+                    continue        # zeros stay holes
+                pos, end = off * SECTOR, min((off + length) * SECTOR, vsize)
+                while pos < end:
+                    n = min(EXPORT_CHUNK, end - pos)
+                    data = image.read(pos, n)
+                    os.pwrite(fd, data, pos)
+                    pos += n
+                    written += n
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        image.close()
+    print(f"{args.out}: {vsize} bytes virtual, {written} bytes of data written", file=sys.stderr)
+    return 0
+
+
+def cmd_read(args):
+    image = open_target(args.config)
+    try:
+        sys.stdout.buffer.write(image.pread(args.offset, args.length))
+        sys.stdout.buffer.flush()
+    finally:
+        image.close()
+    return 0
+
+
+def cmd_demo(args):
+    """Open the built-in base layer as an image and show what is in it."""
+    path = args.image or baselayer.path()
+    image = open_target(path)
+    try:
+        print(f"image           {path}")
+        print(f"virtual size    {image.virtual_size} bytes ({image.virtual_size / 2**30:.1f} GiB)")
+        print(f"layers          {len(image.lowers)} read-only"
+              + (", 1 writable" if image.upper else ""))
+        for i, layer in enumerate(image.lowers):
+            print(f"  [{i}] {layer.path}: uuid {layer.trailer.uuid}, "
+                  f"{'+'.join(layer.wrappers + ['lsmt'])}, {len(layer.index)} records, "
+                  f"{layer.index.data_sectors() * SECTOR} data bytes")
+        sb = ext4.superblock(image.pread)
+        if sb is None:
+            print("ext4            no ext4 superblock at byte 1024")
+            return 1
+        print(f"ext4            magic {sb['magic']} at byte 1080, {sb['blocks']} blocks of "
+              f"{sb['block_size']} bytes ({sb['size_bytes'] / 2**30:.1f} GiB), "
+              f"{sb['free_blocks']} free, {sb['inodes']} inodes, uuid {sb['uuid']}")
+    finally:
+        image.close()
+    return 0
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="tcmu-obd", description="overlaybd-compatible block images.")
+    p.add_argument("--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("info", help="header, trailer, index and compression of a layer file")
+    s.add_argument("file")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_info)
+    s = sub.add_parser("export", help="write the merged virtual disk as a sparse raw file")
+    s.add_argument("config", help="config.v1.json, or a layer file")
+    s.add_argument("out")
+    s.set_defaults(fn=cmd_export)
+    s = sub.add_parser("read", help="bytes of the virtual disk to stdout")
+    s.add_argument("config", help="config.v1.json, or a layer file")
+    s.add_argument("offset", type=int)
+    s.add_argument("length", type=int)
+    s.set_defaults(fn=cmd_read)
+    s = sub.add_parser("demo", help="open the built-in base layer (or IMAGE) and show what is in it")
+    s.add_argument("image", nargs="?")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def body(argv):
+    args = parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return args.fn(args)
+
+
+def main(argv=None):
+    sys.exit(run(body, sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()

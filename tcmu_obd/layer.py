@@ -1,0 +1,77 @@
+"""Opening one read-only layer file: detect the wrappers (tar, then ZFile,
+then LSMT, as overlaybd does) and load the LSMT index.
+
+A Layer owns its file descriptor and hands the core a backing (raw bytes or
+a ZFile's decompressed view) plus its Index.  This module does not merge
+layers (tcmu_obd.image) nor fetch remote blobs.
+"""
+import os
+from dataclasses import dataclass, field
+
+from . import core, lsmt, tar, zfile
+from .errors import FormatError
+
+
+@dataclass
+class Layer:
+    path: str
+    fd: int
+    backing: object
+    header: lsmt.LsmtHeader
+    trailer: lsmt.LsmtHeader
+    index: object
+    wrappers: list = field(default_factory=list)
+    zinfo: object = None
+    tar_extent: tuple = None
+
+    @property
+    def virtual_size(self):
+        return self.trailer.virtual_size
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def unwrap(fd, path):
+    """Detect tar and ZFile around an open file: (backing, wrappers, zinfo, tar extent)."""
+    size = os.fstat(fd).st_size
+    base, wrappers, extent = 0, [], None
+
+    def read_at(off, n):
+        return os.pread(fd, n, off)
+
+    found = tar.detect(read_at, size, path)
+    if found is not None:
+        base, size = found
+        extent = found
+        wrappers.append("tar")
+    head = os.pread(fd, zfile.HT_SIZE, base)
+    if zfile.is_zfile(head, path):
+        backing, zinfo = zfile.open_backing(fd, base, size, path)
+        wrappers.append("zfile")
+        return backing, wrappers, zinfo, extent
+    return core.RawBacking(fd, base, size, str(path)), wrappers, None, extent
+
+
+def open_layer(path):
+    """Open a committed (or sealed) layer file, tar- and ZFile-wrapped or not."""
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise FormatError(path, "file", path, f"cannot open: {e.strerror}") from None
+    try:
+        backing, wrappers, zinfo, extent = unwrap(fd, path)
+        header, trailer, index = lsmt.load_ro(backing, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Layer(path, fd, backing, header, trailer, index, wrappers, zinfo, extent)
