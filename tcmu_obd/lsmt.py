@@ -166,7 +166,7 @@ def load_ro(backing, path):
     return header, trailer, index
 
 
-def check_index(index, path, lo, hi):
+def check_index(index, path, lo, hi, area="the layer's data area"):
     """Records sorted, non-overlapping, and backed by [lo, hi) sectors."""
     bad = index.check_sorted()
     if bad >= 0:
@@ -178,4 +178,4 @@ def check_index(index, path, lo, hi):
         rec = index.record(bad)
         raise FormatError(path, f"index record {bad} moffset", rec[2],
                           f"{'zeroed' if rec[3] else 'data'} record of {rec[1]} sectors outside "
-                          f"the layer's data area [{lo}, {hi}) (sectors)")
+                          f"{area} [{lo}, {hi}) (sectors)")

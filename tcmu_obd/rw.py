@@ -48,7 +48,10 @@ class RWLayer:
         self.sparse = sparse
         self.index = index
         self.lock = threading.Lock()
-        self.data_end = os.fstat(data_fd).st_size
+        # A torn append can leave the data file at an unaligned size; the next
+        # payload must start on a sector boundary or its record's moffset
+        # (data_end // 512) would point before it.
+        self.data_end = -(-os.fstat(data_fd).st_size // SECTOR) * SECTOR
         self.index_end = os.fstat(index_fd).st_size if index_fd >= 0 else 0
         # Reads of the data file are bounded by the records; its size grows.
         self.backing = core.RawBacking(data_fd, 0, 1 << 62, data_path)
@@ -84,6 +87,9 @@ class RWLayer:
         ifd = -1
         try:
             raw = os.pread(dfd, HT_SPACE, 0)
+            if len(raw) < HT_SPACE:
+                raise FormatError(data_path, "file size", len(raw),
+                                  f"shorter than the {HT_SPACE}-byte LSMT header")
             hdr = LsmtHeader.unpack(raw, data_path, "header")
             if not hdr.is_header:
                 raise FormatError(data_path, "header flags", hdr.flags, "HEADER bit (0x1) is clear")
@@ -100,13 +106,17 @@ class RWLayer:
             if ihdr.index_offset != HT_SPACE:
                 raise FormatError(index_path, "header index_offset", ihdr.index_offset, f"must be {HT_SPACE}")
             isize = os.fstat(ifd).st_size
+            if isize < HT_SPACE:
+                raise FormatError(index_path, "file size", isize,
+                                  f"shorter than the {HT_SPACE}-byte LSMT header")
             count = (isize - HT_SPACE) // 16
             if count > MAX_INDEX:
                 raise FormatError(index_path, "record count", count, f"more than {MAX_INDEX}")
             index = core.Index()
             index.replay(os.pread(ifd, count * 16, HT_SPACE))
             dsize = os.fstat(dfd).st_size
-            lsmt.check_index(index, index_path, 8, dsize // SECTOR)
+            lsmt.check_index(index, index_path, 8, dsize // SECTOR,
+                             f"the data file {data_path} ({dsize} bytes)")
             layer = cls(data_path, index_path, dfd, ifd, ihdr, ihdr.virtual_size, False, index)
             # a torn last record (crash mid-append) is ignored and overwritten
             layer.index_end = HT_SPACE + count * 16

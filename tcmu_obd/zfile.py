@@ -122,6 +122,7 @@ def read_info(read_at, size, path):
             info.index_size * 4 > limit - info.index_offset:
         raise FormatError(path, f"zfile {where} index_offset", info.index_offset,
                           f"a jump table of {info.index_size} entries there does not fit before byte {limit}")
+    _check_geometry(info, where, path)
     table = read_at(info.index_offset, info.index_size * 4)
     if len(table) != info.index_size * 4:
         raise FormatError(path, "zfile jump table", len(table), "file ends inside the jump table")
@@ -130,6 +131,21 @@ def read_info(read_at, size, path):
         if calc != info.index_crc:
             raise FormatError(path, f"zfile {where} index_crc", info.index_crc, f"computed 0x{calc:08x}")
     return info, table
+
+
+def _check_geometry(info, where, path):
+    """block_size, algo and original_file_size, checked in Python ints before
+    they reach the core (whose u64 block-count arithmetic would wrap for an
+    original_file_size near 2**64 and then read past its block table)."""
+    bs = info.block_size
+    if bs < 512 or bs > 65536 or bs & (bs - 1):
+        raise FormatError(path, f"zfile {where} block_size", bs, "must be a power of two from 512 to 65536")
+    if info.algo not in (ALGO_LZ4, ALGO_ZSTD):
+        raise FormatError(path, f"zfile {where} algo", info.algo, "only 1 (LZ4) and 2 (ZSTD) are supported")
+    need = -(-info.original_file_size // bs)
+    if need != info.index_size:
+        raise FormatError(path, f"zfile {where} original_file_size", info.original_file_size,
+                          f"needs {need} blocks of {bs} bytes, but index_size = {info.index_size}")
 
 
 def open_backing(fd, base, size, path):

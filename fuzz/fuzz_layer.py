@@ -1,0 +1,247 @@
+"""Fuzz opening and reading one layer file (tcmu_obd.layer.open_layer) and
+reopening an append-only RW pair (tcmu_obd.rw.RWLayer.open).
+
+Run: python fuzz/fuzz_layer.py -max_total_time=20   (or -runs=N, or a corpus dir)
+
+The input is written to a memfd and opened through /proc/self/fd/N, exactly
+as a layer path.  On success the layer is stacked into an Image and read at
+its first records and at offsets taken from the input.  Only
+tcmu_obd.errors.ObdError subclasses may escape; anything else (IndexError,
+struct.error, OverflowError, OSError, MemoryError, ...) is a finding.
+
+Input modes (the first byte modulo 8 is the marker: 0-1 raw, 2-4 "S",
+5-6 "Z", 7 "R"; the second byte is `sel`):
+  "S" + sel  structure-aware: splice the rest into a real small valid layer
+             (sel % 5: plain LSMT, sealed RW file, ZFile LZ4 with overwritten
+             header, ZFile ZSTD with trailer only, tar + ZFile) so the
+             fuzzer gets past the magic checks;
+  "Z" + sel  splice into the *plaintext* LSMT (plain or sealed), then wrap it
+             in a freshly built valid ZFile (LZ4 or ZSTD), so LSMT parsing is
+             reached through the ZFile read path;
+  "R" + sel  RW pair: splice into the index file (sel bit 0 clear) or the
+             data file (set) of a real append-only pair and reopen it;
+  anything   the bytes are the whole layer file.
+A splice op is: region byte (which part of the seed: header / trailer /
+index / anywhere / truncate), u16 offset inside that region, length byte,
+then that many bytes.
+"""
+
+import io
+import os
+import random
+import struct
+import sys
+import tempfile
+
+import atheris
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+with atheris.instrument_imports():
+    from tcmu_obd import commit, image, layer, lsmt, rw, tar, zfile
+    from tcmu_obd.errors import ObdError
+
+MAX_READ = 64 << 10          # bytes per read of the image
+FD_CHECK_EVERY = 2000        # runs between descriptor-leak checks
+
+
+# --------------------------------------------------------------- seeds
+class _Seed:
+    def __init__(self, name, blob, regions):
+        self.name = name
+        self.blob = bytes(blob)
+        self.regions = regions       # [(start, length)]: header, trailer, index
+
+
+def _lsmt_regions(blob):
+    tr = lsmt.LsmtHeader.unpack(blob[-4096:], "seed", "trailer")
+    return [(0, 4096), (len(blob) - 4096, 4096), (tr.index_offset, len(blob) - 4096 - tr.index_offset)]
+
+
+def _zfile_regions(blob, base=0):
+    size = len(blob) - base
+    info, _ = zfile.read_info(lambda o, n: blob[base + o:base + o + n], size, "seed")
+    return [(base, 512), (len(blob) - 512, 512), (base + info.index_offset, info.index_size * 4)]
+
+
+def _zfile_bytes(payload, algo, overwrite):
+    out = io.BytesIO()
+    w = zfile.ZFileWriter(out, algo, 4096, True, overwrite)
+    w.write(payload)
+    w.close()
+    return out.getvalue()
+
+
+def _build_seeds():
+    """Small valid layers made with the project's own writers."""
+    rnd = random.Random(7)
+    tmp = tempfile.mkdtemp(prefix="fuzz_layer_")
+    d, i = os.path.join(tmp, "data"), os.path.join(tmp, "index")
+    up = rw.RWLayer.create(d, i, 64 << 20)
+    up.write(bytes(rnd.getrandbits(8) for _ in range(4096)), 0)
+    up.write(b"A" * 1024, 1 << 20)
+    up.write(bytes(rnd.getrandbits(8) for _ in range(1536)), 512)   # splits the first record
+    up.discard(2 << 20, 8192)
+    up.write(bytes(range(256)) * 4, 3 << 20)
+    records = up.index.records()
+    out = io.BytesIO()
+    commit.compact(records, [up.backing], out, commit.layer_info([up.backing]))
+    plain = out.getvalue()
+    up.close()
+    rw_data, rw_index = open(d, "rb").read(), open(i, "rb").read()
+    sealer = rw.RWLayer.open(d, i)
+    sealer.seal()
+    sealer.close()
+    sealed = open(d, "rb").read()
+    zl = _zfile_bytes(plain, zfile.ALGO_LZ4, True)
+    zz = _zfile_bytes(plain, zfile.ALGO_ZSTD, False)
+    tp = os.path.join(tmp, "tar")
+    with open(tp, "w+b") as f:
+        with tar.TarWriter(f, mode=0o100644, uname=b"root", gname=b"root") as t:
+            t.write(zl)
+    tz = open(tp, "rb").read()
+    for p in (d, i, tp):
+        os.unlink(p)
+    os.rmdir(tmp)
+    seeds = [
+        _Seed("plain", plain, _lsmt_regions(plain)),
+        _Seed("sealed", sealed, _lsmt_regions(sealed)),
+        _Seed("zfile-lz4", zl, _zfile_regions(zl)),
+        _Seed("zfile-zstd", zz, _zfile_regions(zz)),
+        _Seed("tar-zfile", tz, [(0, 1536)] + _zfile_regions(tz, 1536)),
+    ]
+    rw_seeds = [
+        _Seed("rw-index", rw_index, [(0, 4096), (4096, len(rw_index) - 4096), (4096, 16)]),
+        _Seed("rw-data", rw_data, [(0, 4096), (len(rw_data) - 4096, 4096), (4096, 4096)]),
+    ]
+    return seeds, rw_seeds
+
+
+SEEDS, RW_SEEDS = _build_seeds()
+
+
+def splice(seed, ops):
+    """Apply splice ops (see the module doc) to a copy of seed.blob."""
+    buf = bytearray(seed.blob)
+    pos = 0
+    while pos + 4 <= len(ops):
+        region, off, n = ops[pos], ops[pos + 1] | ops[pos + 2] << 8, ops[pos + 3]
+        payload = ops[pos + 4:pos + 4 + n]
+        pos += 4 + n
+        kind = region % (len(seed.regions) + 2)
+        if kind == len(seed.regions):          # anywhere
+            start = off % (len(buf) + 1)
+        elif kind == len(seed.regions) + 1:    # truncate (or extend with the payload)
+            del buf[off % (len(buf) + 1):]
+            buf += payload
+            continue
+        else:
+            rstart, rlen = seed.regions[kind]
+            start = rstart + off % (rlen + 1)
+        buf[start:start + len(payload)] = payload
+    return bytes(buf)
+
+
+# --------------------------------------------------------------- memfds
+class _MemFile:
+    """One reusable memfd; its /proc path is what the code under test opens."""
+
+    def __init__(self, name):
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self.path = f"/proc/self/fd/{self.fd}"
+
+    def set(self, data):
+        os.ftruncate(self.fd, 0)
+        view = memoryview(data)
+        off = 0
+        while off < len(view):
+            off += os.pwrite(self.fd, view[off:], off)
+
+
+LAYER_FILE = _MemFile("fuzz-layer")
+RW_DATA = _MemFile("fuzz-rw-data")
+RW_INDEX = _MemFile("fuzz-rw-index")
+# The first byte picks the mode (byte % 8), so most inputs take a structured
+# path even without a corpus.
+MODES = ["raw", "raw", "S", "S", "S", "Z", "Z", "R"]
+_runs = 0
+_fd_baseline = None
+
+
+def _read_checks(img, recs, data):
+    """Read the image at its first records and at input-derived offsets."""
+    vsize = img.virtual_size
+    for r in recs[:4]:
+        off, length = r[0] * 512, min(r[1] * 512, MAX_READ)
+        out = img.read(off, length)
+        assert len(out) == length
+    tail = data[-12:].ljust(12, b"\0")
+    a, b, c = struct.unpack("<IIi", tail)
+    off = (a * 512) % min((vsize or (1 << 30)) + (1 << 20), 1 << 62)
+    length = 512 * (1 + b % (MAX_READ // 512))
+    assert len(img.read(off, length)) == length
+    got = img.pread(abs(c) % min((vsize or 1) + 4096, 1 << 62), b % MAX_READ)
+    assert len(got) <= MAX_READ
+
+
+def _fuzz_layer_file(blob, data):
+    LAYER_FILE.set(blob)
+    lay = layer.open_layer(LAYER_FILE.path)
+    try:
+        assert lay.path == LAYER_FILE.path
+        img = image.Image([lay])
+        _read_checks(img, lay.index.records()[:4], data)
+    finally:
+        lay.close()
+
+
+def _fuzz_rw(sel, ops, data):
+    idx, dat = RW_SEEDS
+    if sel & 1:
+        dat_blob, idx_blob = splice(dat, ops), idx.blob
+    else:
+        dat_blob, idx_blob = dat.blob, splice(idx, ops)
+    RW_DATA.set(dat_blob)
+    RW_INDEX.set(idx_blob)
+    up = rw.RWLayer.open(RW_DATA.path, RW_INDEX.path)
+    try:
+        img = image.Image([], up)
+        _read_checks(img, up.index.records()[:4], data)
+    finally:
+        up.close()
+
+
+def TestOneInput(data):
+    global _runs, _fd_baseline
+    mode = MODES[data[0] % len(MODES)] if data else "raw"
+    sel, ops = data[1] if len(data) > 1 else 0, data[2:]
+    try:
+        if mode == "S":
+            _fuzz_layer_file(splice(SEEDS[sel % len(SEEDS)], ops), data)
+        elif mode == "Z":
+            src = SEEDS[sel & 1]
+            plain = splice(src, ops)
+            algo = zfile.ALGO_ZSTD if sel & 2 else zfile.ALGO_LZ4
+            _fuzz_layer_file(_zfile_bytes(plain, algo, bool(sel & 4)), data)
+        elif mode == "R":
+            _fuzz_rw(sel, ops, data)
+        else:
+            _fuzz_layer_file(data, data)
+    except ObdError as e:
+        msg = str(e)
+        assert msg, "empty error message"
+    _runs += 1
+    if _runs % FD_CHECK_EVERY == 0:
+        n = len(os.listdir("/proc/self/fd"))
+        if _fd_baseline is None:
+            _fd_baseline = n
+        assert n <= _fd_baseline + 2, f"descriptor leak: {n} open, {_fd_baseline} after the first check"
+
+
+def main():
+    atheris.Setup(sys.argv, TestOneInput)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
