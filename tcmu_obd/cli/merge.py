@@ -46,6 +46,11 @@ def body(argv):
             raise UsageError(f"{args.image_config}: the image has no layers to merge")
         records = image.effective_records()
         header = commit.layer_info(files)
+        if header.virtual_size == 0:
+            # overlaybd copies the top layer's header vsize even when it is 0
+            # (a layer committed from an RW layer that inherited its size);
+            # the stack's own size is what a user of the merged layer expects
+            header.virtual_size = image.virtual_size
         out = Output(args.output, force=True, use_zfile=args.compress)
         try:
             commit.compact(records, files, out, header)
