@@ -19,6 +19,17 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from tcmu_obd import commit, core  # noqa: E402
+
+# A/B runs of a candidate build of the core: OBD_BENCH_CORE=<importable module
+# with the _lsmt API> swaps it in for tcmu_obd.core's classes before anything
+# is built (every caller reaches them as core.X at call time).
+if os.environ.get("OBD_BENCH_CORE"):
+    import importlib
+
+    _alt = importlib.import_module(os.environ["OBD_BENCH_CORE"])
+    for _name in ("Index", "RawBacking", "Stack", "ZFileBacking", "compress_blocks", "crc32c", "merge"):
+        setattr(core, _name, getattr(_alt, _name))
+    core.IMPLEMENTATION = f"{core.IMPLEMENTATION} -> {_alt.__name__} (OBD_BENCH_CORE)"
 from tcmu_obd.cli.common import Output  # noqa: E402
 
 KiB = 1024
@@ -177,10 +188,19 @@ def fmt(x, digits=1):
 
 def env_line():
     import platform
+    CRC_HW = "?"
     try:
-        from tcmu_obd._lsmt import CRC_HW
-    except ImportError:
-        CRC_HW = "?"
+        import importlib
+        CRC_HW = importlib.import_module(os.environ.get("OBD_BENCH_CORE") or "tcmu_obd._lsmt").CRC_HW
+    except (ImportError, AttributeError):
+        pass
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    built = ""
+    try:
+        import importlib
+        mod = importlib.import_module(os.environ.get("OBD_BENCH_CORE") or "tcmu_obd._lsmt")
+        built = ", core built " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(mod.__file__)))
+    except (ImportError, OSError):
+        pass
     return (f"python {platform.python_version()}, core={core.IMPLEMENTATION}, "
-            f"cpus={os.cpu_count()}, crc32c_hw={CRC_HW}, load average {load}")
+            f"cpus={os.cpu_count()}, crc32c_hw={CRC_HW}, load average {load}{built}")

@@ -19,6 +19,7 @@ import argparse
 import bisect
 import random
 import statistics
+import threading
 import time
 from array import array
 
@@ -47,8 +48,10 @@ def make_index(n, layout, rng):
     return raw, ends
 
 
-def keys_for(ends, count, rng):
-    hi = ends[-1] + 16
+def keys_for(ends, count, rng, layout):
+    """Uniform over the records (for endgap: over the dense part, where the
+    data is; keys in the empty far range are trivially answered)."""
+    hi = (ends[-2] if layout == "endgap" else ends[-1]) + 16
     return array("Q", (rng.randrange(hi) for _ in range(count)))
 
 
@@ -82,6 +85,34 @@ def core_rate(idx, keys, rounds):
     return acc, max(rates), statistics.median(rates)
 
 
+def gil_probe(idx, keys):
+    """Run bench_find in a thread while the main thread holds the GIL in one
+    long C call (sum over a range).  A lookup path that never takes the GIL
+    finishes inside the hold; one that re-acquires it (as the core did when
+    its nogil helpers lacked `noexcept`: Cython then checks for a Python
+    error after each call, under the GIL) stalls until the hold ends."""
+    _, alone = idx.bench_find(keys)
+    t0 = time.perf_counter()
+    sum(range(1_000_000))
+    per_m = time.perf_counter() - t0
+    hold_n = int(max(0.25, 5 * alone) / per_m * 1_000_000)
+    res = {}
+    go = threading.Event()
+
+    def worker():
+        go.set()
+        res["t"] = idx.bench_find(keys)[1]
+
+    th = threading.Thread(target=worker)
+    th.start()
+    go.wait()
+    t0 = time.perf_counter()
+    sum(range(hold_n))
+    hold = time.perf_counter() - t0
+    th.join()
+    return alone, res["t"], hold
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--keys", type=int, default=2_000_000, help="keys per core run")
@@ -98,7 +129,7 @@ def main():
         fast = core.Index.from_raw(raw)
         fast.build_search()
         assert len(plain) == n and plain.check_sorted() == -1
-        keys = keys_for(ends, a.keys, rng)
+        keys = keys_for(ends, a.keys, rng, layout)
         pykeys = keys[:a.pykeys]
         want, b_rate = max((bisect_rate(ends, pykeys) for _ in range(3)), key=lambda r: r[1])
         # correctness: the core's positions for the Python keys must match bisect's
@@ -119,38 +150,47 @@ def main():
             if n >= 1_000_000 and "build_search" in name:
                 goal = ">= 30 M/s " + ("ok" if r_best >= 30e6 else "MISS")
             rows.append([label, name, fmt(r_best / 1e6, 1), fmt(r_best / b_rate, 1), fmt(r_med / 1e6, 1), goal])
-        if layout == "endgap":
-            shift_note = max_per_bucket(ends)
-            notes.append(shift_note)
+        if n == 1_000_000 and layout == "uniform":
+            probe = gil_probe(fast, keys)
+        if n >= 1_000_000:
+            notes.append(describe_buckets(ends, label))
     table("bench_lookup: index lookups (first record whose end > key)",
           ["index", "method", "M/s", "ratio", "M/s med", "goal"], rows,
           ["M/s = lookups per second (millions), best of "
            f"{a.rounds} core runs of {a.keys:,} random keys (bench_find: timed inside the core, GIL released); "
            "M/s med = median run",
            f"ratio = rate / bisect rate (bisect and Index.find: best of 3 runs over {a.pykeys:,} of the same keys)",
-           "keys uniform over [0, last end + 16) sectors; all methods checked to return the same positions",
+           "keys uniform over [0, last end + 16) sectors (endgap: over the dense records); "
+           "all methods checked to return the same positions",
+           "endgap = the uniform records with the last one moved 63x further out (data at the start of a "
+           "disk, e.g. a backup GPT at its very end)",
            *notes,
            env_line()])
+    alone, during, hold = probe
+    table("bench_lookup: GIL independence of the lookup path (1,000,000 uniform, build_search)",
+          ["case", "bench_find ms", "GIL held elsewhere ms", "finished during the hold"],
+          [["bench_find alone", f"{alone * 1e3:.1f}", "", ""],
+           ["bench_find while the main thread holds the GIL", f"{during * 1e3:.1f}", f"{hold * 1e3:.0f}",
+            "yes" if during < hold else "NO: the core waits for the GIL"]],
+          ["the main thread holds the GIL in one C call (sum(range(n))) for max(0.25 s, 5x the alone time); "
+           "bench_find times itself inside the core, so a path that needs the GIL shows the hold in its time",
+           "on 2 cores shared with other jobs the 'during' time can also grow from CPU contention; "
+           "only finishing after the hold means the GIL was needed"])
 
 
-def max_per_bucket(ends):
-    """Describe the bucket table build_search makes for these ends
-    (mirrors its rule: shift grows until maxend >> shift <= 2n)."""
+def describe_buckets(ends, label):
+    """The bucket table build_search makes for these ends (mirrors its rule:
+    shift grows until maxend >> shift <= 2n), as one line."""
     n = len(ends)
-    maxend = ends[-1]
     shift = 0
-    while (maxend >> shift) > 2 * n and shift < 62:
+    while (ends[-1] >> shift) > 2 * n and shift < 62:
         shift += 1
     counts = {}
     for e in ends:
-        b = e >> shift
-        counts[b] = counts.get(b, 0) + 1
-    busiest = max(counts.values())
-    dense = sorted(counts.values())[-len(counts) // 2:]
-    return (f"endgap: build_search picks shift {shift} ({1 << shift} sectors per bucket) from the far "
-            f"record, so the {n - 1:,} dense records fall in {len(counts) - 1:,} buckets "
-            f"(up to {busiest} records each, median {statistics.median(dense):.0f} in occupied ones) "
-            f"and each lookup binary-searches a bucket")
+        counts[e >> shift] = counts.get(e >> shift, 0) + 1
+    return (f"{label}: build_search picks shift {shift} ({1 << shift} sectors per bucket); "
+            f"{n:,} records share {len(counts):,} occupied buckets ({n / len(counts):.1f} per bucket on "
+            f"average, up to {max(counts.values())}) and a lookup binary-searches its bucket")
 
 
 if __name__ == "__main__":

@@ -148,6 +148,48 @@ def threaded(loop, args, parts):
     return time.perf_counter() - t0
 
 
+def gil_probe(stack, length):
+    """One Stack.read_into of `length` bytes in a thread while the main
+    thread holds the GIL in one long C call.  Returns (read alone s, hold s,
+    reader CPU s during the hold, reader CPU s for the whole read): a read
+    path that never takes the GIL runs to the end during the hold."""
+    buf = bytearray(length)
+    stack.read_into(buf, 0)                  # fault the buffer in
+    t0 = time.perf_counter()
+    stack.read_into(buf, 0)
+    alone = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sum(range(1_000_000))
+    per_m = time.perf_counter() - t0
+    hold_n = int(max(0.25, 8 * alone) / per_m * 1_000_000)
+    info = {}
+    started, release = threading.Event(), threading.Event()
+
+    def cpu():
+        return time.clock_gettime(time.pthread_getcpuclockid(info["tid"]))
+
+    def reader():
+        info["tid"] = threading.get_ident()
+        info["c0"] = cpu()
+        started.set()
+        stack.read_into(buf, 0)
+        info["c_end"] = cpu()
+        release.wait()
+
+    th = threading.Thread(target=reader)
+    th.start()
+    started.wait()
+    t0 = time.perf_counter()
+    sum(range(hold_n))                        # holds the GIL throughout
+    hold = time.perf_counter() - t0
+    c_hold = cpu()
+    while "c_end" not in info:
+        time.sleep(0.001)
+    release.set()
+    th.join()
+    return alone, hold, c_hold - info["c0"], info["c_end"] - info["c0"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vsize-mib", type=int, default=1024)
@@ -231,6 +273,19 @@ def main():
                        "flat file; the flat file was checked against a model of the writes",
                        *notes,
                        f"setup {setup_s:.1f}s; {env_line()}"])
+                probe_len = min(256 * MiB, vsize)
+                alone, hold, c_hold, c_all = gil_probe(stack, probe_len)
+                table("bench_read: GIL independence of Stack.read_into",
+                      ["case", "ms", "reader CPU during hold, ms", "finished during the hold"],
+                      [[f"Stack.read_into of {probe_len // MiB} MiB alone", f"{alone * 1e3:.1f}", "", ""],
+                       ["same read while the main thread holds the GIL", f"{hold * 1e3:.0f} (hold)",
+                        f"{c_hold * 1e3:.1f} of {c_all * 1e3:.1f}",
+                        "yes" if c_hold >= 0.9 * c_all else "NO: the read waits for the GIL"]],
+                      ["the main thread holds the GIL in one C call (sum(range(n))) while a thread runs one "
+                       "read_into across ~" f"{len(stack.lookup(0, probe_len // 512))} records; the reader's "
+                       "thread CPU clock shows how much of the read ran during the hold",
+                       "a read path that re-acquires the GIL inside its nogil section (e.g. Cython's error "
+                       "check after a nogil helper without `noexcept`) stalls at its first helper call"])
             finally:
                 os.close(fd)
         finally:

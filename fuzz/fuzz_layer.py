@@ -6,18 +6,22 @@ Run: python fuzz/fuzz_layer.py -max_total_time=20   (or -runs=N, or a corpus dir
 The input is written to a memfd and opened through /proc/self/fd/N, exactly
 as a layer path.  On success the layer is stacked into an Image and read at
 its first records and at offsets taken from the input.  Only
-tcmu_obd.errors.ObdError subclasses may escape; anything else (IndexError,
-struct.error, OverflowError, OSError, MemoryError, ...) is a finding.
+tcmu_obd.errors.FormatError (with CorruptDataError) and ReadError may escape,
+and their message must start with the path; anything else (IndexError,
+struct.error, OverflowError, OSError, MemoryError, even another ObdError
+such as UsageError) is a finding.
 
 Input modes (the first byte modulo 8 is the marker: 0-1 raw, 2-4 "S",
 5-6 "Z", 7 "R"; the second byte is `sel`):
   "S" + sel  structure-aware: splice the rest into a real small valid layer
-             (sel % 5: plain LSMT, sealed RW file, ZFile LZ4 with overwritten
-             header, ZFile ZSTD with trailer only, tar + ZFile) so the
-             fuzzer gets past the magic checks;
-  "Z" + sel  splice into the *plaintext* LSMT (plain or sealed), then wrap it
-             in a freshly built valid ZFile (LZ4 or ZSTD), so LSMT parsing is
-             reached through the ZFile read path;
+             (sel % 6: plain LSMT, sealed RW file, ZFile LZ4 with overwritten
+             header, ZFile ZSTD with trailer only, tar + ZFile, plain LSMT
+             with 90 records) so the fuzzer gets past the magic checks;
+  "Z" + sel  splice into the *plaintext* LSMT (plain, sealed or many-records),
+             then wrap it in a freshly built valid ZFile (LZ4 or ZSTD, header
+             overwritten or not), so LSMT parsing is reached through the ZFile
+             read path; the outcome (bytes read, or the error message) must be
+             identical to opening the plaintext itself;
   "R" + sel  RW pair: splice into the index file (sel bit 0 clear) or the
              data file (set) of a real append-only pair and reopen it;
   anything   the bytes are the whole layer file.
@@ -39,7 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 with atheris.instrument_imports():
     from tcmu_obd import commit, image, layer, lsmt, rw, tar, zfile
-    from tcmu_obd.errors import ObdError
+    from tcmu_obd.errors import FormatError, ReadError
 
 MAX_READ = 64 << 10          # bytes per read of the image
 FD_CHECK_EVERY = 2000        # runs between descriptor-leak checks
@@ -100,7 +104,18 @@ def _build_seeds():
         with tar.TarWriter(f, mode=0o100644, uname=b"root", gname=b"root") as t:
             t.write(zl)
     tz = open(tp, "rb").read()
-    for p in (d, i, tp):
+    # many small records (> 64, so the core builds its bucket search table)
+    many = rw.RWLayer.create(d + "2", i + "2", 64 << 20)
+    for k in range(90):
+        if k % 7 == 3:
+            many.discard(k * 8192, 1024)
+        else:
+            many.write(bytes([k]) * 512 * (1 + k % 3), k * 8192 + 512 * (k % 5))
+    out = io.BytesIO()
+    commit.compact(many.index.records(), [many.backing], out, commit.layer_info([many.backing]))
+    many_plain = out.getvalue()
+    many.close()
+    for p in (d, i, tp, d + "2", i + "2"):
         os.unlink(p)
     os.rmdir(tmp)
     seeds = [
@@ -109,6 +124,7 @@ def _build_seeds():
         _Seed("zfile-lz4", zl, _zfile_regions(zl)),
         _Seed("zfile-zstd", zz, _zfile_regions(zz)),
         _Seed("tar-zfile", tz, [(0, 1536)] + _zfile_regions(tz, 1536)),
+        _Seed("many-records", many_plain, _lsmt_regions(many_plain)),
     ]
     rw_seeds = [
         _Seed("rw-index", rw_index, [(0, 4096), (4096, len(rw_index) - 4096), (4096, 16)]),
@@ -164,24 +180,36 @@ RW_INDEX = _MemFile("fuzz-rw-index")
 # The first byte picks the mode (byte % 8), so most inputs take a structured
 # path even without a corpus.
 MODES = ["raw", "raw", "S", "S", "S", "Z", "Z", "R"]
+# What bad bytes may raise.  The other ObdError kinds (UsageError,
+# ConfigError, UnsupportedError) mean the harness or the code misused an API,
+# so they are findings here too.
+BAD_INPUT = (FormatError, ReadError)
 _runs = 0
 _fd_baseline = None
 
 
 def _read_checks(img, recs, data):
-    """Read the image at its first records and at input-derived offsets."""
+    """Read the image at a few of its records and at input-derived offsets;
+    returns what was read."""
+    got = []
     vsize = img.virtual_size
-    for r in recs[:4]:
+    for r in recs[::max(1, len(recs) // 4)][:5]:
         off, length = r[0] * 512, min(r[1] * 512, MAX_READ)
         out = img.read(off, length)
         assert len(out) == length
+        got.append(out)
     tail = data[-12:].ljust(12, b"\0")
     a, b, c = struct.unpack("<IIi", tail)
     off = (a * 512) % min((vsize or (1 << 30)) + (1 << 20), 1 << 62)
+    off -= off % 512
     length = 512 * (1 + b % (MAX_READ // 512))
-    assert len(img.read(off, length)) == length
-    got = img.pread(abs(c) % min((vsize or 1) + 4096, 1 << 62), b % MAX_READ)
-    assert len(got) <= MAX_READ
+    out = img.read(off, length)
+    assert len(out) == length
+    got.append(out)
+    out = img.pread(abs(c) % min((vsize or 1) + 4096, 1 << 62), b % MAX_READ)
+    assert len(out) <= MAX_READ
+    got.append(out)
+    return got
 
 
 def _fuzz_layer_file(blob, data):
@@ -190,9 +218,26 @@ def _fuzz_layer_file(blob, data):
     try:
         assert lay.path == LAYER_FILE.path
         img = image.Image([lay])
-        _read_checks(img, lay.index.records()[:4], data)
+        return _read_checks(img, lay.index.records(), data)
     finally:
         lay.close()
+
+
+def _looks_wrapped(blob):
+    """Would open_layer see a tar or ZFile wrapper around these bytes?"""
+    if blob[:8] == zfile.MAGIC0:
+        return True
+    try:
+        return tar.detect(lambda o, n: blob[o:o + n], len(blob), "x") is not None
+    except FormatError:
+        return True
+
+
+def _outcome(blob, data):
+    try:
+        return ("ok", _fuzz_layer_file(blob, data))
+    except BAD_INPUT as e:
+        return ("error", type(e).__name__, str(e))
 
 
 def _fuzz_rw(sel, ops, data):
@@ -206,7 +251,7 @@ def _fuzz_rw(sel, ops, data):
     up = rw.RWLayer.open(RW_DATA.path, RW_INDEX.path)
     try:
         img = image.Image([], up)
-        _read_checks(img, up.index.records()[:4], data)
+        _read_checks(img, up.index.records(), data)
     finally:
         up.close()
 
@@ -219,17 +264,19 @@ def TestOneInput(data):
         if mode == "S":
             _fuzz_layer_file(splice(SEEDS[sel % len(SEEDS)], ops), data)
         elif mode == "Z":
-            src = SEEDS[sel & 1]
+            src = SEEDS[(0, 1, 5)[sel % 3]]
             plain = splice(src, ops)
-            algo = zfile.ALGO_ZSTD if sel & 2 else zfile.ALGO_LZ4
-            _fuzz_layer_file(_zfile_bytes(plain, algo, bool(sel & 4)), data)
+            algo = zfile.ALGO_ZSTD if sel & 4 else zfile.ALGO_LZ4
+            wrapped = _outcome(_zfile_bytes(plain, algo, bool(sel & 8)), data)
+            if not _looks_wrapped(plain):
+                direct = _outcome(plain, data)
+                assert wrapped == direct, f"through a ZFile: {wrapped[:2]}, directly: {direct[:2]}"
         elif mode == "R":
             _fuzz_rw(sel, ops, data)
         else:
             _fuzz_layer_file(data, data)
-    except ObdError as e:
-        msg = str(e)
-        assert msg, "empty error message"
+    except BAD_INPUT as e:
+        assert str(e).startswith("/proc/self/fd/"), f"error does not name the file: {e}"
     _runs += 1
     if _runs % FD_CHECK_EVERY == 0:
         n = len(os.listdir("/proc/self/fd"))

@@ -16,7 +16,7 @@ argument named *_bytes, and the offsets of read()/read_into(), are bytes.
 from libc.stdint cimport uint64_t, uint32_t, uint8_t, int64_t
 from libc.stdlib cimport malloc, free, realloc
 from libc.string cimport memcpy, memset, memmove
-from libc.errno cimport errno, EINTR
+from libc.errno cimport errno, EINTR, EINVAL
 from posix.unistd cimport pread
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
@@ -93,11 +93,11 @@ cdef struct Rec:
     uint8_t tag
 
 
-cdef inline uint64_t rend(const Rec *r) nogil:
+cdef inline uint64_t rend(const Rec *r) noexcept nogil:
     return r.offset + r.length
 
 
-cdef inline void decode_rec(const unsigned char *p, Rec *r) nogil:
+cdef inline void decode_rec(const unsigned char *p, Rec *r) noexcept nogil:
     cdef uint64_t w0, w1
     memcpy(&w0, p, 8)
     memcpy(&w1, p + 8, 8)
@@ -108,7 +108,7 @@ cdef inline void decode_rec(const unsigned char *p, Rec *r) nogil:
     r.tag = <uint8_t>(w1 >> 56)
 
 
-cdef inline void encode_rec(const Rec *r, unsigned char *p) nogil:
+cdef inline void encode_rec(const Rec *r, unsigned char *p) noexcept nogil:
     cdef uint64_t w0 = (r.offset & INVALID_OFFSET) | ((<uint64_t>r.length) << 50)
     cdef uint64_t w1 = (r.moffset & MAX_MOFFSET) | ((<uint64_t>r.zeroed) << 55) | ((<uint64_t>r.tag) << 56)
     memcpy(p, &w0, 8)
@@ -229,7 +229,7 @@ cdef class Index:
         """Insert one record; whatever it overlaps is cut away (newer wins)."""
         if length == 0:
             return
-        if length > MAX_LENGTH or offset + length > INVALID_OFFSET or moffset > MAX_MOFFSET:
+        if length > MAX_LENGTH or offset > INVALID_OFFSET - length or moffset > MAX_MOFFSET:
             raise UsageError(f"record out of range: offset={offset} length={length} moffset={moffset}")
         self._insert(offset, length, moffset, zeroed, tag)
 
@@ -238,8 +238,12 @@ cdef class Index:
         cdef Py_ssize_t i, j, k
         cdef Rec head, tail, new
         cdef int has_head = 0, has_tail = 0, nrep
-        self._reserve(self.n + 2)
         pthread_rwlock_wrlock(&self.lock)
+        try:
+            self._reserve(self.n + 2)     # realloc only while no reader holds the lock
+        except BaseException:
+            pthread_rwlock_unlock(&self.lock)
+            raise
         i = self._first_end_after(off)
         j = i
         while j < self.n and self.recs[j].offset < end:
@@ -288,30 +292,34 @@ cdef class Index:
         cdef int shift = 0
         cdef Py_ssize_t i
         cdef uint32_t *t
-        free(self.buckets)
-        self.buckets = NULL
-        self.nbuckets = 0
-        if self.n < 64:
-            return
-        maxend = rend(&self.recs[self.n - 1])
-        while (maxend >> shift) > <uint64_t>(2 * self.n) and shift < 62:
-            shift += 1
-        nb = (maxend >> shift) + 2
-        t = <uint32_t *>malloc(nb * sizeof(uint32_t))
-        if t == NULL:
-            raise MemoryError()
-        with nogil:
-            i = 0
-            for b in range(nb):
-                key = b << shift
-                while i < self.n and rend(&self.recs[i]) <= key:
-                    i += 1
-                t[b] = <uint32_t>i
-        self.buckets = t
-        self.nbuckets = nb
-        self.shift = shift
+        pthread_rwlock_wrlock(&self.lock)
+        try:
+            free(self.buckets)
+            self.buckets = NULL
+            self.nbuckets = 0
+            if self.n < 64:
+                return
+            maxend = rend(&self.recs[self.n - 1])
+            while (maxend >> shift) > <uint64_t>(2 * self.n) and shift < 62:
+                shift += 1
+            nb = (maxend >> shift) + 2
+            t = <uint32_t *>malloc(nb * sizeof(uint32_t))
+            if t == NULL:
+                raise MemoryError()
+            with nogil:
+                i = 0
+                for b in range(nb):
+                    key = b << shift
+                    while i < self.n and rend(&self.recs[i]) <= key:
+                        i += 1
+                    t[b] = <uint32_t>i
+            self.buckets = t
+            self.nbuckets = nb
+            self.shift = shift
+        finally:
+            pthread_rwlock_unlock(&self.lock)
 
-    cdef inline Py_ssize_t _first_end_after(self, uint64_t x) nogil:
+    cdef inline Py_ssize_t _first_end_after(self, uint64_t x) noexcept nogil:
         """Index of the first record whose end > x (n if none)."""
         cdef Py_ssize_t lo = 0, hi = self.n, mid
         cdef uint64_t b
@@ -424,6 +432,8 @@ cdef class Index:
         cdef Py_ssize_t i = self._first_end_after(offset)
         cdef Rec r
         cdef uint64_t cut
+        if end < offset:                  # saturate instead of wrapping
+            end = <uint64_t>-1
         out = []
         while i < self.n and self.recs[i].offset < end:
             r = self.recs[i]
@@ -450,7 +460,7 @@ def merge(list layers):
     if len(layers) > 255:
         raise FormatError("<stack>", "layer count", len(layers), "at most 255 read-only layers")
     for li in range(len(layers)):
-        low = layers[li]
+        low = <Index?>layers[li]
         nxt = Index()
         nxt._reserve(acc.n + 2 * low.n + 1)
         nr = acc.n
@@ -502,6 +512,7 @@ DEF E_CRC = 3
 DEF E_DECODE = 4
 DEF E_RANGE = 5
 DEF E_NOMEM = 6
+DEF E_TAG = 7
 
 cdef struct BackingC:
     int kind
@@ -524,7 +535,7 @@ cdef struct Err:
     uint64_t c
 
 
-cdef inline int set_err(Err *err, int code, uint64_t a, uint64_t b, uint64_t c) nogil:
+cdef inline int set_err(Err *err, int code, uint64_t a, uint64_t b, uint64_t c) noexcept nogil:
     err.code = code
     err.err_no = errno
     err.a = a
@@ -533,7 +544,7 @@ cdef inline int set_err(Err *err, int code, uint64_t a, uint64_t b, uint64_t c) 
     return -1
 
 
-cdef int pread_full(int fd, char *dst, uint64_t n, uint64_t off, Err *err) nogil:
+cdef int pread_full(int fd, char *dst, uint64_t n, uint64_t off, Err *err) noexcept nogil:
     cdef ssize_t r
     cdef uint64_t done = 0
     while done < n:
@@ -548,8 +559,17 @@ cdef int pread_full(int fd, char *dst, uint64_t n, uint64_t off, Err *err) nogil
     return 0
 
 
+cdef inline int pread_at(int fd, char *dst, uint64_t n, uint64_t base, uint64_t off, Err *err) noexcept nogil:
+    """pread_full at file offset base + off, which must not wrap past 2^64."""
+    if base + off < base:
+        set_err(err, E_IO, <uint64_t>-1, n, 0)
+        err.err_no = EINVAL
+        return -1
+    return pread_full(fd, dst, n, base + off, err)
+
+
 cdef int decode_block(const BackingC *b, uint64_t blk, const char *src, uint64_t clen,
-                      char *out, uint64_t want, Err *err) nogil:
+                      char *out, uint64_t want, Err *err) noexcept nogil:
     """Check one stored block's CRC and decompress it into out (exactly
     `want` bytes)."""
     cdef uint32_t stored, calc
@@ -572,7 +592,7 @@ cdef int decode_block(const BackingC *b, uint64_t blk, const char *src, uint64_t
     return 0
 
 
-cdef int zfile_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err *err) nogil:
+cdef int zfile_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err *err) noexcept nogil:
     cdef uint64_t bs = b.block_size
     cdef uint64_t blk = off / bs, last = (off + n - 1) / bs, stop, i
     cdef uint64_t span, bstart, want, lo, hi
@@ -593,7 +613,7 @@ cdef int zfile_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err 
             if cbuf == NULL:
                 rc = set_err(err, E_NOMEM, span, 0, 0)
                 break
-        rc = pread_full(b.fd, cbuf, span, b.base + b.boff[blk], err)
+        rc = pread_at(b.fd, cbuf, span, b.base, b.boff[blk], err)
         if rc:
             break
         for i in range(blk, stop):
@@ -624,13 +644,13 @@ cdef int zfile_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err 
     return rc
 
 
-cdef int backing_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err *err) nogil:
+cdef int backing_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err *err) noexcept nogil:
     if n == 0:
         return 0
     if off + n > b.size or off + n < off:
         return set_err(err, E_RANGE, off, n, b.size)
     if b.kind == K_RAW:
-        return pread_full(b.fd, dst, n, b.base + off, err)
+        return pread_at(b.fd, dst, n, b.base, off, err)
     return zfile_read(b, dst, off, n, err)
 
 
@@ -658,8 +678,10 @@ cdef class Backing:
         cdef int rc
         if offset >= self.c.size:
             return b""
-        if offset + length > self.c.size:
+        if length > self.c.size - offset:
             length = self.c.size - offset
+        if length >= (<uint64_t>1 << 63):     # would be a negative Py_ssize_t (SystemError)
+            raise MemoryError(f"{self.name}: cannot read {length} bytes at once")
         out = PyBytes_FromStringAndSize(NULL, length)
         cdef char *p = PyBytes_AS_STRING(out)
         err.which = 0
@@ -688,7 +710,7 @@ cdef class ZFileBacking(Backing):
                  uint32_t block_size, int algo, bint verify, uint64_t original_size, str name="<zfile>"):
         cdef Py_buffer view
         cdef const uint32_t *t
-        cdef uint64_t i, cnt, bound, pos
+        cdef uint64_t i, cnt, bound, pos, need
         self.name = name
         if block_size < 512 or block_size > 65536 or (block_size & (block_size - 1)):
             raise FormatError(name, "block_size", block_size, "must be a power of two from 512 to 65536")
@@ -699,10 +721,11 @@ cdef class ZFileBacking(Backing):
         PyObject_GetBuffer(table, &view, PyBUF_SIMPLE)
         try:
             cnt = view.len // 4
-            if cnt != (original_size + block_size - 1) // block_size:
+            need = original_size // block_size + (1 if original_size % block_size else 0)
+            if cnt != need:
                 raise FormatError(name, "index_size", cnt,
                                   f"{original_size} bytes in {block_size}-byte blocks need "
-                                  f"{(original_size + block_size - 1) // block_size} blocks")
+                                  f"{need} blocks")
             self.c.boff = <uint64_t *>malloc((cnt + 1) * sizeof(uint64_t))
             if self.c.boff == NULL:
                 raise MemoryError()
@@ -715,7 +738,7 @@ cdef class ZFileBacking(Backing):
                                       f"stored block length must be in {5 if verify else 1}..{bound}")
                 pos += t[i]
             self.c.boff[cnt] = pos
-            if pos > data_end:
+            if pos > data_end or pos < data_start:
                 raise FormatError(name, "jump table", pos,
                                   f"blocks end at byte {pos}, past the jump table at {data_end}")
         finally:
@@ -779,6 +802,8 @@ cdef int raise_err(Err *err, list files) except -1:
                                f"read of {err.b} bytes runs past the end of the layer data ({err.c} bytes)")
     if err.code == E_NOMEM:
         raise MemoryError(f"{name}: cannot allocate {err.a} bytes")
+    if err.code == E_TAG:
+        raise UsageError(f"lower record at sector {err.a} has tag {err.b}, no such file")
     raise ReadError(f"{name}: read failed (code {err.code})")
 
 
@@ -801,6 +826,7 @@ cdef class Stack:
     cdef Index lower
     cdef Index upper
     cdef int upper_tag
+    cdef int lower_tags     # lower tags must be below this (files[tag], not the upper's)
 
     def __init__(self, list files, Index lower=None, Index upper=None):
         cdef Py_ssize_t i
@@ -818,6 +844,7 @@ cdef class Stack:
         self.lower = lower
         self.upper = upper
         self.upper_tag = self.nfiles - 1
+        self.lower_tags = self.nfiles - 1 if upper is not None else self.nfiles
         if upper is not None and self.nfiles == 0:
             raise UsageError("an upper index needs its backing file last in `files`")
         if lower is not None:
@@ -836,7 +863,7 @@ cdef class Stack:
     def upper(self):
         return self.upper
 
-    cdef int _flush(self, Pending *p, Err *err) nogil:
+    cdef int _flush(self, Pending *p, Err *err) noexcept nogil:
         cdef int rc = 0
         if p.len:
             rc = backing_read(self.files[p.tag], p.dst, p.foff, p.len, err)
@@ -846,7 +873,7 @@ cdef class Stack:
         return rc
 
     cdef int _emit(self, const Rec *r, int tag, uint64_t s, uint64_t e, char *dst, uint64_t base,
-                   Pending *p, Err *err) nogil:
+                   Pending *p, Err *err) noexcept nogil:
         """Serve [s, e) (sectors, inside r) into dst (dst = sector `base`)."""
         cdef char *d = dst + (s - base) * SECTOR
         cdef uint64_t n = (e - s) * SECTOR
@@ -854,6 +881,9 @@ cdef class Stack:
         if r.zeroed:
             memset(d, 0, n)
             return 0
+        if r.moffset + (s - r.offset) >= (<uint64_t>1 << 55):   # the byte offset would wrap past 2^64
+            err.which = tag
+            return set_err(err, E_RANGE, <uint64_t>-1, n, self.files[tag].size)
         foff = (r.moffset + (s - r.offset)) * SECTOR
         if p.len and p.tag == tag and p.foff + p.len == foff and p.dst + p.len == d:
             p.len += n
@@ -867,7 +897,7 @@ cdef class Stack:
         return 0
 
     cdef int _read_lower(self, uint64_t s, uint64_t e, char *dst, uint64_t base,
-                         Pending *p, Err *err) nogil:
+                         Pending *p, Err *err) noexcept nogil:
         cdef Py_ssize_t i
         cdef uint64_t pos = s, rs, re
         cdef const Rec *r
@@ -877,6 +907,8 @@ cdef class Stack:
         i = self.lower._first_end_after(s)
         while i < self.lower.n and self.lower.recs[i].offset < e:
             r = &self.lower.recs[i]
+            if r.tag >= self.lower_tags:     # the lower Index changed after __init__
+                return set_err(err, E_TAG, r.offset, r.tag, 0)
             rs = r.offset if r.offset > pos else pos
             if rs > pos:
                 memset(dst + (pos - base) * SECTOR, 0, (rs - pos) * SECTOR)
@@ -889,7 +921,7 @@ cdef class Stack:
             memset(dst + (pos - base) * SECTOR, 0, (e - pos) * SECTOR)
         return 0
 
-    cdef int _read(self, char *dst, uint64_t s, uint64_t e, Err *err) nogil:
+    cdef int _read(self, char *dst, uint64_t s, uint64_t e, Err *err) noexcept nogil:
         cdef Pending p
         cdef Py_ssize_t i
         cdef uint64_t pos = s, rs, re
@@ -952,7 +984,7 @@ cdef class Stack:
             return self.lower.lookup(offset, length) if self.lower is not None else []
         out = []
         pos = offset
-        end = offset + length
+        end = offset + <object>length     # a Python int: must not wrap past 2^64
         for r in self.upper.lookup(offset, length):
             if r[0] > pos and self.lower is not None:
                 out.extend(self.lower.lookup(pos, r[0] - pos))

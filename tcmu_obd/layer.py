@@ -58,6 +58,11 @@ def unwrap(fd, path):
         backing, zinfo = zfile.open_backing(fd, base, size, path)
         wrappers.append("zfile")
         return backing, wrappers, zinfo, extent
+    if len(head) == zfile.HT_SIZE and head[:8] == zfile.MAGIC0 and head[8:24] == zfile.MAGIC1:
+        # overlaybd would take it for a raw LSMT file and fail on the LSMT
+        # magic; say what is really wrong instead.
+        flags = zfile.ZHeader.unpack(head, path, "header").flags
+        raise FormatError(path, "zfile header flags", flags, "ZFile magic, but the HEADER bit (0x1) is clear")
     return core.RawBacking(fd, base, size, str(path)), wrappers, None, extent
 
 

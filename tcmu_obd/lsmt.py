@@ -155,7 +155,10 @@ def load_ro(backing, path):
     if trailer.index_offset % SECTOR or trailer.index_offset < HT_SPACE:
         raise FormatError(path, "trailer index_offset", trailer.index_offset,
                           f"must be 512-aligned and at least {HT_SPACE}")
-    if trailer.index_offset > toff or trailer.index_size * 16 > toff - trailer.index_offset:
+    if trailer.index_offset > toff:
+        raise FormatError(path, "trailer index_offset", trailer.index_offset,
+                          f"past the trailer at byte {toff}")
+    if trailer.index_size * 16 > toff - trailer.index_offset:
         raise FormatError(path, "trailer index_size", trailer.index_size,
                           f"{trailer.index_size} records at byte {trailer.index_offset} run past "
                           f"the trailer at byte {toff}")

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import core
-from .errors import FormatError, UsageError
+from .errors import CorruptDataError, FormatError, UsageError
 
 MAGIC0 = bytes.fromhex("5A46696C65000100")
 MAGIC1 = b"tuji.yyf@Alibaba"
@@ -91,7 +91,7 @@ def _check_digest(raw, hdr, path):
     if hdr.flags & F_DIGEST:
         calc = core.crc32c(raw[:28] + b"\0\0\0\0" + raw[32:HT_SIZE])
         if calc != hdr.digest:
-            raise FormatError(path, "zfile header digest", hdr.digest, f"computed 0x{calc:08x}")
+            raise CorruptDataError(path, "zfile header digest", hdr.digest, f"computed 0x{calc:08x}")
 
 
 def read_info(read_at, size, path):
@@ -129,7 +129,7 @@ def read_info(read_at, size, path):
     if info.flags & F_DIGEST:
         calc = core.crc32c(table)
         if calc != info.index_crc:
-            raise FormatError(path, f"zfile {where} index_crc", info.index_crc, f"computed 0x{calc:08x}")
+            raise CorruptDataError(path, f"zfile {where} index_crc", info.index_crc, f"computed 0x{calc:08x}")
     return info, table
 
 
