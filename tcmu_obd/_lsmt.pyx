@@ -33,9 +33,11 @@ cdef extern from "lz4.h" nogil:
     int LZ4_compress_default(const char *src, char *dst, int size, int cap)
     int LZ4_compressBound(int size)
 
+cdef extern from "codec.h" nogil:
+    size_t obd_zstd_decompress(void *dst, size_t cap, const void *src, size_t csize)
+    size_t obd_zstd_compress(void *dst, size_t cap, const void *src, size_t size, int level)
+
 cdef extern from "zstd.h" nogil:
-    size_t ZSTD_decompress(void *dst, size_t cap, const void *src, size_t csize)
-    size_t ZSTD_compress(void *dst, size_t cap, const void *src, size_t size, int level)
     size_t ZSTD_compressBound(size_t size)
     unsigned ZSTD_isError(size_t code)
 
@@ -586,7 +588,7 @@ cdef int decode_block(const BackingC *b, uint64_t blk, const char *src, uint64_t
         if r < 0 or <uint64_t>r != want:
             return set_err(err, E_DECODE, blk, <uint64_t>(<int64_t>r), want)
     else:
-        zr = ZSTD_decompress(out, want, src, clen)
+        zr = obd_zstd_decompress(out, want, src, clen)
         if ZSTD_isError(zr) or zr != want:
             return set_err(err, E_DECODE, blk, <uint64_t>zr, want)
     return 0
@@ -1039,7 +1041,7 @@ def compress_blocks(int algo, data, uint32_t block_size, bint verify):
                         break
                     zr = r
                 else:
-                    zr = ZSTD_compress(out + pos, bound - 4, src + i * block_size, blen, ZSTD_LEVEL)
+                    zr = obd_zstd_compress(out + pos, bound - 4, src + i * block_size, blen, ZSTD_LEVEL)
                     if ZSTD_isError(zr):
                         r = -1
                         break
