@@ -42,6 +42,61 @@ class ConfigError(ObdError):
     """A configuration file is missing a key, or a key has a wrong type."""
 
 
+class RemoteError(ObdError):
+    """Registry (HTTP) access failed.  `reason` is overlaybd's resultFile text
+    for the failure (spec/runtime.md §a); the message also names the URL and
+    the HTTP status or the transport cause."""
+
+    reason = "Unexpected response"
+
+    def __init__(self, url, status=None, cause=""):
+        self.url = url
+        self.status = status
+        self.cause = cause
+        msg = f"{self.reason}: {url}"
+        if status is not None:
+            msg += f": HTTP {status}"
+        if cause:
+            msg += f": {cause}"
+        super().__init__(msg)
+
+
+class AuthError(RemoteError):
+    """The registry or its token service refused our credentials (401/403)."""
+
+    reason = "Authentication failed"
+
+
+class BlobNotFound(RemoteError):
+    """The registry answered 404 for the blob or manifest."""
+
+    reason = "No such file or directory"
+
+
+class TooManyRequests(RemoteError):
+    """The registry answered 429 (rate limited)."""
+
+    reason = "Too many requests"
+
+
+class RemoteTimeout(RemoteError):
+    """A request, or a read's whole retry budget, ran past its deadline."""
+
+    reason = "Get meta timedout"
+
+
+class ConnectionFailed(RemoteError):
+    """The TCP/TLS connection failed, was dropped, or the body was cut short."""
+
+    reason = "Connection failed"
+
+
+class UnexpectedResponse(RemoteError):
+    """The registry answered something the protocol does not allow here."""
+
+    reason = "Unexpected response"
+
+
 def _show(value):
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value} (0x{value:x})" if value > 9 else str(value)

@@ -187,13 +187,30 @@ class ZFileWriter:
         out.write(self.info.pack())
 
     def write(self, data):
-        self.buf += data
-        self.raw_size += len(data)
-        if len(self.buf) >= self.chunk:
-            n = len(self.buf) - len(self.buf) % self.chunk
-            self._submit(bytes(self.buf[:n]))
-            del self.buf[:n]
-        return len(data)
+        """Buffer only a partial chunk; whole chunks go to the compressor
+        straight from the caller's buffer (copied once for a pool, unless
+        the caller's object is immutable bytes)."""
+        view = memoryview(data).cast("B")
+        n = len(view)
+        self.raw_size += n
+        if self.buf:
+            take = min(n, self.chunk - len(self.buf))
+            self.buf += view[:take]
+            view = view[take:]
+            if len(self.buf) < self.chunk:
+                return n
+            self._submit(bytes(self.buf))
+            self.buf = bytearray()
+        whole = len(view) - len(view) % self.chunk
+        step = self.chunk * max(1, (1 << 20) // self.chunk)
+        for pos in range(0, whole, step):
+            piece = view[pos:min(pos + step, whole)]
+            if self.pool is not None and not isinstance(data, bytes):
+                piece = bytes(piece)
+            self._submit(piece)
+        if whole < len(view):
+            self.buf += view[whole:]
+        return n
 
     def _submit(self, data):
         info = self.info
