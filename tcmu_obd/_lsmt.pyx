@@ -33,6 +33,15 @@ cdef extern from "lz4.h" nogil:
     int LZ4_compress_default(const char *src, char *dst, int size, int cap)
     int LZ4_compressBound(int size)
 
+cdef extern from "blockcache.h" nogil:
+    ctypedef struct obd_bcache:
+        pass
+    obd_bcache *obd_bcache_new(unsigned nslots, size_t block_size)
+    void obd_bcache_free(obd_bcache *c)
+    int obd_bcache_get(obd_bcache *c, uint64_t blk, char *dst, size_t at, size_t n)
+    void obd_bcache_put(obd_bcache *c, uint64_t blk, char **buf)
+    void obd_bcache_clear(obd_bcache *c)
+
 cdef extern from "codec.h" nogil:
     size_t obd_zstd_decompress(void *dst, size_t cap, const void *src, size_t csize)
     size_t obd_zstd_compress(void *dst, size_t cap, const void *src, size_t size, int level)
@@ -68,6 +77,8 @@ DEF ALGO_LZ4 = 1
 DEF ALGO_ZSTD = 2
 DEF ZSTD_LEVEL = 3
 DEF COALESCE_MAX = 1 << 20      # largest single pread of compressed bytes
+DEF STACK_CBUF = 16384          # compressed bytes a ZFile read keeps on the stack
+DEF BLOCK_CACHE_SLOTS = 64      # decoded blocks kept per ZFile (<= 4 MiB at 64 KiB blocks)
 
 SALT = ZF_SALT
 CRC_HW = bool(obd_crc32c_hw())   # also initialises the tables once, before any thread
@@ -526,6 +537,7 @@ cdef struct BackingC:
     int verify
     uint64_t nblocks
     uint64_t *boff         # nblocks+1 block starts, relative to base
+    obd_bcache *cache      # decoded partial blocks (NULL: none)
 
 
 cdef struct Err:
@@ -598,18 +610,29 @@ cdef int zfile_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err 
     cdef uint64_t bs = b.block_size
     cdef uint64_t blk = off / bs, last = (off + n - 1) / bs, stop, i
     cdef uint64_t span, bstart, want, lo, hi
-    cdef char *cbuf = NULL
+    cdef char stackbuf[STACK_CBUF]      # small reads need no malloc
+    cdef char *cbuf = stackbuf
     cdef char *scratch = NULL
-    cdef uint64_t ccap = 0
+    cdef uint64_t ccap = STACK_CBUF
     cdef int rc = 0
     while blk <= last:
+        # a block needed only in part may be cached from an earlier read
+        bstart = blk * bs
+        want = bs if bstart + bs <= b.size else b.size - bstart
+        lo = off if off > bstart else bstart
+        hi = off + n if off + n < bstart + want else bstart + want
+        if b.cache != NULL and not (lo == bstart and hi == bstart + want) and \
+                obd_bcache_get(b.cache, blk, dst + (lo - off), lo - bstart, hi - lo):
+            blk += 1
+            continue
         # coalesce blocks into one pread of at most COALESCE_MAX bytes
         stop = blk + 1
         while stop <= last and b.boff[stop + 1] - b.boff[blk] <= COALESCE_MAX:
             stop += 1
         span = b.boff[stop] - b.boff[blk]
         if span > ccap:
-            free(cbuf)
+            if cbuf != stackbuf:
+                free(cbuf)
             cbuf = <char *>malloc(span)
             ccap = span
             if cbuf == NULL:
@@ -636,12 +659,15 @@ cdef int zfile_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err 
                                   scratch, want, err)
                 if rc == 0:
                     memcpy(dst + (lo - off), scratch + (lo - bstart), hi - lo)
+                    if b.cache != NULL and want == bs:
+                        obd_bcache_put(b.cache, i, &scratch)   # scratch gets the slot's old buffer
             if rc:
                 break
         if rc:
             break
         blk = stop
-    free(cbuf)
+    if cbuf != stackbuf:
+        free(cbuf)
     free(scratch)
     return rc
 
@@ -665,6 +691,7 @@ cdef class Backing:
 
     def __dealloc__(self):
         free(self.c.boff)
+        obd_bcache_free(self.c.cache)
 
     @property
     def size(self):
@@ -753,6 +780,10 @@ cdef class ZFileBacking(Backing):
         self.c.algo = algo
         self.c.verify = verify
         self.c.nblocks = cnt
+        if self.c.cache == NULL:
+            self.c.cache = obd_bcache_new(BLOCK_CACHE_SLOTS, block_size)
+            if self.c.cache == NULL:
+                raise MemoryError()
 
     @property
     def nblocks(self):
