@@ -42,6 +42,16 @@ cdef extern from "blockcache.h" nogil:
     void obd_bcache_put(obd_bcache *c, uint64_t blk, char **buf)
     void obd_bcache_clear(obd_bcache *c)
 
+cdef extern from "presence.h" nogil:
+    ctypedef struct obd_presence:
+        uint64_t nunits
+        unsigned shift
+        uint64_t size
+    int obd_presence_init(obd_presence *p, uint64_t size, unsigned shift)
+    void obd_presence_destroy(obd_presence *p)
+    void obd_presence_set(obd_presence *p, uint64_t off, uint64_t n, int on)
+    int obd_presence_missing(const obd_presence *p, uint64_t off, uint64_t n, uint64_t *moff, uint64_t *mlen)
+
 cdef extern from "codec.h" nogil:
     size_t obd_zstd_decompress(void *dst, size_t cap, const void *src, size_t csize)
     size_t obd_zstd_compress(void *dst, size_t cap, const void *src, size_t size, int level)
@@ -526,6 +536,8 @@ DEF E_DECODE = 4
 DEF E_RANGE = 5
 DEF E_NOMEM = 6
 DEF E_TAG = 7
+DEF E_MISS = 8         # not in the cache file yet: a = file offset, b = length
+MAX_CRC_RETRIES = 3    # evict-and-refetch rounds for a cached block that fails its check
 
 cdef struct BackingC:
     int kind
@@ -538,6 +550,7 @@ cdef struct BackingC:
     uint64_t nblocks
     uint64_t *boff         # nblocks+1 block starts, relative to base
     obd_bcache *cache      # decoded partial blocks (NULL: none)
+    obd_presence *presence # cached remote file: which units are there (NULL: all)
 
 
 cdef struct Err:
@@ -638,7 +651,9 @@ cdef int zfile_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err 
             if cbuf == NULL:
                 rc = set_err(err, E_NOMEM, span, 0, 0)
                 break
-        rc = pread_at(b.fd, cbuf, span, b.base, b.boff[blk], err)
+        rc = check_present(b, b.base + b.boff[blk], span, err)
+        if rc == 0:
+            rc = pread_at(b.fd, cbuf, span, b.base, b.boff[blk], err)
         if rc:
             break
         for i in range(blk, stop):
@@ -672,12 +687,22 @@ cdef int zfile_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err 
     return rc
 
 
+cdef inline int check_present(const BackingC *b, uint64_t foff, uint64_t n, Err *err) noexcept nogil:
+    """E_MISS when part of file range [foff, foff+n) is not cached yet."""
+    cdef uint64_t mo, ml
+    if b.presence != NULL and obd_presence_missing(b.presence, foff, n, &mo, &ml):
+        return set_err(err, E_MISS, mo, ml, 0)
+    return 0
+
+
 cdef int backing_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err *err) noexcept nogil:
     if n == 0:
         return 0
     if off + n > b.size or off + n < off:
         return set_err(err, E_RANGE, off, n, b.size)
     if b.kind == K_RAW:
+        if check_present(b, b.base + off, n, err):
+            return -1
         return pread_at(b.fd, dst, n, b.base, off, err)
     return zfile_read(b, dst, off, n, err)
 
@@ -688,6 +713,16 @@ cdef class Backing:
     own the descriptor; whoever opened the file closes it."""
     cdef BackingC c
     cdef public str name
+    cdef Presence _presence
+    cdef public object fetcher      # ensure(off, n) / evict(off, n) for a cached remote file
+
+    def attach(self, Presence presence, fetcher):
+        """Serve this backing from a cache file: reads of units missing in
+        `presence` call fetcher.ensure(file_off, n) and retry; a block that
+        fails its CRC is fetcher.evict()ed and refetched."""
+        self._presence = presence
+        self.fetcher = fetcher
+        self.c.presence = &presence.p
 
     def __dealloc__(self):
         free(self.c.boff)
@@ -714,10 +749,15 @@ cdef class Backing:
         out = PyBytes_FromStringAndSize(NULL, length)
         cdef char *p = PyBytes_AS_STRING(out)
         err.which = 0
-        with nogil:
-            rc = backing_read(&self.c, p, offset, length, &err)
+        cdef int crc_tries = 0
+        files = [self]
+        while True:
+            with nogil:
+                rc = backing_read(&self.c, p, offset, length, &err)
+            if rc == 0 or not recover(&err, files, &crc_tries):
+                break
         if rc:
-            raise_err(&err, [self])
+            raise_err(&err, files)
         return out
 
 
@@ -816,6 +856,74 @@ cdef class ZFileBacking(Backing):
             free(buf)
 
 
+cdef class Presence:
+    """Which `unit`-sized pieces of a cached file hold data (see presence.h)."""
+    cdef obd_presence p
+
+    def __init__(self, uint64_t size, uint64_t unit):
+        cdef unsigned shift = 0
+        if unit < 512 or unit & (unit - 1):
+            raise UsageError(f"presence unit {unit}: must be a power of two >= 512")
+        while (<uint64_t>1 << shift) < unit:
+            shift += 1
+        if obd_presence_init(&self.p, size, shift):
+            raise MemoryError()
+
+    def __dealloc__(self):
+        obd_presence_destroy(&self.p)
+
+    @property
+    def unit(self):
+        return 1 << self.p.shift
+
+    def set(self, uint64_t offset, uint64_t length):
+        obd_presence_set(&self.p, offset, length, 1)
+
+    def clear(self, uint64_t offset, uint64_t length):
+        obd_presence_set(&self.p, offset, length, 0)
+
+    def has(self, uint64_t offset, uint64_t length):
+        cdef uint64_t mo, ml
+        return not obd_presence_missing(&self.p, offset, length, &mo, &ml)
+
+    def missing(self, uint64_t offset, uint64_t length):
+        """Missing byte ranges inside [offset, offset+length), whole units."""
+        out = []
+        cdef uint64_t unit = 1 << self.p.shift, u, end = min(offset + length, self.p.size)
+        cdef uint64_t mo, ml
+        cdef Py_ssize_t k
+        if offset >= end:
+            return out
+        for u in range(offset >> self.p.shift, ((end - 1) >> self.p.shift) + 1):
+            if obd_presence_missing(&self.p, u * unit, 1, &mo, &ml):
+                k = len(out) - 1
+                if k >= 0 and out[k][0] + out[k][1] == mo:
+                    out[k] = (out[k][0], out[k][1] + ml)
+                else:
+                    out.append((mo, ml))
+        return out
+
+
+cdef int recover(Err *err, list files, int *crc_tries) except -1:
+    """After a failed read: fetch what the cache lacks, or evict a cached
+    block that failed its check.  1 means read again, 0 means give up."""
+    cdef Backing b
+    if not 0 <= err.which < len(files):
+        return 0
+    b = files[err.which]
+    if b.fetcher is None:
+        return 0
+    if err.code == E_MISS:
+        b.fetcher.ensure(err.a, err.b)
+        return 1
+    if (err.code == E_CRC or err.code == E_DECODE) and b.c.kind == K_ZFILE and err.a < b.c.nblocks \
+            and crc_tries[0] < MAX_CRC_RETRIES:
+        crc_tries[0] += 1
+        b.fetcher.evict(b.c.base + b.c.boff[err.a], b.c.boff[err.a + 1] - b.c.boff[err.a])
+        return 1
+    return 0
+
+
 cdef int raise_err(Err *err, list files) except -1:
     import os
     name = files[err.which].name if 0 <= err.which < len(files) else "<backing>"
@@ -833,6 +941,9 @@ cdef int raise_err(Err *err, list files) except -1:
     if err.code == E_RANGE:
         raise CorruptDataError(name, "moffset", err.a,
                                f"read of {err.b} bytes runs past the end of the layer data ({err.c} bytes)")
+    if err.code == E_MISS:
+        raise ReadError(f"{name}: bytes {err.a}..{err.a + err.b} are not in the cache and "
+                        f"no fetcher is attached")
     if err.code == E_NOMEM:
         raise MemoryError(f"{name}: cannot allocate {err.a} bytes")
     if err.code == E_TAG:
@@ -992,13 +1103,17 @@ cdef class Stack:
         cdef Py_buffer view
         cdef Err err
         cdef int rc
+        cdef int crc_tries = 0
         PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
         try:
             if offset % SECTOR or view.len % SECTOR:
                 raise UsageError(f"read of {view.len} bytes at {offset} is not 512-byte aligned")
-            err.which = -1
-            with nogil:
-                rc = self._read(<char *>view.buf, offset // SECTOR, (offset + view.len) // SECTOR, &err)
+            while True:
+                err.which = -1
+                with nogil:
+                    rc = self._read(<char *>view.buf, offset // SECTOR, (offset + view.len) // SECTOR, &err)
+                if rc == 0 or not recover(&err, self.files_py, &crc_tries):
+                    break
         finally:
             PyBuffer_Release(&view)
         if rc:

@@ -7,9 +7,10 @@ resultFile.  Remote lowers (registry blobs) are not handled here yet.
 """
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .errors import ConfigError, ObdError, UnsupportedError
+from .errors import ConfigError, ObdError
 from .image import Image
 from .layer import open_layer
 from .rw import RWLayer
@@ -77,33 +78,68 @@ def local_candidate(lower):
     return next((c for c in cands if os.path.exists(c)), None)
 
 
-def open_image(cfg):
-    """Open every layer of a config; writes resultFile either way."""
+def open_image(cfg, service_cfg=None, remote=None):
+    """Open every layer of a config (in parallel, as overlaybd does with 32
+    threads); writes resultFile either way.  Remote lowers need `remote`
+    (a remote.RemoteContext) or a `service_cfg` to build one from."""
     if not isinstance(cfg, ImageConfig):
         cfg = load(cfg)
-    opened, upper = [], None
+    if cfg.raw.get("accelerationLayer") and cfg.raw.get("recordTracePath"):
+        err = ConfigError(f"{cfg.path}: accelerationLayer and recordTracePath cannot both be set")
+        write_result(cfg, f"failed:{err}")
+        raise err
+    lowers = list(cfg.lowers)
+    if cfg.raw.get("accelerationLayer") and lowers:
+        lowers = lowers[:-1]          # the trace layer is not part of the disk
+    opened, upper = [None] * len(lowers), None
     try:
-        for i, lower in enumerate(cfg.lowers):
-            path = local_candidate(lower)
-            if path is None:
-                if lower.get("digest"):
-                    raise UnsupportedError(f"{cfg.path}: lowers[{i}] has no local file and remote "
-                                           f"layers ({lower['digest']}) are not yet supported")
-                raise ConfigError(f"{cfg.path}: lowers[{i}]: no local file among "
-                                  f"{lower.get('file') or '(no file)'} / {lower.get('dir') or '(no dir)'}")
-            opened.append(open_layer(path))
+        if any(local_candidate(low) is None and low.get("digest") for low in lowers) and remote is None:
+            from .remote import RemoteContext
+            from . import service_config
+            remote = RemoteContext(service_cfg or service_config.load(None))
+        with ThreadPoolExecutor(max_workers=max(1, min(32, len(lowers)))) as pool:
+            futures = [pool.submit(_open_lower, cfg, remote, i, low) for i, low in enumerate(lowers)]
+            errors = []
+            for i, fut in enumerate(futures):
+                try:
+                    opened[i] = fut.result()
+                except ObdError as e:
+                    errors.append(e)
+            if errors:
+                raise errors[0]
         if cfg.upper.get("index") and cfg.upper.get("data"):     # both, as overlaybd requires
             upper = RWLayer.open(cfg.upper["data"], cfg.upper["index"])
         image = Image(opened, upper)
     except ObdError as e:
         for layer in opened:
-            layer.close()
+            if layer is not None:
+                layer.close()
         if upper is not None:
             upper.close()
-        write_result(cfg, f"failed:{e}")
+        write_result(cfg, f"failed:{_reason(e)}")
         raise
+    image.remote = remote
     write_result(cfg, "success")
     return image
+
+
+def _open_lower(cfg, remote, i, lower):
+    path = local_candidate(lower)
+    if path is not None:
+        return open_layer(path)
+    if not lower.get("digest"):
+        raise ConfigError(f"{cfg.path}: lowers[{i}]: no local file among "
+                          f"{lower.get('file') or '(no file)'} / {lower.get('dir') or '(no dir)'}")
+    return remote.open_layer(cfg.repo_blob_url, lower, f"{cfg.path}: lowers[{i}]")
+
+
+def _reason(err):
+    """overlaybd's resultFile wording where one exists, and our message."""
+    reason = getattr(err, "reason", None)
+    url = getattr(err, "url", None)
+    if reason and url:
+        return f"failed to open remote file {url}: {reason} ({err})"
+    return str(err)
 
 
 def write_result(cfg, text):

@@ -29,6 +29,7 @@ class Image:
             files.append(upper.backing)
         self.stack = core.Stack(files, self.lower_index, upper.index if upper else None)
         self.ro_vsize = ro_vsize
+        self.remote = None        # the RemoteContext its remote layers use, if any
 
     @property
     def virtual_size(self):

@@ -23,6 +23,7 @@ class Layer:
     wrappers: list = field(default_factory=list)
     zinfo: object = None
     tar_extent: tuple = None
+    owner: object = None          # a cache.CachedBlob the layer reads through, closed with it
 
     @property
     def virtual_size(self):
@@ -32,6 +33,9 @@ class Layer:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.owner is not None:
+            self.owner.close()
+            self.owner = None
 
     def __enter__(self):
         return self
@@ -40,22 +44,25 @@ class Layer:
         self.close()
 
 
-def unwrap(fd, path):
-    """Detect tar and ZFile around an open file: (backing, wrappers, zinfo, tar extent)."""
-    size = os.fstat(fd).st_size
+def unwrap(fd, path, size=None, read_at=None):
+    """Detect tar and ZFile around an open file: (backing, wrappers, zinfo, tar extent).
+    `read_at(off, n)` reads the file (default: pread of fd); a cached remote
+    blob passes its own, which fetches what is missing first."""
+    if size is None:
+        size = os.fstat(fd).st_size
     base, wrappers, extent = 0, [], None
-
-    def read_at(off, n):
-        return os.pread(fd, n, off)
+    if read_at is None:
+        def read_at(off, n):
+            return os.pread(fd, n, off)
 
     found = tar.detect(read_at, size, path)
     if found is not None:
         base, size = found
         extent = found
         wrappers.append("tar")
-    head = os.pread(fd, zfile.HT_SIZE, base)
+    head = read_at(base, zfile.HT_SIZE)
     if zfile.is_zfile(head, path):
-        backing, zinfo = zfile.open_backing(fd, base, size, path)
+        backing, zinfo = zfile.open_backing(fd, base, size, path, read_at)
         wrappers.append("zfile")
         return backing, wrappers, zinfo, extent
     if len(head) == zfile.HT_SIZE and head[:8] == zfile.MAGIC0 and head[8:24] == zfile.MAGIC1:
@@ -80,3 +87,17 @@ def open_layer(path):
         os.close(fd)
         raise
     return Layer(path, fd, backing, header, trailer, index, wrappers, zinfo, extent)
+
+
+def open_cached_layer(blob, name):
+    """Open a layer whose bytes come from a cache.CachedBlob (a remote blob):
+    only the headers, trailer and index are fetched now; the backing fetches
+    the rest on demand and refetches blocks that fail their CRC."""
+    backing, wrappers, zinfo, extent = unwrap(blob.fd, name, blob.size, blob.read_at)
+    backing.attach(blob.presence, blob)
+    try:
+        header, trailer, index = lsmt.load_ro(backing, name)
+    except BaseException:
+        blob.close()
+        raise
+    return Layer(name, -1, backing, header, trailer, index, wrappers, zinfo, extent, owner=blob)

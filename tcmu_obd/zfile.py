@@ -148,9 +148,13 @@ def _check_geometry(info, where, path):
                           f"needs {need} blocks of {bs} bytes, but index_size = {info.index_size}")
 
 
-def open_backing(fd, base, size, path):
-    """A core ZFileBacking over bytes [base, base+size) of fd."""
-    info, table = read_info(lambda off, n: os.pread(fd, n, base + off), size, path)
+def open_backing(fd, base, size, path, read_at=None):
+    """A core ZFileBacking over bytes [base, base+size) of fd; `read_at`
+    (file offsets) replaces pread for the header, trailer and jump table."""
+    if read_at is None:
+        def read_at(off, n):
+            return os.pread(fd, n, off)
+    info, table = read_info(lambda off, n: read_at(base + off, n), size, path)
     return core.ZFileBacking(fd, base, HT_SIZE + info.dict_size, info.index_offset, table,
                              info.block_size, info.algo, bool(info.verify), info.original_file_size,
                              str(path)), info

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from .. import baselayer, config, ext4
+from .. import baselayer, config, ext4, service_config
 from ..image import Image
 from ..layer import open_layer
 from ..lsmt import SECTOR
@@ -15,12 +15,12 @@ from .common import run, setup_logging
 EXPORT_CHUNK = 4 << 20
 
 
-def open_target(path):
+def open_target(path, service_config_path=None):
     """An Image from a config.v1.json, or from one layer file."""
     with open(path, "rb") as f:
         head = f.read(64).lstrip()
     if head.startswith(b"{"):
-        return config.open_image(path)
+        return config.open_image(path, service_config.load(service_config_path))
     return Image([open_layer(path)])
 
 
@@ -71,7 +71,7 @@ def cmd_info(args):
 
 
 def cmd_export(args):
-    image = open_target(args.config)
+    image = open_target(args.config, args.service_config)
     try:
         vsize = image.virtual_size
         fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -98,7 +98,7 @@ def cmd_export(args):
 
 
 def cmd_read(args):
-    image = open_target(args.config)
+    image = open_target(args.config, args.service_config)
     try:
         sys.stdout.buffer.write(image.pread(args.offset, args.length))
         sys.stdout.buffer.flush()
@@ -110,7 +110,7 @@ def cmd_read(args):
 def cmd_demo(args):
     """Open the built-in base layer as an image and show what is in it."""
     path = args.image or baselayer.path()
-    image = open_target(path)
+    image = open_target(path, args.service_config)
     try:
         print(f"image           {path}")
         print(f"virtual size    {image.virtual_size} bytes ({image.virtual_size / 2**30:.1f} GiB)")
@@ -134,22 +134,26 @@ def cmd_demo(args):
 
 def parser():
     p = argparse.ArgumentParser(prog="tcmu-obd", description="overlaybd-compatible block images.")
-    p.add_argument("--verbose", action="store_true")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true")
+    common.add_argument("--service-config", "--service_config_path", dest="service_config",
+                        default=service_config.DEFAULT_PATH,
+                        help="global overlaybd.json (built-in defaults when the file is absent)")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("info", help="header, trailer, index and compression of a layer file")
+    s = sub.add_parser("info", parents=[common], help="header, trailer, index and compression of a layer file")
     s.add_argument("file")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_info)
-    s = sub.add_parser("export", help="write the merged virtual disk as a sparse raw file")
+    s = sub.add_parser("export", parents=[common], help="write the merged virtual disk as a sparse raw file")
     s.add_argument("config", help="config.v1.json, or a layer file")
     s.add_argument("out")
     s.set_defaults(fn=cmd_export)
-    s = sub.add_parser("read", help="bytes of the virtual disk to stdout")
+    s = sub.add_parser("read", parents=[common], help="bytes of the virtual disk to stdout")
     s.add_argument("config", help="config.v1.json, or a layer file")
     s.add_argument("offset", type=int)
     s.add_argument("length", type=int)
     s.set_defaults(fn=cmd_read)
-    s = sub.add_parser("demo", help="open the built-in base layer (or IMAGE) and show what is in it")
+    s = sub.add_parser("demo", parents=[common], help="open the built-in base layer (or IMAGE) and show what is in it")
     s.add_argument("image", nargs="?")
     s.set_defaults(fn=cmd_demo)
     return p
