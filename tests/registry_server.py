@@ -1,0 +1,286 @@
+"""Test helpers (not a test file): a real registry (Debian's docker-registry,
+distribution 2.8) on 127.0.0.1 with no auth, htpasswd Basic auth, or token
+auth backed by a small JWT token server written here; and helpers to push
+blobs with plain requests, independent of the code under test.
+
+Everything listens on 127.0.0.1 only, lives in a temporary directory, and is
+stopped (kill + wait) when its context manager exits.  This is not a
+general-purpose registry fixture: it knows exactly what the tests need.
+"""
+import base64
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+
+SERVICE = "test-registry"
+ISSUER = "test-issuer"
+
+
+def require(*binaries):
+    """Skip the calling test (module) if a binary is missing."""
+    missing = [b for b in binaries if shutil.which(b) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (Debian packages docker-registry, apache2-utils; "
+                    f"scripts/setup.sh installs them)", allow_module_level=True)
+
+
+def require_jwt():
+    try:
+        import cryptography  # noqa: F401
+        import jwt  # noqa: F401
+    except ImportError:
+        pytest.skip("token auth needs PyJWT and cryptography (pip install PyJWT cryptography)",
+                    allow_module_level=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TokenServer:
+    """A Docker token service: GET /token?service=..&scope=.. with optional
+    Basic auth, answering a signed ES256 JWT.
+
+    users: {name: password}; None lets anyone (anonymous included) have every
+    action asked for.  expires_in: the lifetime the answer claims; lifetime:
+    the JWT's real exp - now (defaults to expires_in).  hits: list of
+    (user or None, scope) per token request.
+    """
+
+    def __init__(self, tmpdir, users=None, expires_in=300, lifetime=None):
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self.users = users
+        self.expires_in = expires_in
+        self.lifetime = lifetime
+        self.hits = []
+        self.agents = []
+        self.refuse = False
+        self.expired_next = 0
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tcmu-obd test token signer")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(days=1))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(self.key, hashes.SHA256()))
+        self.cert_der_b64 = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
+        self.cert_path = os.path.join(tmpdir, "token-cert.pem")
+        with open(self.cert_path, "wb") as f:
+            f.write(cert.public_bytes(serialization.Encoding.PEM))
+        self.port = free_port()
+        self.realm = f"http://127.0.0.1:{self.port}/token"
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+    def _user(self, header):
+        """Authorization header -> (ok, user)."""
+        if not header:
+            return self.users is None, None
+        try:
+            scheme, b64 = header.split(" ", 1)
+            user, _, pw = base64.b64decode(b64).decode().partition(":")
+        except ValueError:
+            return False, None
+        if scheme.lower() != "basic":
+            return False, None
+        if self.users is None:
+            return True, user
+        return self.users.get(user) == pw, user
+
+    def token(self, scopes, user):
+        import jwt
+        now = int(time.time())
+        access = []
+        for scope in scopes:
+            kind, _, rest = scope.partition(":")
+            name, _, actions = rest.rpartition(":")
+            access.append({"type": kind, "name": name, "actions": actions.split(",")})
+        life = self.expires_in if self.lifetime is None else self.lifetime
+        if self.expired_next > 0:
+            self.expired_next -= 1
+            life = -600   # well past the registry's clock-skew leeway
+        claims = {"iss": ISSUER, "aud": SERVICE, "sub": user or "", "iat": now, "nbf": now - 1,
+                  "exp": now + life, "jti": uuid.uuid4().hex, "access": access}
+        return jwt.encode(claims, self.key, "ES256", headers={"x5c": [self.cert_der_b64]})
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                parts = urlsplit(self.path)
+                q = parse_qs(parts.query)
+                ok, user = server._user(self.headers.get("Authorization"))
+                server.hits.append((user, ",".join(q.get("scope", []))))
+                server.agents.append(self.headers.get("User-Agent"))
+                if parts.path != "/token" or q.get("service") != [SERVICE]:
+                    return self._answer(400, {"error": "bad request"})
+                if not ok or server.refuse:
+                    return self._answer(401, {"error": "bad credentials"})
+                tok = server.token(q.get("scope", []), user)
+                self._answer(200, {"token": tok, "access_token": tok, "expires_in": server.expires_in,
+                                   "issued_at": datetime.datetime.now(datetime.timezone.utc).isoformat()})
+
+            def _answer(self, status, doc):
+                body = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        return Handler
+
+
+class Registry:
+    """docker-registry serving a temp dir on 127.0.0.1:<free port>.
+
+    auth: None, "basic" (htpasswd of `users`) or "token" (a TokenServer with
+    `users`, reachable as .tokens).  token_kw goes to TokenServer.
+    """
+
+    def __init__(self, auth=None, users=None, **token_kw):
+        require("docker-registry")
+        if auth == "basic":
+            require("htpasswd")
+        if auth == "token":
+            require_jwt()
+        self.auth = auth
+        self.users = users or {}
+        self.token_kw = token_kw
+        self.tokens = None
+        self.proc = None
+        self.tmp = tempfile.mkdtemp(prefix="obd-registry-")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start(self):
+        auth = ""
+        if self.auth == "basic":
+            path = os.path.join(self.tmp, "htpasswd")
+            with open(path, "w") as f:
+                for user, pw in self.users.items():
+                    f.write(subprocess.run(["htpasswd", "-Bbn", user, pw], check=True,
+                                           capture_output=True, text=True).stdout.strip() + "\n")
+            auth = f"auth:\n  htpasswd: {{realm: basic-realm, path: {path}}}\n"
+        elif self.auth == "token":
+            self.tokens = TokenServer(self.tmp, self.users or None, **self.token_kw).__enter__()
+            auth = (f"auth:\n  token:\n    realm: {self.tokens.realm}\n    service: {SERVICE}\n"
+                    f"    issuer: {ISSUER}\n    rootcertbundle: {self.tokens.cert_path}\n")
+        cfg = os.path.join(self.tmp, "config.yml")
+        with open(cfg, "w") as f:
+            f.write("version: 0.1\n"
+                    "log: {level: warn, accesslog: {disabled: true}}\n"
+                    "storage:\n"
+                    "  cache: {blobdescriptor: inmemory}\n"
+                    f"  filesystem: {{rootdirectory: {os.path.join(self.tmp, 'data')}}}\n"
+                    "  delete: {enabled: true}\n"
+                    "http:\n"
+                    f"  addr: 127.0.0.1:{self.port}\n"
+                    "  secret: fixed-test-secret\n" + auth)
+        self.log_path = os.path.join(self.tmp, "registry.log")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(["docker-registry", "serve", cfg], stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"docker-registry exited {self.proc.returncode}: {self.log()}")
+            try:
+                if requests.get(self.url + "/v2/", timeout=1).status_code in (200, 401):
+                    return
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"docker-registry not ready after 15 s: {self.log()}")
+            time.sleep(0.02)
+
+    def log(self):
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read()[-2000:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self._log.close()
+        if self.tokens is not None:
+            self.tokens.__exit__(None, None, None)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- helpers independent of tcmu_obd.registry ------------------------------------------------
+
+    def blob_url(self, repo, digest, base=None):
+        return f"{base or self.url}/v2/{repo}/blobs/{digest}"
+
+    def headers(self, repo, actions="pull,push"):
+        """Authorization headers good for repo (fetched straight from the token server)."""
+        user, pw = next(iter(self.users.items())) if self.users else (None, None)
+        if self.auth == "basic":
+            return {"Authorization": "Basic " + base64.b64encode(f"{user}:{pw}".encode()).decode()}
+        if self.auth == "token":
+            return {"Authorization": "Bearer " + self.tokens.token([f"repository:{repo}:{actions}"],
+                                                                   user)}
+        return {}
+
+    def push_blob(self, repo, data):
+        """POST then PUT ?digest= (monolithic); returns the digest."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        h = self.headers(repo)
+        r = requests.post(f"{self.url}/v2/{repo}/blobs/uploads/", headers=h, timeout=10)
+        assert r.status_code == 202, (r.status_code, r.text)
+        loc = r.headers["Location"]
+        r = requests.put(loc + ("&" if "?" in loc else "?") + "digest=" + digest, data=data,
+                         headers=dict(h, **{"Content-Type": "application/octet-stream"}), timeout=30)
+        assert r.status_code == 201, (r.status_code, r.text)
+        return digest
+
+    def get_blob(self, repo, digest):
+        r = requests.get(self.blob_url(repo, digest), headers=self.headers(repo, "pull"), timeout=30)
+        assert r.status_code == 200, (r.status_code, r.text[:200])
+        return r.content
