@@ -12,6 +12,6 @@ if os.environ.get("TCMU_OBD_PURE") == "1":
                             crc32c, merge)
     IMPLEMENTATION = "python"
 else:
-    from ._lsmt import (Index, RawBacking, Stack, ZFileBacking, compress_blocks,  # noqa: F401
+    from ._lsmt import (Index, Presence, RawBacking, Stack, ZFileBacking, compress_blocks,  # noqa: F401
                         crc32c, merge)
     IMPLEMENTATION = "cython"

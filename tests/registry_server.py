@@ -10,10 +10,13 @@ general-purpose registry fixture: it knows exactly what the tests need.
 import base64
 import datetime
 import hashlib
+import http.client
 import json
 import os
+import random
 import shutil
 import socket
+import struct
 import subprocess
 import tempfile
 import threading
@@ -284,3 +287,213 @@ class Registry:
         r = requests.get(self.blob_url(repo, digest), headers=self.headers(repo, "pull"), timeout=30)
         assert r.status_code == 200, (r.status_code, r.text[:200])
         return r.content
+
+
+# -- a fault-injecting proxy in front of the real registry (SQLite test_vfs style) --------------
+
+HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+       "transfer-encoding", "upgrade", "content-length"}
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass    # clients that gave up (broken pipes) are the point of these tests
+
+
+class FaultProxy:
+    """HTTP proxy on 127.0.0.1 in front of `upstream`.
+
+    inject(fault, times): spoil the next `times` matching requests (None:
+    all of them).  Matching requests are blob GETs with a Range other than the
+    1-byte probe (so open_blob is left alone), or every blob GET with
+    probes=True.  `/cdn/...` paths are forwarded with `cdn_headers` added, and
+    record whether the client sent Authorization there (redirect tests).
+    """
+
+    def __init__(self, upstream, cdn_headers=None):
+        self.upstream = urlsplit(upstream)
+        self.cdn_headers = cdn_headers or {}
+        self.faults = []           # [fault, remaining or None]
+        self.probes = False
+        self.seen = []             # (method, path, range, fault or None)
+        self.cdn_auth = []
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = _QuietServer(("127.0.0.1", self.port), self._handler())
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+    def inject(self, fault, times=1, probes=False):
+        with self.lock:
+            self.faults = [[fault, times]]
+            self.probes = probes
+
+    def inject_random(self, faults, rate, seed):
+        rng = random.Random(seed)
+        with self.lock:
+            self.faults = [["random", None]]
+            self.random = (rng, faults, rate)
+
+    def clear(self):
+        with self.lock:
+            self.faults = []
+
+    def _pick(self, method, path, rng_header):
+        with self.lock:
+            if method != "GET" or "/blobs/sha256:" not in path or path.startswith("/cdn/"):
+                return None
+            if rng_header == "bytes=0-0" and not self.probes:
+                return None
+            if not self.faults:
+                return None
+            entry = self.faults[0]
+            fault = entry[0]
+            if fault == "random":
+                rng, faults, rate = self.random
+                return rng.choice(faults) if rng.random() < rate else None
+            if entry[1] is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    self.faults.pop(0)
+            return fault
+
+    def forward(self, method, path, headers, body):
+        conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=30)
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.getheaders(), resp.read()
+        finally:
+            conn.close()
+
+    def _handler(self):
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _any(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
+                if body is not None:
+                    headers["Content-Length"] = str(len(body))
+                path = self.path
+                if path.startswith("/cdn/"):
+                    proxy.cdn_auth.append(self.headers.get("Authorization"))
+                    path = path[len("/cdn"):]
+                    headers.update(proxy.cdn_headers)
+                fault = proxy._pick(self.command, path, self.headers.get("Range"))
+                proxy.seen.append((self.command, self.path, self.headers.get("Range"), fault))
+                if fault is None:
+                    return self._send(*proxy.forward(self.command, path, headers, body))
+                return getattr(self, "_f_" + fault)(path, headers)
+
+            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _any
+
+            def _send(self, status, headers, body, length=None, cut=None):
+                self.send_response(status)
+                for k, v in headers:
+                    if k.lower() not in HOP:
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body) if length is None else length))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body if cut is None else body[:cut])
+                if cut is not None:
+                    self.close_connection = True
+
+            def _answer(self, status, text=b"injected fault\n"):
+                self._send(status, [("Content-Type", "text/plain")], text)
+
+            def _f_drop(self, path, headers):
+                self.close_connection = True
+
+            def _f_reset(self, path, headers):
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                           struct.pack("ii", 1, 0))
+                self.close_connection = True
+
+            def _f_stall(self, path, headers):
+                proxy.release.wait(20)
+                self.close_connection = True
+
+            def _f_stall_body(self, path, headers):
+                status, hdrs, body = proxy.forward("GET", path, headers, None)
+                self.send_response(status)
+                for k, v in hdrs:
+                    if k.lower() not in HOP:
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[:len(body) // 3])
+                self.wfile.flush()
+                proxy.release.wait(20)
+                self.close_connection = True
+
+            def _f_500(self, path, headers):
+                self._answer(500)
+
+            def _f_503(self, path, headers):
+                self._answer(503)
+
+            def _f_429(self, path, headers):
+                self._answer(429)
+
+            def _f_404(self, path, headers):
+                self._answer(404)
+
+            def _f_noauth(self, path, headers):
+                headers.pop("Authorization", None)
+                self._send(*proxy.forward("GET", path, headers, None))
+
+            def _f_truncate(self, path, headers):
+                status, hdrs, body = proxy.forward("GET", path, headers, None)
+                self._send(status, hdrs, body, length=len(body), cut=len(body) // 2)
+
+            def _f_short206(self, path, headers):
+                # a well-formed answer whose body is shorter than the range it claims
+                status, hdrs, body = proxy.forward("GET", path, headers, None)
+                self._send(status, hdrs, body[:-1] if len(body) > 1 else b"")
+
+            def _f_flip(self, path, headers):
+                status, hdrs, body = proxy.forward("GET", path, headers, None)
+                body = bytearray(body)
+                if body:
+                    body[len(body) // 2] ^= 0xFF
+                self._send(status, hdrs, bytes(body))
+
+            def _f_wrong_range(self, path, headers):
+                a, b = headers["Range"].split("=")[1].split("-")
+                headers["Range"] = f"bytes={int(a) + 1}-{int(b) + 1}"
+                self._send(*proxy.forward("GET", path, headers, None))
+
+            def _f_full200(self, path, headers):
+                headers.pop("Range", None)
+                status, hdrs, body = proxy.forward("GET", path, headers, None)
+                assert status == 200
+                self._send(status, hdrs, body)
+
+            def _f_redirect(self, path, headers):
+                if "Authorization" not in self.headers:
+                    return self._send(*proxy.forward("GET", path, headers, None))
+                self._send(307, [("Location", f"{proxy.url}/cdn{path}")], b"")
+
+        return Handler

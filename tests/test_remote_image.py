@@ -1,0 +1,210 @@
+"""Lazy remote images against a real registry on loopback: an image pushed
+by the project's own upload code (the bundled base layer plus layers made by
+the tools) opens fetching only headers and indexes, reads the same bytes as
+the same stack from local files, keeps its cache across a restart, heals a
+corrupted block, and fails within its deadline when the registry is gone."""
+import json
+import os
+import random
+import time
+
+import pytest
+
+from conftest import commit_layer
+from registry_server import FaultProxy, Registry, require
+from tcmu_obd import baselayer, config, service_config
+from tcmu_obd.errors import ConfigError, ObdError, RemoteError
+from tcmu_obd.image import Image
+from tcmu_obd.layer import open_layer
+from tcmu_obd.registry import BlobUploader, RegistryClient, RegistrySettings, blob_url
+from tcmu_obd.rw import RWLayer
+
+require("docker-registry")
+REPO = "obd/remote-test"
+rng = random.Random(77)
+
+
+def _upload(client, base_url, path):
+    up = BlobUploader(client, f"{base_url}/v2/{REPO}/blobs/uploads/", chunk_size=1 << 20)
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(3 << 20)
+            if not chunk:
+                break
+            up.write(chunk)
+    return up.close(), os.path.getsize(path)
+
+
+def _layer(tmp, name, writes, **kw):
+    up = RWLayer.create(os.path.join(tmp, name + ".d"), os.path.join(tmp, name + ".i"), 64 << 30)
+    for off, data in writes:
+        if data is None:
+            up.discard(off, 1 << 20)
+        else:
+            up.write(data, off)
+    path = commit_layer(up, os.path.join(tmp, name), **kw)
+    up.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def pushed(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("remote"))
+    with Registry() as reg:
+        # semi-compressible data so ZFile blocks are real compressed blocks
+        def data(n):
+            return bytes(rng.getrandbits(8) & 0x3F for _ in range(n))
+        l1 = _layer(tmp, "l1", [(1 << 30, data(3 << 20)), (5 << 30, data(1 << 20))],
+                    use_zfile=True, use_tar=True)
+        l2 = _layer(tmp, "l2", [((1 << 30) + (1 << 20), os.urandom(1 << 20)), (5 << 30, None),
+                                (200 << 20, os.urandom(2 << 20))])
+        files = [baselayer.path(), l1, l2]
+        client = RegistryClient(RegistrySettings())
+        lowers = []
+        for path in files:
+            digest, size = _upload(client, reg.url, path)
+            lowers.append({"digest": digest, "size": size})
+        client.close()
+        yield {"reg": reg, "tmp": tmp, "files": files, "lowers": lowers}
+
+
+def _configs(pushed, tmp_path, url=None, deadline=30, cache="cache"):
+    svc = tmp_path / "overlaybd.json"
+    svc.write_text(json.dumps({
+        "cacheConfig": {"cacheType": "file", "cacheDir": str(tmp_path / cache), "cacheSizeGB": 1,
+                        "refillSize": 262144},
+        "credentialConfig": {"mode": "file", "path": str(tmp_path / "cred.json")},
+        "tcmuObd": {"registryTimeoutSec": 2, "registryRetries": 2, "readDeadlineSec": deadline},
+    }))
+    cfg = tmp_path / "config.v1.json"
+    cfg.write_text(json.dumps({"repoBlobUrl": f"{url or pushed['reg'].url}/v2/{REPO}/blobs",
+                               "lowers": pushed["lowers"], "resultFile": str(tmp_path / "result")}))
+    return cfg, service_config.load(str(svc))
+
+
+def _cached_bytes(cache_dir):
+    return sum(os.stat(os.path.join(cache_dir, n)).st_blocks * 512 for n in os.listdir(cache_dir))
+
+
+RANGES = [(1024, 4096), ((1 << 30) - 4096, 4 << 20), ((5 << 30) - 512, 8192), (200 << 20, 2 << 20),
+          (17 << 30, 1 << 20)]
+
+
+def test_lazy_open_reads_like_local(pushed, tmp_path):
+    cfg, svc = _configs(pushed, tmp_path)
+    t0 = time.monotonic()
+    image = config.open_image(str(cfg), svc)
+    opened = time.monotonic() - t0
+    try:
+        assert (tmp_path / "result").read_text() == "success"
+        fetched_at_open = _cached_bytes(tmp_path / "cache")
+        total = sum(low["size"] for low in pushed["lowers"])
+        assert fetched_at_open < total / 4, (fetched_at_open, total)
+        with Image([open_layer(p) for p in pushed["files"]]) as local:
+            assert image.virtual_size == local.virtual_size == 64 << 30
+            for off, n in RANGES:
+                assert image.read(off, n) == local.read(off, n), (off, n)
+            for _ in range(40):
+                off = rng.randrange(0, (6 << 30) // 512) * 512
+                assert image.read(off, 64 << 10) == local.read(off, 64 << 10)
+    finally:
+        image.close()
+    print(f"open took {opened:.3f}s, fetched {fetched_at_open} of {total} bytes at open")
+
+
+def test_cache_survives_restart(pushed, tmp_path):
+    cfg, svc = _configs(pushed, tmp_path)
+    image = config.open_image(str(cfg), svc)
+    want = [image.read(off, n) for off, n in RANGES]
+    image.close()
+    # the same cache through a proxy that counts what still reaches the registry
+    with FaultProxy(pushed["reg"].url) as proxy:
+        cfg2, svc2 = _configs(pushed, tmp_path, url=proxy.url)
+        image = config.open_image(str(cfg2), svc2)
+        try:
+            assert [image.read(off, n) for off, n in RANGES] == want
+        finally:
+            image.close()
+        data_gets = [s for s in proxy.seen if s[0] == "GET" and s[2] and s[2] != "bytes=0-0"]
+        assert data_gets == [], data_gets
+
+
+def test_corrupt_block_is_refetched_and_never_cached(pushed, tmp_path):
+    with FaultProxy(pushed["reg"].url) as proxy:
+        cfg, svc = _configs(pushed, tmp_path, url=proxy.url)
+        image = config.open_image(str(cfg), svc)
+        try:
+            with Image([open_layer(p) for p in pushed["files"]]) as local:
+                proxy.inject("flip", times=2)          # the next two data answers carry a flipped byte
+                off, n = (1 << 30) + 8192, 256 << 10  # inside the ZFile layer's data
+                assert image.read(off, n) == local.read(off, n)
+                for off, n in RANGES:
+                    assert image.read(off, n) == local.read(off, n)
+            flips = [s for s in proxy.seen if s[3] == "flip"]
+            assert flips, "the fault was never injected"
+        finally:
+            image.close()
+    # every unit the cache holds equals the real blob
+    for low, path in zip(pushed["lowers"], pushed["files"]):
+        cpath = tmp_path / "cache" / low["digest"]
+        real = open(path, "rb").read()
+        cached = open(cpath, "rb").read()
+        fd = os.open(cpath, os.O_RDONLY)
+        try:
+            pos = 0
+            while pos < len(real):
+                try:
+                    b = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError:
+                    break
+                e = os.lseek(fd, b, os.SEEK_HOLE)
+                assert cached[b:e] == real[b:e], (path, b, e)
+                pos = e
+        finally:
+            os.close(fd)
+
+
+def test_registry_down_fails_within_deadline(pushed, tmp_path):
+    with FaultProxy(pushed["reg"].url) as proxy:
+        cfg, svc = _configs(pushed, tmp_path, url=proxy.url, deadline=2)
+        image = config.open_image(str(cfg), svc)
+        try:
+            with open_layer(baselayer.path()) as base:    # base-layer data not cached yet
+                data = [r for r in base.index.records() if not r[3]]
+                off = data[len(data) // 2][0] * 512
+            proxy.inject("500", times=None)
+            t0 = time.monotonic()
+            with pytest.raises(RemoteError):
+                image.read(off, 4096)
+            assert time.monotonic() - t0 < 2 * 3 + 2
+            proxy.clear()
+            assert image.read(1024, 1024)[56:58] == b"\x53\xef"   # works again
+        finally:
+            image.close()
+
+
+def test_config_errors_for_remote_lowers(pushed, tmp_path):
+    cfg, svc = _configs(pushed, tmp_path)
+    doc = json.loads(cfg.read_text())
+    doc["lowers"][1]["size"] += 1
+    cfg.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match=r"lowers\[1\]\.size"):
+        config.open_image(str(cfg), svc)
+    assert (tmp_path / "result").read_text().startswith("failed:")
+    doc["repoBlobUrl"] = ""
+    cfg.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="empty repoBlobUrl"):
+        config.open_image(str(cfg), svc)
+    doc["repoBlobUrl"] = f"{pushed['reg'].url}/v2/{REPO}/blobs"
+    doc["lowers"][1]["digest"] = "sha256:" + "0" * 64
+    doc["lowers"][1].pop("size")
+    cfg.write_text(json.dumps(doc))
+    with pytest.raises(ObdError):
+        config.open_image(str(cfg), svc)
+    text = (tmp_path / "result").read_text()
+    assert text.startswith("failed:failed to open remote file ") and "No such file or directory" in text
+
+
+def test_blob_url_joins_like_overlaybd():
+    assert blob_url("http://h/v2/r/blobs", "sha256:ab") == "http://h/v2/r/blobs/sha256:ab"
+    assert blob_url("http://h/v2/r/blobs/", "sha256:ab") == "http://h/v2/r/blobs/sha256:ab"
