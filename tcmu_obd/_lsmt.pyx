@@ -965,6 +965,7 @@ cdef class Stack:
     read from files[-1].  Upper data and zeroed records both shadow the
     lower stack; only holes fall through; a hole everywhere reads as zeros."""
     cdef list files_py
+    cdef list retired               # backings replaced while reads may still use them
     cdef BackingC **files
     cdef int nfiles
     cdef Index lower
@@ -978,6 +979,7 @@ cdef class Stack:
         if len(files) > 256:
             raise UsageError(f"too many backing files: {len(files)}")
         self.files_py = list(files)
+        self.retired = []
         self.files = <BackingC **>malloc(max(1, len(files)) * sizeof(BackingC *))
         if self.files == NULL:
             raise MemoryError()
@@ -1124,6 +1126,23 @@ cdef class Stack:
         out = bytearray(length)
         self.read_into(out, offset)
         return bytes(out)
+
+    def replace_file(self, int tag, Backing backing):
+        """Serve file `tag` from another backing with the same bytes (a layer
+        whose background download finished).  Reads already running keep
+        the old backing, which stays alive as long as this stack."""
+        if not 0 <= tag < self.nfiles:
+            raise UsageError(f"no file with tag {tag}")
+        old = self.files_py[tag]
+        if (<Backing>old).c.size != backing.c.size:
+            raise UsageError(f"replacement for file {tag} has {backing.c.size} bytes, not {(<Backing>old).c.size}")
+        self.retired.append(old)
+        self.files_py[tag] = backing
+        self.files[tag] = &backing.c
+
+    @property
+    def backings(self):
+        return list(self.files_py)
 
     def lookup(self, uint64_t offset, uint64_t length):
         """The effective records for [offset, offset+length) in sectors:

@@ -14,7 +14,10 @@ on its speed.  Records are (offset, length, moffset, zeroed, tag) tuples in
 Where the answer depends on machinery rather than on the format, it copies
 that machinery so the two agree exactly: C integer argument conversion
 (OverflowError/TypeError), the coalescing of adjacent reads (it decides which
-error a failing read reports), and the order of validation checks.  Two
+error a failing read reports), and the order of validation checks.  It has no
+block cache: _lsmt serves partial ZFile blocks it decoded before from memory
+and skips their bytes, so for a truncated ZFile the span named in a ReadError
+("inside a read of N bytes at byte X") may differ.  Two more
 things are outside the contract and may differ: results of lookups, inserts
 and merges on an Index that is not sorted and non-overlapping (check_sorted()
 != -1; layer code rejects such indexes before using them), and the `value`

@@ -4,13 +4,15 @@ twin (tcmu_obd.reference), and both against small independent models.
 Every test builds the same inputs for both modules and requires the same
 answer, or the same exception class with the same fields (only the `value`
 of an undecodable-block error is implementation-specific: it is the codec's
-return code).  Models: a dict sector -> (moffset, zeroed, tag) for indexes
+return code; and a ReadError for a short file must name the same file end,
+not the same pread span, since _lsmt skips ZFile blocks it has cached).  Models: a dict sector -> (moffset, zeroed, tag) for indexes
 and merges, and a bytearray of the expected device bytes for stack reads.
 """
 
 import array
 import os
 import random
+import re
 import struct
 import tempfile
 
@@ -25,6 +27,7 @@ SECTOR = 512
 INVALID = (1 << 50) - 1
 MAX_LENGTH = (1 << 14) - 1
 MAX_MOFFSET = (1 << 55) - 1
+SPAN = re.compile(r" inside a read of \d+ bytes at byte \d+")
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -37,6 +40,10 @@ def fields(e):
         if isinstance(e, CorruptDataError) and e.field.startswith("zfile block") and not e.field.endswith("crc"):
             return (e.path, e.field, e.why)       # value: the codec's return code
         return (e.path, e.field, e.value, e.why)
+    if isinstance(e, ReadError):
+        # where a short file ends is fixed; which coalesced pread hit it is not
+        # (_lsmt serves partial ZFile blocks from a cache and skips their bytes)
+        return SPAN.sub(" inside a read", str(e))
     if isinstance(e, ObdError):
         return str(e)
     return None                                   # builtin errors: the class is enough
