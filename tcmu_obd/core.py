@@ -8,7 +8,7 @@ holds no logic of its own.
 import os
 
 if os.environ.get("TCMU_OBD_PURE") == "1":
-    from .reference import (Index, RawBacking, Stack, ZFileBacking, compress_blocks,  # noqa: F401
+    from .reference import (Index, Presence, RawBacking, Stack, ZFileBacking, compress_blocks,  # noqa: F401
                             crc32c, merge)
     IMPLEMENTATION = "python"
 else:

@@ -67,7 +67,8 @@ U8, U32, U64 = (1 << 8) - 1, (1 << 32) - 1, (1 << 64) - 1
 CRC_HW = bool(_crc32c_pkg is not None and getattr(_crc32c_pkg, "hardware_based", False))
 
 # error codes of a failed backing read (the C core's Err.code)
-E_IO, E_SHORT, E_CRC, E_DECODE, E_RANGE, E_NOMEM, E_TAG = 1, 2, 3, 4, 5, 6, 7
+E_IO, E_SHORT, E_CRC, E_DECODE, E_RANGE, E_NOMEM, E_TAG, E_MISS = 1, 2, 3, 4, 5, 6, 7, 8
+MAX_CRC_RETRIES = 3      # evict-and-refetch rounds for a cached block that fails its check
 
 
 # ---------------------------------------------------------------- argument conversion
@@ -421,6 +422,94 @@ def merge(layers):
 
 
 # ---------------------------------------------------------------- backings
+class Presence:
+    """Which `unit`-sized pieces of a cached file hold data."""
+
+    def __init__(self, size, unit):
+        size, unit = _u64(size), _u64(unit)
+        if unit < 512 or unit & (unit - 1):
+            raise UsageError(f"presence unit {unit}: must be a power of two >= 512")
+        self._unit = unit
+        self._size = size
+        self._n = -(-size // unit)
+        self._bits = bytearray(self._n)
+        self._lock = threading.Lock()
+
+    @property
+    def unit(self):
+        return self._unit
+
+    def _units(self, offset, length, whole):
+        end = min(offset + length, self._size)
+        if length == 0 or offset >= self._size:
+            return range(0)
+        if whole:
+            first = -(-offset // self._unit)
+            last = self._n if end == self._size else end // self._unit
+        else:
+            first, last = offset // self._unit, -(-end // self._unit)
+        return range(first, last)
+
+    def set(self, offset, length):
+        with self._lock:
+            for u in self._units(offset, length, True):
+                self._bits[u] = 1
+
+    def clear(self, offset, length):
+        with self._lock:
+            for u in self._units(offset, length, False):
+                self._bits[u] = 0
+
+    def _first_missing(self, offset, length):
+        """(offset, length) from the first to the last missing unit, or None."""
+        miss = [u for u in self._units(offset, length, False) if not self._bits[u]]
+        if not miss:
+            return None
+        lo = miss[0] * self._unit
+        return lo, min((miss[-1] + 1) * self._unit, self._size) - lo
+
+    def has(self, offset, length):
+        return self._first_missing(offset, length) is None
+
+    def missing(self, offset, length):
+        out = []
+        for u in self._units(offset, length, False):
+            if not self._bits[u]:
+                lo, hi = u * self._unit, min((u + 1) * self._unit, self._size)
+                if out and out[-1][0] + out[-1][1] == lo:
+                    out[-1] = (out[-1][0], out[-1][1] + hi - lo)
+                else:
+                    out.append((lo, hi - lo))
+        return out
+
+
+def _check_present(backing, foff, n):
+    if backing._presence is not None:
+        miss = backing._presence._first_missing(foff, n)
+        if miss is not None:
+            raise _Fail(E_MISS, miss[0], miss[1])
+
+
+def _recover(err, files, tries):
+    """As _lsmt.recover: fetch what the cache lacks or evict a bad block;
+    True means read again."""
+    if not 0 <= err.which < len(files):
+        return False
+    b = files[err.which]
+    if b.fetcher is None:
+        return False
+    if err.code == E_MISS:
+        b.fetcher.ensure(err.a, err.b)
+        return True
+    if err.code in (E_CRC, E_DECODE) and isinstance(b, ZFileBacking) and err.a < b.nblocks \
+            and tries[0] < MAX_CRC_RETRIES:
+        tries[0] += 1
+        start, length = b.block_extent(err.a)
+        b.fetcher.evict(b._base + start, length)
+        return True
+    return False
+
+
 class _Fail(Exception):
     """A failed backing read, as the C core's Err struct."""
 
@@ -446,6 +535,9 @@ def _raise(err, files):
     if err.code == E_RANGE:
         raise CorruptDataError(name, "moffset", err.a,
                                f"read of {err.b} bytes runs past the end of the layer data ({err.c} bytes)")
+    if err.code == E_MISS:
+        raise ReadError(f"{name}: bytes {err.a}..{err.a + err.b} are not in the cache and "
+                        f"no fetcher is attached")
     if err.code == E_TAG:
         raise UsageError(f"lower record at sector {err.a} has tag {err.b}, no such file")
     raise ReadError(f"{name}: read failed (code {err.code})")
@@ -477,6 +569,14 @@ class Backing:
         self._base = 0
         self._size = 0
         self._name = None
+
+    _presence = None          # class defaults: subclasses set their own fields only
+    fetcher = None
+
+    def attach(self, presence, fetcher):
+        """Serve this backing from a cache file (see _lsmt.Backing.attach)."""
+        self._presence = _typed(presence, Presence, "presence", none_ok=False)
+        self.fetcher = fetcher
 
     @property
     def name(self):
@@ -515,11 +615,15 @@ class Backing:
         if length >= 1 << 63:
             raise MemoryError(f"{self.name}: cannot read {length} bytes at once")
         out = bytearray(length)
-        try:
-            self._readinto(memoryview(out), offset)
-        except _Fail as err:
-            err.which = 0
-            _raise(err, [self])
+        tries = [0]
+        while True:
+            try:
+                self._readinto(memoryview(out), offset)
+                break
+            except _Fail as err:
+                err.which = 0
+                if not _recover(err, [self], tries):
+                    _raise(err, [self])
         return bytes(out)
 
 
@@ -532,6 +636,7 @@ class RawBacking(Backing):
         self.name = name
 
     def _read_inside(self, dst, off):
+        _check_present(self, self._base + off, len(dst))
         _pread_into(self._fd, dst, self._base + off)
 
 
@@ -641,6 +746,7 @@ class ZFileBacking(Backing):
             while stop <= last and boff[stop + 1] - boff[blk] <= COALESCE_MAX:
                 stop += 1
             cbuf = bytearray(boff[stop] - boff[blk])
+            _check_present(self, self._base + boff[blk], len(cbuf))
             _pread_into(self._fd, memoryview(cbuf), self._base + boff[blk])
             for i in range(blk, stop):
                 bstart = i * bs
@@ -787,11 +893,27 @@ class Stack:
         n = len(dst)
         if offset % SECTOR or n % SECTOR:
             raise UsageError(f"read of {n} bytes at {offset} is not 512-byte aligned")
-        try:
-            self._read(dst, offset // SECTOR, (offset + n) // SECTOR)
-        except _Fail as err:
-            _raise(err, self._files)
-        return None
+        tries = [0]
+        while True:
+            try:
+                self._read(dst, offset // SECTOR, (offset + n) // SECTOR)
+                return None
+            except _Fail as err:
+                if not _recover(err, self._files, tries):
+                    _raise(err, self._files)
+
+    def replace_file(self, tag, backing):
+        """Serve file `tag` from another backing with the same bytes."""
+        if not 0 <= tag < len(self._files):
+            raise UsageError(f"no file with tag {tag}")
+        _typed(backing, Backing, "backing", none_ok=False)
+        if self._files[tag].size != backing.size:
+            raise UsageError(f"replacement for file {tag} has {backing.size} bytes, not {self._files[tag].size}")
+        self._files[tag] = backing
+
+    @property
+    def backings(self):
+        return list(self._files)
 
     def read(self, offset, length):
         offset, length = _u64(offset), _u64(length)
