@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 from . import core
 from .errors import ReadError
-from .rw import punch_hole
+from .rw import punch_hole, pwrite_all
 
 log = logging.getLogger(__name__)
 PAGE = 4096
@@ -219,7 +219,7 @@ class CachedBlob:
                             f"{stop - start} at {start}")
         for attempt in (0, 1):
             try:
-                _pwrite_all(self.fd, data, start)
+                pwrite_all(self.fd, data, start)
                 break
             except OSError as e:
                 if e.errno != errno.ENOSPC or attempt:
@@ -260,10 +260,3 @@ def _runs(units):
             runs.append([u, u + 1])
     return [(a, b) for a, b in runs]
 
-
-def _pwrite_all(fd, data, offset):
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n

@@ -145,18 +145,18 @@ class RWLayer:
         sectors = len(piece) // SECTOR
         if self.sparse:
             at = HT_SPACE + offset
-            _pwrite_all(self.data_fd, piece, at)
+            pwrite_all(self.data_fd, piece, at)
             self.index.insert(offset // SECTOR, sectors, at // SECTOR, False, 0)
             self.data_end = max(self.data_end, at + len(piece))
             return
         at = self.data_end
-        _pwrite_all(self.data_fd, piece, at)
+        pwrite_all(self.data_fd, piece, at)
         self.data_end = at + len(piece)
         self._append_record(offset // SECTOR, sectors, at // SECTOR, 0)
 
     def _append_record(self, off, length, moff, zeroed):
         rec = encode_record(off, length, moff, zeroed)
-        _pwrite_all(self.index_fd, rec, self.index_end)
+        pwrite_all(self.index_fd, rec, self.index_end)
         self.index_end += 16
         self.index.insert(off, length, moff, bool(zeroed), 0)
 
@@ -203,9 +203,9 @@ class RWLayer:
             ioff = self.data_end
             dump = self.index.dump(32)       # zero records pad to 512 bytes
             real = len(self.index)
-            _pwrite_all(self.data_fd, dump, ioff)
+            pwrite_all(self.data_fd, dump, ioff)
             trailer = LsmtHeader(FLAG_DATA | FLAG_SEALED, ioff, real, self.vsize, hdr.uuid, hdr.parent_uuid)
-            _pwrite_all(self.data_fd, trailer.pack(), ioff + len(dump))
+            pwrite_all(self.data_fd, trailer.pack(), ioff + len(dump))
             os.fsync(self.data_fd)
 
     def close(self):
@@ -220,7 +220,7 @@ def _check_aligned(offset, length):
         raise UsageError(f"I/O of {length} bytes at {offset} is not 512-byte aligned")
 
 
-def _pwrite_all(fd, data, offset):
+def pwrite_all(fd, data, offset):
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
