@@ -97,6 +97,7 @@ def open_image(cfg, service_cfg=None, remote=None):
             from .remote import RemoteContext
             from . import service_config
             remote = RemoteContext(service_cfg or service_config.load(None))
+        dl = _download_settings(cfg, service_cfg or getattr(remote, "cfg", None))
         with ThreadPoolExecutor(max_workers=max(1, min(32, len(lowers)))) as pool:
             futures = [pool.submit(_open_lower, cfg, remote, i, low) for i, low in enumerate(lowers)]
             errors = []
@@ -110,6 +111,13 @@ def open_image(cfg, service_cfg=None, remote=None):
         if cfg.upper.get("index") and cfg.upper.get("data"):     # both, as overlaybd requires
             upper = RWLayer.open(cfg.upper["data"], cfg.upper["index"])
         image = Image(opened, upper)
+        image.remote = remote
+        if dl.enable and remote is not None and not _recording_trace(cfg):
+            from .download import Downloader
+            downloader = Downloader(image, cfg, remote, dl)
+            if downloader.items:          # remote lowers with a dir (§f)
+                image.downloader = downloader
+                downloader.start()
     except ObdError as e:
         for layer in opened:
             if layer is not None:
@@ -118,9 +126,25 @@ def open_image(cfg, service_cfg=None, remote=None):
             upper.close()
         write_result(cfg, f"failed:{_reason(e)}")
         raise
-    image.remote = remote
     write_result(cfg, "success")
+    from .prefetch import start_prefetch
+    image.prefetch = start_prefetch(image, cfg, service_cfg or getattr(remote, "cfg", None))
     return image
+
+
+def _download_settings(cfg, service_cfg):
+    """The device's effective `download` settings (§a/§f); a bad object is a ConfigError."""
+    from . import service_config
+    if not isinstance(service_cfg, (service_config.ServiceConfig, service_config.DownloadConfig)):
+        service_cfg = None
+    return service_config.download_settings(cfg.raw.get("download"), service_cfg, cfg.path)
+
+
+def _recording_trace(cfg):
+    """True when recordTracePath asks for a trace recording (no background download then)."""
+    from . import trace
+    path = cfg.raw.get("recordTracePath")
+    return bool(path) and trace.detect_mode(path) == trace.MODE_RECORD
 
 
 def _open_lower(cfg, remote, i, lower):

@@ -30,6 +30,8 @@ class Image:
         self.stack = core.Stack(files, self.lower_index, upper.index if upper else None)
         self.ro_vsize = ro_vsize
         self.remote = None        # the RemoteContext its remote layers use, if any
+        self.downloader = None    # its download.Downloader (background download), if any
+        self.prefetch = None      # its prefetch handle (trace record/replay, file list), if any
 
     @property
     def virtual_size(self):
@@ -84,6 +86,10 @@ class Image:
         return out
 
     def close(self):
+        if self.prefetch is not None:
+            self.prefetch.stop()
+        if self.downloader is not None:
+            self.downloader.stop()
         for layer in self.lowers:
             layer.close()
         if self.upper is not None:
