@@ -26,6 +26,10 @@ class CorruptDataError(FormatError):
     """Stored data fails its own check (CRC mismatch, undecodable block)."""
 
 
+class ManifestError(ObdError):
+    """A registry manifest or index is malformed, or not an overlaybd image."""
+
+
 class UnsupportedError(ObdError):
     """A valid input asks for something tcmu-obd does not (yet) do."""
 

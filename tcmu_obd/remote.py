@@ -7,7 +7,7 @@ together; it holds no HTTP, cache or format logic of its own.
 """
 from . import registry
 from .cache import FileCache
-from .credentials import CredentialProvider
+from .imageref import client_from_service_config
 from .errors import ConfigError, UnsupportedError
 from .layer import open_cached_layer
 
@@ -22,16 +22,7 @@ class RemoteContext:
             raise ConfigError(f"cacheConfig.cacheType = {cache_cfg.cache_type!r}: not supported")
         # ocf and download caches are served with file-cache semantics (documented choice)
         self.cache = FileCache(cache_cfg.cache_dir, cache_cfg.cache_size_gb, cache_cfg.refill_size)
-        cred = service_cfg.effective_credential
-        self.credentials = CredentialProvider(cred.mode, cred.path, cred.timeout, cred.client_cert_path,
-                                              cred.client_key_path, cred.server_ca_path,
-                                              service_cfg.credential_file_path)
-        own = service_cfg.tcmu_obd
-        settings = registry.RegistrySettings(
-            timeout=own.registry_timeout_sec, retries=own.registry_retries,
-            read_deadline=own.read_deadline_sec, user_agent=service_cfg.user_agent,
-            cert_file=service_cfg.cert_config.cert_file, key_file=service_cfg.cert_config.key_file)
-        self.client = registry.RegistryClient(settings, self.credentials)
+        self.client = client_from_service_config(service_cfg)
 
     def open_layer(self, repo_blob_url, lower, where):
         """Open lowers[i] from the registry through the cache."""

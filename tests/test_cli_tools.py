@@ -128,9 +128,7 @@ def test_zfile_tool_rejects_bad_options(tmp_path, args):
 @pytest.mark.parametrize("name,args,what", [
     ("overlaybd-create", ["--turboOCI", "d", "i", "1"], b"--turboOCI"),
     ("overlaybd-create", ["--mkfs", "d", "i", "1"], b"--mkfs"),
-    ("overlaybd-commit", ["--upload", "http://127.0.0.1:1/x", "d", "i", "o"], b"--upload"),
     ("overlaybd-commit", ["--turboOCI", "d", "i", "o"], b"--turboOCI"),
-    ("overlaybd-merge", ["--upload", "http://127.0.0.1:1/x", "c.json", "o"], b"--upload"),
 ])
 def test_later_flags_fail_clearly(tmp_path, name, args, what):
     r = tool(name, *[str(tmp_path / a) if a in ("d", "i", "o", "c.json") else a for a in args], check=False)

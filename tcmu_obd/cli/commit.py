@@ -1,5 +1,6 @@
 """overlaybd-commit: turn a writable layer into a committed layer (optionally
-ZFile-compressed and tar-wrapped), seal it in place, or commit a sealed file."""
+ZFile-compressed and tar-wrapped), seal it in place, or commit a sealed file;
+with --upload, also stream the ZFile output to a registry as a blob."""
 import argparse
 import os
 import sys
@@ -8,7 +9,7 @@ from .. import commit, lsmt
 from ..errors import UnsupportedError, UsageError
 from ..layer import unwrap
 from ..rw import RWLayer
-from .common import Output, algorithm, block_size, run, setup_logging
+from .common import algorithm, block_size, run, setup_logging, start_upload, write_output
 
 
 def parser():
@@ -25,11 +26,14 @@ def parser():
     p.add_argument("--seal", action="store_true", help="seal data_file in place")
     p.add_argument("--commit_sealed", action="store_true", help="data_file is sealed; 2nd arg is the output")
     p.add_argument("--compress_threads", type=int, default=1)
-    p.add_argument("--upload", default="")
-    p.add_argument("--upload_bs", type=int, default=0)
-    p.add_argument("--cred_file_path", default="")
-    p.add_argument("--tls_key_path", default="")
-    p.add_argument("--tls_cert_path", default="")
+    p.add_argument("--upload", default="", metavar="URL",
+                   help="also stream the ZFile output (-z) to this registry upload URL "
+                        "(https://HOST/v2/REPO/blobs/uploads/); the digest goes to stderr")
+    p.add_argument("--upload_bs", type=int, default=0, metavar="KB",
+                   help="upload chunk size in KiB (default 262144)")
+    p.add_argument("--cred_file_path", default="", help="cred.json for the upload")
+    p.add_argument("--tls_key_path", default="", help="TLS client key for the upload")
+    p.add_argument("--tls_cert_path", default="", help="TLS client certificate for the upload")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("data_file")
     p.add_argument("index_file", nargs="?")
@@ -40,8 +44,11 @@ def parser():
 def body(argv):
     args = parser().parse_args(argv)
     setup_logging(args.verbose)
-    if args.upload:
-        raise UnsupportedError("--upload: uploading to a registry is not yet supported")
+    if args.tar and args.upload:
+        raise UsageError("-t and --upload cannot be used together (as in overlaybd: the tar "
+                         "wrapper cannot be streamed)")
+    if args.upload and args.seal:
+        raise UsageError("--upload does nothing with --seal (there is no output to upload)")
     if args.turbo:
         raise UnsupportedError("--turboOCI / --fastoci: TurboOCI commit is not yet supported")
     if not args.zfile and (args.algorithm or args.bs):
@@ -84,13 +91,10 @@ def body(argv):
 
 def _write(args, files, records, out_path, algo, bs):
     header = commit.layer_info(files, args.uuid, args.parent_uuid, args.message)
-    out = Output(out_path, args.force, args.zfile, args.tar, algo, bs, args.compress_threads,
-                 overwrite_header=args.zfile)
-    try:
-        commit.compact(records, files, out, header)
-        out.close()
-    finally:
-        out.abort()
+    upload = start_upload(args, "overlaybd-commit", args.zfile)
+    write_output(out_path, lambda out: commit.compact(records, files, out, header), upload,
+                 force=args.force, use_zfile=args.zfile, use_tar=args.tar, algo=algo, bs=bs,
+                 threads=args.compress_threads, overwrite_header=args.zfile)
     return 0
 
 

@@ -1,10 +1,13 @@
-"""What the tools share: the output chain (file -> tar -> ZFile), error
-reporting with a clean exit status, and the --verbose flag.  No format logic."""
+"""What the tools share: the output chain (file -> tar -> [tee to an extra
+sink] -> ZFile), the registry upload behind --upload, error reporting with a
+clean exit status, and the --verbose flag.  No format logic."""
 import logging
 import os
 import sys
+from urllib.parse import urlsplit
 
-from .. import tar, zfile
+from .. import registry, tar, zfile
+from ..credentials import CredentialProvider
 from ..errors import ObdError, UsageError
 
 
@@ -57,11 +60,31 @@ class _TarPayload:
         self.f.seek(tar.HEADER_SIZE + pos)
 
 
+class _Tee:
+    """Write-only fan-out: each write goes to `primary`, then to `extra`.  It
+    cannot seek, so a ZFile writer on top of it keeps its first header."""
+
+    def __init__(self, primary, extra):
+        self.primary, self.extra = primary, extra
+
+    def write(self, data):
+        n = self.primary.write(data)
+        self.extra.write(data)
+        return n
+
+
 class Output:
-    """An output file with optional tar and ZFile layers; write() then close()."""
+    """An output file with optional tar and ZFile layers; write() then close().
+
+    extra: an optional second sink (anything with write(), e.g. an Upload)
+    that gets a copy of every byte the ZFile writer (or, without ZFile, the
+    caller) writes -- the bytes below any tar wrapper.  With an extra sink
+    the ZFile header is not overwritten at close (as overlaybd does when it
+    uploads), so the file and the copy are the same bytes.  The extra sink
+    is not closed here."""
 
     def __init__(self, path, force=False, use_zfile=False, use_tar=False, algo=zfile.ALGO_LZ4,
-                 bs=4096, threads=1, overwrite_header=False, mode=0o644):
+                 bs=4096, threads=1, overwrite_header=False, mode=0o644, extra=None):
         if force:
             try:
                 os.unlink(path)
@@ -75,8 +98,13 @@ class Output:
         self.zf = None
         if use_zfile:
             target = _TarPayload(self.tar, self.f) if use_tar else self.f
+            if extra is not None:
+                target = _Tee(target, extra)
+                overwrite_header = False
             self.zf = zfile.ZFileWriter(target, algo, bs, True, overwrite_header, threads)
             sink = self.zf
+        elif extra is not None:
+            sink = _Tee(sink, extra)
         self.sink = sink
         self.done = False
 
@@ -101,3 +129,111 @@ class Output:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+
+
+# -- --upload (spec/runtime.md §d "Registry uploader") ----------------------------------------
+
+DEFAULT_UPLOAD_BS_KB = 262144      # overlaybd's default --upload_bs (KiB), i.e. 256 MiB chunks
+
+
+def _existing(path, flag):
+    if path and not os.path.isfile(path):
+        raise UsageError(f"{flag} {path}: no such file")
+    return path
+
+
+class Upload:
+    """A registry blob upload fed by the output chain: write() streams
+    (buffered into --upload_bs chunks), finish() commits it and prints the
+    digest to stderr, abort() cancels the upload session (DELETE) so no blob
+    is left.  Built from the tools' --upload, --upload_bs, --cred_file_path,
+    --tls_key_path and --tls_cert_path; the POST that opens the session is
+    sent here, before any output is made."""
+
+    def __init__(self, args, prog):
+        url = args.upload
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise UsageError(f"--upload {url!r}: expected an http(s) URL "
+                             f"like https://HOST/v2/REPO/blobs/uploads/")
+        path = parts.path.rstrip("/")
+        if not path.startswith("/v2/") or not path.endswith("/blobs/uploads") \
+                or len(path) <= len("/v2//blobs/uploads"):
+            raise UsageError(f"--upload {url!r}: the path must be /v2/<repo>/blobs/uploads/")
+        url = parts._replace(path=path + "/").geturl()    # the route registries serve
+        bs_kb = DEFAULT_UPLOAD_BS_KB if not args.upload_bs else args.upload_bs
+        if bs_kb <= 0:
+            raise UsageError(f"--upload_bs {args.upload_bs}: must be a positive number of KiB")
+        cred = _existing(args.cred_file_path, "--cred_file_path")
+        key = _existing(args.tls_key_path, "--tls_key_path")
+        cert = _existing(args.tls_cert_path, "--tls_cert_path")
+        if bool(key) != bool(cert):
+            raise UsageError("--tls_key_path and --tls_cert_path go together")
+        creds = CredentialProvider(mode="file", path=cred) if cred else CredentialProvider()
+        settings = registry.RegistrySettings(cert_file=cert, key_file=key)
+        self.prog = prog
+        self.url = url
+        self.client = registry.RegistryClient(settings, creds)
+        try:
+            self.uploader = registry.BlobUploader(self.client, url, bs_kb * 1024)
+        except BaseException:
+            self.client.close()
+            raise
+        self.digest = None
+
+    @property
+    def size(self):
+        return self.uploader.bytes_written
+
+    def write(self, data):
+        return self.uploader.write(data)
+
+    def finish(self):
+        """Send the rest, commit the blob; print and return its digest."""
+        try:
+            self.digest = self.uploader.close()
+        finally:
+            self.client.close()
+        print(f"{self.prog}: uploaded {self.size} bytes to {self.url}, digest: {self.digest}",
+              file=sys.stderr)
+        return self.digest
+
+    def abort(self):
+        """Cancel the session (best effort; a no-op after finish())."""
+        if self.digest is None:
+            self.uploader.abort()
+            self.client.close()
+
+
+def start_upload(args, prog, use_zfile):
+    """An Upload for args.upload, or None without --upload.  overlaybd only
+    uploads ZFile output and silently ignores --upload otherwise; that is an
+    error here."""
+    if not args.upload:
+        for flag in ("upload_bs", "cred_file_path", "tls_key_path", "tls_cert_path"):
+            if getattr(args, flag):
+                print(f"warning: --{flag} has no effect without --upload", file=sys.stderr)
+        return None
+    if not use_zfile:
+        raise UsageError("--upload needs ZFile output (overlaybd streams only the ZFile to the "
+                         "registry and ignores --upload without it)")
+    return Upload(args, prog)
+
+
+def write_output(path, produce, upload=None, **output_kw):
+    """Run produce(out) into a new Output at path (and tee it to `upload`);
+    on any failure remove the half-written file and cancel the upload.  The
+    local file is complete before the upload is committed."""
+    try:
+        out = Output(path, extra=upload, **output_kw)
+        try:
+            produce(out)
+            out.close()
+        finally:
+            out.abort()
+        if upload is not None:
+            upload.finish()
+    except BaseException:
+        if upload is not None:
+            upload.abort()
+        raise

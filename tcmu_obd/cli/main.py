@@ -1,12 +1,16 @@
-"""The `tcmu-obd` command: info, export, read and demo.  Each subcommand
-opens an image (a config.v1.json, or a single layer file) through the
-library and prints or writes what it finds.  No format logic lives here."""
+"""The `tcmu-obd` command: info, export, read and demo open an image (a
+config.v1.json, or a single layer file) through the library and print or
+write what they find; push-layer uploads a file as a registry blob;
+image-config turns an overlaybd image's manifest into the config.v1.json the
+snapshotter would write for it (spec/image.md §2, §4.2).  No layer format
+logic lives here."""
 import argparse
 import json
 import os
 import sys
 
-from .. import baselayer, config, ext4, service_config
+from .. import baselayer, config, ext4, imageref, registry, service_config
+from ..errors import UsageError
 from ..image import Image
 from ..layer import open_layer
 from ..lsmt import SECTOR
@@ -132,6 +136,45 @@ def cmd_demo(args):
     return 0
 
 
+# -- registry references ----------------------------------------------------------------------
+
+def registry_client(args):
+    """A RegistryClient per the global config, or --cred-file's cred.json."""
+    return imageref.client_from_service_config(service_config.load(args.service_config),
+                                               args.cred_file)
+
+
+def cmd_push_layer(args):
+    repo = imageref.parse_ref(args.repo_url, args.plain_http, with_ref=False)
+    if not os.path.isfile(args.file):
+        raise UsageError(f"{args.file}: not a regular file")
+    size = os.path.getsize(args.file)
+    with registry_client(args) as client, open(args.file, "rb") as f:
+        digest = registry.upload_blob(client, repo.base + "/blobs/uploads/",
+                                      iter(lambda: f.read(4 << 20), b""))
+    url = registry.blob_url(repo.repo_blob_url, digest)
+    if args.json:
+        print(json.dumps({"digest": digest, "size": size, "repoBlobUrl": repo.repo_blob_url,
+                          "url": url}, indent=2))
+    else:
+        print(f"{digest} {size}")
+    return 0
+
+
+def cmd_image_config(args):
+    ref = imageref.parse_ref(args.ref, args.plain_http)
+    platform = imageref.parse_platform(args.platform)
+    with registry_client(args) as client:
+        manifest, where = imageref.fetch_image_manifest(client, ref, platform)
+    dir_root = os.path.abspath(args.dir_root) if args.dir_root else ""
+    lowers = imageref.overlaybd_lowers(manifest, where, dir_root)
+    doc = {"repoBlobUrl": ref.repo_blob_url, "lowers": lowers, "upper": {},
+           "resultFile": os.path.abspath(args.result_file) if args.result_file else ""}
+    imageref.write_atomic(args.out, imageref.go_json(doc).encode())
+    print(f"{args.out}: {len(lowers)} lowers from {where} ({ref.repo_blob_url})", file=sys.stderr)
+    return 0
+
+
 def parser():
     p = argparse.ArgumentParser(prog="tcmu-obd", description="overlaybd-compatible block images.")
     common = argparse.ArgumentParser(add_help=False)
@@ -156,6 +199,30 @@ def parser():
     s = sub.add_parser("demo", parents=[common], help="open the built-in base layer (or IMAGE) and show what is in it")
     s.add_argument("image", nargs="?")
     s.set_defaults(fn=cmd_demo)
+    s = sub.add_parser("push-layer", parents=[common],
+                       help="upload a file (e.g. a committed layer) as a blob to a registry repository")
+    s.add_argument("file")
+    s.add_argument("repo_url", metavar="REPO_URL",
+                   help="http(s)://HOST[:PORT]/v2/REPO, or HOST[:PORT]/REPO (HTTP for localhost)")
+    s.add_argument("--plain-http", action="store_true", help="use HTTP, not HTTPS")
+    s.add_argument("--cred-file", "--cred_file_path", dest="cred_file", default="",
+                   help="cred.json to use instead of the global config's credentials")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_push_layer)
+    s = sub.add_parser("image-config", parents=[common],
+                       help="write the config.v1.json the overlaybd snapshotter would for a "
+                            "remote overlaybd image")
+    s.add_argument("ref", metavar="REF", help="HOST[:PORT]/REPO[:TAG] or HOST[:PORT]/REPO@sha256:...")
+    s.add_argument("out", metavar="OUT.json")
+    s.add_argument("--plain-http", action="store_true", help="use HTTP, not HTTPS")
+    s.add_argument("--platform", default="linux/amd64",
+                   help="OS/ARCH[/VARIANT] to pick from an index (default linux/amd64)")
+    s.add_argument("--dir-root", default="", metavar="DIR",
+                   help="give each lower the dir DIR/<digest hex>")
+    s.add_argument("--result-file", default="", metavar="PATH", help="the config's resultFile")
+    s.add_argument("--cred-file", "--cred_file_path", dest="cred_file", default="",
+                   help="cred.json to use instead of the global config's credentials")
+    s.set_defaults(fn=cmd_image_config)
     return p
 
 

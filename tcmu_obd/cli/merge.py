@@ -1,11 +1,20 @@
 """overlaybd-merge: flatten the image of a config.v1.json into one committed
-layer (a ZFile by default), keeping overlaybd's layer precedence."""
+layer (a ZFile by default), keeping overlaybd's layer precedence; with
+--upload, also stream the ZFile to a registry as a blob.
+
+-t: overlaybd-merge means to tar-wrap the output only when uploading, but
+its code wraps the output handle before that handle is opened (a null
+file), so -t never has any effect there.  tcmu-obd does what the code was
+meant to do: with --upload and -t, the local output is tar-wrapped; the
+upload tees the ZFile below the wrapper (overlaybd's chain is ZFile ->
+uploader -> tar -> file), so the blob is the bare ZFile.  Without --upload,
+-t is ignored with a warning, as in overlaybd."""
 import argparse
 import sys
 
-from .. import commit, config
-from ..errors import UnsupportedError, UsageError
-from .common import Output, run, setup_logging
+from .. import commit, config, service_config
+from ..errors import UsageError
+from .common import run, setup_logging, start_upload, write_output
 
 
 def _bool(text):
@@ -22,12 +31,16 @@ def parser():
     p.add_argument("--service_config_path", default="/etc/overlaybd/overlaybd.json")
     p.add_argument("--compress", type=_bool, nargs="?", const=True, default=True,
                    help="ZFile output (default true; --compress false for plain LSMT)")
-    p.add_argument("-t", "--tar", action="store_true", help="only with --upload, as in overlaybd")
-    p.add_argument("--upload", default="")
-    p.add_argument("--upload_bs", type=int, default=0)
-    p.add_argument("--cred_file_path", default="")
-    p.add_argument("--tls_key_path", default="")
-    p.add_argument("--tls_cert_path", default="")
+    p.add_argument("-t", "--tar", action="store_true",
+                   help="tar-wrap the local output; only with --upload, as overlaybd intends")
+    p.add_argument("--upload", default="", metavar="URL",
+                   help="also stream the ZFile output to this registry upload URL "
+                        "(https://HOST/v2/REPO/blobs/uploads/); the digest goes to stderr")
+    p.add_argument("--upload_bs", type=int, default=0, metavar="KB",
+                   help="upload chunk size in KiB (default 262144)")
+    p.add_argument("--cred_file_path", default="", help="cred.json for the upload")
+    p.add_argument("--tls_key_path", default="", help="TLS client key for the upload")
+    p.add_argument("--tls_cert_path", default="", help="TLS client certificate for the upload")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("image_config")
     p.add_argument("output")
@@ -37,9 +50,9 @@ def parser():
 def body(argv):
     args = parser().parse_args(argv)
     setup_logging(args.verbose)
-    if args.upload:
-        raise UnsupportedError("--upload: uploading to a registry is not yet supported")
-    image = config.open_image(args.image_config)
+    if args.tar and not args.upload:
+        print("warning: -t has no effect without --upload (as in overlaybd)", file=sys.stderr)
+    image = config.open_image(args.image_config, service_config.load(args.service_config_path))
     try:
         files = image.files()
         if not files:
@@ -51,12 +64,9 @@ def body(argv):
             # (a layer committed from an RW layer that inherited its size);
             # the stack's own size is what a user of the merged layer expects
             header.virtual_size = image.virtual_size
-        out = Output(args.output, force=True, use_zfile=args.compress)
-        try:
-            commit.compact(records, files, out, header)
-            out.close()
-        finally:
-            out.abort()
+        upload = start_upload(args, "overlaybd-merge", args.compress)
+        write_output(args.output, lambda out: commit.compact(records, files, out, header), upload,
+                     force=True, use_zfile=args.compress, use_tar=bool(args.tar and upload))
     finally:
         image.close()
     return 0
