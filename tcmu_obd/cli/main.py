@@ -223,6 +223,8 @@ def parser():
     s.add_argument("--cred-file", "--cred_file_path", dest="cred_file", default="",
                    help="cred.json to use instead of the global config's credentials")
     s.set_defaults(fn=cmd_image_config)
+    from . import mount                 # FUSE + loop frontend (imports the FUSE binding lazily)
+    mount.add_subcommands(sub, common)
     return p
 
 
