@@ -88,7 +88,8 @@ DEF ALGO_ZSTD = 2
 DEF ZSTD_LEVEL = 3
 DEF COALESCE_MAX = 1 << 20      # largest single pread of compressed bytes
 DEF STACK_CBUF = 16384          # compressed bytes a ZFile read keeps on the stack
-DEF BLOCK_CACHE_SLOTS = 64      # decoded blocks kept per ZFile (<= 4 MiB at 64 KiB blocks)
+DEF BLOCK_CACHE_SLOTS = 64
+DEF MAX_MISSES = 64             # cache misses one stack read collects before it asks for them      # decoded blocks kept per ZFile (<= 4 MiB at 64 KiB blocks)
 
 SALT = ZF_SALT
 CRC_HW = bool(obd_crc32c_hw())   # also initialises the tables once, before any thread
@@ -560,6 +561,10 @@ cdef struct Err:
     uint64_t a
     uint64_t b
     uint64_t c
+    int nmiss                   # a stack read goes on past cache misses and lists them here
+    int mtag[MAX_MISSES]
+    uint64_t moff[MAX_MISSES]
+    uint64_t mlen[MAX_MISSES]
 
 
 cdef inline int set_err(Err *err, int code, uint64_t a, uint64_t b, uint64_t c) noexcept nogil:
@@ -749,6 +754,7 @@ cdef class Backing:
         out = PyBytes_FromStringAndSize(NULL, length)
         cdef char *p = PyBytes_AS_STRING(out)
         err.which = 0
+        err.nmiss = 0
         cdef int crc_tries = 0
         files = [self]
         while True:
@@ -904,10 +910,38 @@ cdef class Presence:
         return out
 
 
+_fetch_pool = None
+
+
+def fetch_all(jobs):
+    """Run fetcher.ensure(off, n) for every job, in parallel when there are
+    several (a read spanning layers pays one round trip, not one per layer)."""
+    global _fetch_pool
+    if len(jobs) == 1:
+        jobs[0][0].ensure(jobs[0][1], jobs[0][2])
+        return
+    if _fetch_pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _fetch_pool = ThreadPoolExecutor(16, thread_name_prefix="obd-fetch")
+    futures = [_fetch_pool.submit(f.ensure, off, n) for f, off, n in jobs]
+    for fut in futures:
+        fut.result()
+
+
 cdef int recover(Err *err, list files, int *crc_tries) except -1:
     """After a failed read: fetch what the cache lacks, or evict a cached
     block that failed its check.  1 means read again, 0 means give up."""
     cdef Backing b
+    cdef int k
+    if err.code == E_MISS and err.nmiss > 0:
+        jobs = []
+        for k in range(err.nmiss):
+            b = files[err.mtag[k]]
+            if b.fetcher is None:
+                return 0
+            jobs.append((b.fetcher, err.moff[k], err.mlen[k]))
+        fetch_all(jobs)
+        return 1
     if not 0 <= err.which < len(files):
         return 0
     b = files[err.which]
@@ -1015,6 +1049,13 @@ cdef class Stack:
             rc = backing_read(self.files[p.tag], p.dst, p.foff, p.len, err)
             if rc:
                 err.which = p.tag
+                if err.code == E_MISS and err.nmiss < MAX_MISSES:
+                    # note it and go on: every miss of this read is fetched at once
+                    err.mtag[err.nmiss] = p.tag
+                    err.moff[err.nmiss] = err.a
+                    err.mlen[err.nmiss] = err.b
+                    err.nmiss += 1
+                    rc = 0
         p.len = 0
         return rc
 
@@ -1097,6 +1138,9 @@ cdef class Stack:
             pthread_rwlock_unlock(&self.upper.lock)
         if rc == 0:
             rc = self._flush(&p, err)
+        if rc == 0 and err.nmiss:
+            err.code = E_MISS
+            rc = -1
         return rc
 
     def read_into(self, buf, uint64_t offset):
@@ -1112,6 +1156,7 @@ cdef class Stack:
                 raise UsageError(f"read of {view.len} bytes at {offset} is not 512-byte aligned")
             while True:
                 err.which = -1
+                err.nmiss = 0
                 with nogil:
                     rc = self._read(<char *>view.buf, offset // SECTOR, (offset + view.len) // SECTOR, &err)
                 if rc == 0 or not recover(&err, self.files_py, &crc_tries):

@@ -9,9 +9,9 @@ import os
 
 if os.environ.get("TCMU_OBD_PURE") == "1":
     from .reference import (Index, Presence, RawBacking, Stack, ZFileBacking, compress_blocks,  # noqa: F401
-                            crc32c, merge)
+                            crc32c, fetch_all, merge)
     IMPLEMENTATION = "python"
 else:
     from ._lsmt import (Index, Presence, RawBacking, Stack, ZFileBacking, compress_blocks,  # noqa: F401
-                        crc32c, merge)
+                        crc32c, fetch_all, merge)
     IMPLEMENTATION = "cython"

@@ -12,6 +12,10 @@ from . import core, lsmt, tar, zfile
 from .errors import FormatError
 
 
+HEAD_PREFETCH = 4096 * 3       # tar, ZFile and LSMT headers
+TAIL_PREFETCH = 1 << 20        # LSMT/ZFile trailers, the jump table, most indexes (at most 1/8 of a blob)
+
+
 @dataclass
 class Layer:
     path: str
@@ -93,6 +97,10 @@ def open_cached_layer(blob, name):
     """Open a layer whose bytes come from a cache.CachedBlob (a remote blob):
     only the headers, trailer and index are fetched now; the backing fetches
     the rest on demand and refetches blocks that fail their CRC."""
+    # headers sit at the front, trailers, jump table and index at the back:
+    # fetch both ends at once, one round trip instead of three to five
+    tail = min(blob.size, TAIL_PREFETCH, max(blob.unit, blob.size // 8))
+    core.fetch_all([(blob, 0, min(blob.size, HEAD_PREFETCH)), (blob, blob.size - tail, tail)])
     backing, wrappers, zinfo, extent = unwrap(blob.fd, name, blob.size, blob.read_at)
     backing.attach(blob.presence, blob)
     try:

@@ -490,6 +490,12 @@ def _check_present(backing, foff, n):
             raise _Fail(E_MISS, miss[0], miss[1])
 
 
+def fetch_all(jobs):
+    """Run fetcher.ensure(off, n) for every job (one after another here)."""
+    for fetcher, off, n in jobs:
+        fetcher.ensure(off, n)
+
+
 def _recover(err, files, tries):
     """As _lsmt.recover: fetch what the cache lacks or evict a bad block;
     True means read again."""
