@@ -4,6 +4,10 @@ import os
 
 import pytest
 
+# tests/vm/guest runs inside the qemu guest (tests/test_vm_guest.py boots it)
+if os.environ.get("TCMUVM_GUEST") != "1":
+    collect_ignore_glob = ["vm/guest/*"]
+
 from tcmu_obd import commit
 from tcmu_obd.cli.common import Output
 from tcmu_obd.image import Image

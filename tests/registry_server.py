@@ -337,10 +337,12 @@ class FaultProxy:
         self.server.server_close()
         self.thread.join(5)
 
-    def inject(self, fault, times=1, probes=False):
+    def inject(self, fault, times=1, probes=False, only=None):
+        """only: spoil just requests whose path contains this text (a digest)."""
         with self.lock:
             self.faults = [[fault, times]]
             self.probes = probes
+            self.only = only
 
     def inject_random(self, faults, rate, seed):
         rng = random.Random(seed)
@@ -359,6 +361,8 @@ class FaultProxy:
             if rng_header == "bytes=0-0" and not self.probes:
                 return None
             if not self.faults:
+                return None
+            if getattr(self, "only", None) and self.only not in path:
                 return None
             entry = self.faults[0]
             fault = entry[0]

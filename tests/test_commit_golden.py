@@ -4,7 +4,7 @@ of the module's own packers."""
 import os
 import struct
 
-from conftest import commit_layer
+from conftest import commit_layer, make_layer, merge_layers
 from tcmu_obd.layer import open_layer
 from tcmu_obd.rw import RWLayer
 
@@ -80,7 +80,6 @@ def test_commit_uuid_parent_and_null_forms(tmp_path):
 
 
 def test_merge_keeps_source_tags(tmp_path):
-    from conftest import make_layer, merge_layers
     low = make_layer(str(tmp_path), "low", [(0, b"L" * 4096)])
     top = make_layer(str(tmp_path), "top", [(4096, b"T" * 4096), (0, 1024, "discard")])
     out = merge_layers([low, top], tmp_path / "m")
