@@ -1,4 +1,6 @@
 """Build script: the Cython core (_lsmt) links liblz4, libzstd and our CRC32C."""
+import sys
+
 from setuptools import Extension, setup
 from Cython.Build import cythonize
 
@@ -10,4 +12,28 @@ ext = Extension(
     extra_compile_args=["-O2"],
 )
 
-setup(ext_modules=cythonize([ext], compiler_directives={"language_level": 3}))
+
+def _have_libtcmu():
+    """Debian's libtcmu2 ships only libtcmu.so.2 (no -dev package, no header:
+    native/libtcmu.h is ours).  Without it the TCMU module is skipped."""
+    import ctypes
+    try:
+        ctypes.CDLL("libtcmu.so.2")
+        return True
+    except OSError:
+        print("setup.py: libtcmu.so.2 not found (apt-get install libtcmu2): "
+              "building without tcmu_obd._tcmu", file=sys.stderr)
+        return False
+
+
+exts = [ext]
+if _have_libtcmu():
+    exts.append(Extension(
+        "tcmu_obd._tcmu",
+        sources=["tcmu_obd/_tcmu.pyx"],
+        include_dirs=["native"],
+        libraries=[":libtcmu.so.2", "pthread"],
+        extra_compile_args=["-O2"],
+    ))
+
+setup(ext_modules=cythonize(exts, compiler_directives={"language_level": 3}))
