@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The main job on the built-in default image: set up, then open the bundled
-# overlaybd base layer and show what is in it.
+# The main job on a built-in default image, end to end (scripts/demo_e2e.sh):
+# set up, start a local registry, build a small multi-layer OCI image, convert
+# and push it as overlaybd, run it lazily and show the bytes fetched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-exec python3 -m tcmu_obd.cli.main demo "$@"
+exec bash scripts/demo_e2e.sh "$@"

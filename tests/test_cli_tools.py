@@ -127,7 +127,6 @@ def test_zfile_tool_rejects_bad_options(tmp_path, args):
 
 @pytest.mark.parametrize("name,args,what", [
     ("overlaybd-create", ["--turboOCI", "d", "i", "1"], b"--turboOCI"),
-    ("overlaybd-create", ["--mkfs", "d", "i", "1"], b"--mkfs"),
     ("overlaybd-commit", ["--turboOCI", "d", "i", "o"], b"--turboOCI"),
 ])
 def test_later_flags_fail_clearly(tmp_path, name, args, what):

@@ -29,9 +29,6 @@ def body(argv):
     setup_logging(args.verbose)
     if args.turbo:
         raise UnsupportedError("--turboOCI / --fastoci: TurboOCI layers are not yet supported")
-    if args.mkfs:
-        raise UnsupportedError("--mkfs: making ext4 on a layer is not yet supported "
-                               "(it comes with overlaybd-apply)")
     if args.vsize < 0:
         raise UsageError(f"vsize {args.vsize}: must not be negative")
     vsize = args.vsize * GiB
@@ -42,6 +39,11 @@ def body(argv):
         return 0
     layer = RWLayer.create(args.data_file, args.index_file, vsize, args.parent_uuid, args.sparse)
     layer.close()
+    if args.mkfs:
+        # overlaybd makes ext4 in userspace; we use the kernel's mkfs.ext4
+        # through FUSE + loop, with overlaybd's options (tcmu_obd.apply.MKFS_CMD)
+        from ..apply import mkfs_layer
+        mkfs_layer(args.data_file, args.index_file)
     return 0
 
 

@@ -223,9 +223,10 @@ def parser():
     s.add_argument("--cred-file", "--cred_file_path", dest="cred_file", default="",
                    help="cred.json to use instead of the global config's credentials")
     s.set_defaults(fn=cmd_image_config)
-    from . import mount, serve          # FUSE + loop frontend; TCMU daemon and devices
+    from . import convert, mount, serve  # image building; FUSE + loop; TCMU daemon and devices
     mount.add_subcommands(sub, common)
     serve.add_subcommands(sub, common)
+    convert.add_subcommands(sub, common)
     return p
 
 

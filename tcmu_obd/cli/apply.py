@@ -1,0 +1,56 @@
+"""overlaybd-apply: unpack an OCI layer tar (plain, gzip, zstd; a file, a
+FIFO or `-` for stdin) into the ext4 of an image's writable upper layer
+(spec/runtime.md §j).  The work is done by tcmu_obd.apply."""
+import argparse
+import sys
+
+from .. import apply, service_config
+from ..errors import UnsupportedError
+from .common import run, setup_logging
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="overlaybd-apply",
+                                description="Apply an OCI layer tar onto the upper layer of an image.")
+    p.add_argument("--raw", action="store_true", help="image_config is a raw image file, not a config.v1.json")
+    p.add_argument("--mkfs", action="store_true", help="make ext4 on the image first (overlaybd's options)")
+    p.add_argument("--checksum", default="", metavar="sha256:HEX",
+                   help="sha256 of the uncompressed tar; a mismatch is an error")
+    p.add_argument("--service_config_path", "--service-config", dest="service_config",
+                   default=service_config.DEFAULT_PATH,
+                   help="global overlaybd.json (for remote lowers; defaults when absent)")
+    p.add_argument("--gz_index_path", default="", help="(TurboOCI; not supported)")
+    p.add_argument("--from_qcow2", action="store_true", help="(not supported)")
+    p.add_argument("--no-extract-rootfs", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--quiet", "-q", action="store_true", help="no summary line on stderr")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("input", help="layer tar (plain, gzip or zstd); a FIFO, or - for stdin")
+    p.add_argument("image_config", help="config.v1.json with an upper layer (or a raw image with --raw)")
+    return p
+
+
+def body(argv):
+    args = parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if args.gz_index_path:
+        raise UnsupportedError("--gz_index_path: TurboOCI meta-only apply is not supported")
+    if args.from_qcow2:
+        raise UnsupportedError("--from_qcow2: qcow2 input is not supported")
+    checksum = apply.check_checksum(args.checksum)
+    svc = None if args.raw else service_config.load(args.service_config)
+    res = apply.apply_layer(args.input, args.image_config, mkfs_first=args.mkfs, checksum=checksum,
+                            raw=args.raw, service_cfg=svc)
+    if not args.quiet:
+        rate = res.tar_bytes / res.seconds / 1e6 if res.seconds else 0.0
+        print(f"overlaybd-apply: {res.entries} entries, {res.tar_bytes} tar bytes "
+              f"({res.compression}, {res.input_bytes} read), {res.digest}, {res.seconds:.2f} s "
+              f"({rate:.1f} MB/s)", file=sys.stderr)
+    return 0
+
+
+def main(argv=None):
+    sys.exit(run(body, sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()
