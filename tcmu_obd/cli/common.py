@@ -1,6 +1,7 @@
 """What the tools share: the output chain (file -> tar -> [tee to an extra
 sink] -> ZFile), the registry upload behind --upload, error reporting with a
 clean exit status, and the --verbose flag.  No format logic."""
+import argparse
 import logging
 import os
 import sys
@@ -26,6 +27,28 @@ def run(main_fn, argv):
         return fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     except KeyboardInterrupt:
         return 130
+
+
+def common_parent():
+    """The options every image subcommand takes: --verbose and --service-config."""
+    from .. import service_config
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true")
+    common.add_argument("--service-config", "--service_config_path", dest="service_config",
+                        default=service_config.DEFAULT_PATH,
+                        help="global overlaybd.json (built-in defaults when the file is absent)")
+    return common
+
+
+def subcommand_main(prog, description, add_subcommands, argv=None):
+    """Run a tool made of subcommands (each sets `fn`) and exit with its status."""
+    def body(argv):
+        p = argparse.ArgumentParser(prog=prog, description=description)
+        add_subcommands(p.add_subparsers(dest="cmd", required=True), common_parent())
+        args = p.parse_args(argv)
+        setup_logging(args.verbose)
+        return args.fn(args)
+    sys.exit(run(body, sys.argv[1:] if argv is None else argv))
 
 
 def setup_logging(verbose):

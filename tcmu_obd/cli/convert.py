@@ -15,7 +15,7 @@ import threading
 
 from .. import apply, convert, imageref, service_config
 from ..errors import UsageError
-from .common import run as run_tool, setup_logging
+from .common import subcommand_main
 
 GiB = 1 << 30
 
@@ -163,25 +163,8 @@ def add_subcommands(sub, common):
     s.set_defaults(fn=cmd_run)
 
 
-def parser():
-    p = argparse.ArgumentParser(prog="tcmu-obd", description="overlaybd image conversion and run.")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--verbose", action="store_true")
-    common.add_argument("--service-config", "--service_config_path", dest="service_config",
-                        default=service_config.DEFAULT_PATH,
-                        help="global overlaybd.json (built-in defaults when the file is absent)")
-    add_subcommands(p.add_subparsers(dest="cmd", required=True), common)
-    return p
-
-
-def body(argv):
-    args = parser().parse_args(argv)
-    setup_logging(args.verbose)
-    return args.fn(args)
-
-
 def main(argv=None):
-    sys.exit(run_tool(body, sys.argv[1:] if argv is None else argv))
+    subcommand_main("tcmu-obd", "overlaybd image conversion and run.", add_subcommands, argv)
 
 
 if __name__ == "__main__":

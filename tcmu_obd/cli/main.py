@@ -14,7 +14,7 @@ from ..errors import UsageError
 from ..image import Image
 from ..layer import open_layer
 from ..lsmt import SECTOR
-from .common import run, setup_logging
+from .common import common_parent, run, setup_logging
 
 EXPORT_CHUNK = 4 << 20
 
@@ -177,11 +177,7 @@ def cmd_image_config(args):
 
 def parser():
     p = argparse.ArgumentParser(prog="tcmu-obd", description="overlaybd-compatible block images.")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--verbose", action="store_true")
-    common.add_argument("--service-config", "--service_config_path", dest="service_config",
-                        default=service_config.DEFAULT_PATH,
-                        help="global overlaybd.json (built-in defaults when the file is absent)")
+    common = common_parent()
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("info", parents=[common], help="header, trailer, index and compression of a layer file")
     s.add_argument("file")

@@ -29,9 +29,9 @@ import threading
 import time
 import traceback
 
-from .. import fuse, service_config
+from .. import fuse
 from ..errors import UsageError
-from .common import run, setup_logging
+from .common import run, subcommand_main
 
 log = logging.getLogger(__name__)
 
@@ -300,25 +300,8 @@ def add_subcommands(sub, common):
     s.set_defaults(fn=cmd_umount)
 
 
-def parser():
-    p = argparse.ArgumentParser(prog="tcmu-obd", description="FUSE + loop block path of tcmu-obd.")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--verbose", action="store_true")
-    common.add_argument("--service-config", "--service_config_path", dest="service_config",
-                        default=service_config.DEFAULT_PATH,
-                        help="global overlaybd.json (built-in defaults when the file is absent)")
-    add_subcommands(p.add_subparsers(dest="cmd", required=True), common)
-    return p
-
-
-def body(argv):
-    args = parser().parse_args(argv)
-    setup_logging(args.verbose)
-    return args.fn(args)
-
-
 def main(argv=None):
-    sys.exit(run(body, sys.argv[1:] if argv is None else argv))
+    subcommand_main("tcmu-obd", "FUSE + loop block path of tcmu-obd.", add_subcommands, argv)
 
 
 if __name__ == "__main__":
