@@ -25,7 +25,7 @@ def cmd_serve(args):
 def cmd_attach(args):
     dev = attach_mod.attach(args.config, args.dev_id, args.iscsi, wait=args.wait,
                             enable_timeout=args.enable_timeout,
-                            check_daemon=not args.no_daemon_check)
+                            check_daemon=not args.no_daemon_check, iscsi_port=args.iscsi_port)
     print(dev)
     return 0
 
@@ -44,16 +44,22 @@ def cmd_list(args):
     if not devs:
         print("no overlaybd devices", file=sys.stderr)
         return 0
-    print(f"{'DEV_ID':>13}  {'DISK':10} {'STATE':8} CONFIG")
+    print(f"{'DEV_ID':>13}  {'DISK':10} {'STATE':8} {'FABRIC':8} CONFIG")
     for d in devs:
+        fabric = d.get("fabric") or "-"
+        if fabric == "iscsi" and d.get("portal"):
+            fabric = f"iscsi {d['portal']} {d['target']}"
         print(f"{d['dev_id'] or d['name']:>13}  {d['disk'] or '-':10} "
-              f"{'enabled' if d['enabled'] else 'disabled':8} {d['config']}")
+              f"{'enabled' if d['enabled'] else 'disabled':8} {fabric:8} {d['config']}")
     return 0
 
 
 def cmd_doctor(args):
     problems = 0
-    for ok, what, fix in attach_mod.doctor_checks():
+    checks = attach_mod.doctor_checks()
+    if args.iscsi:
+        checks += attach_mod.iscsi_checks()
+    for ok, what, fix in checks:
         print(f"[{'ok' if ok else 'FAIL'}] {what}")
         if not ok:
             problems += 1
@@ -78,18 +84,25 @@ def add_subcommands(sub, common):
                    help="report WCE=0 (no SYNCHRONIZE CACHE from the initiator), as overlaybd does")
     s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("attach", parents=[common],
-                       help="attach a config.v1.json as /dev/sdX through configfs (tcm_loop)")
+                       help="attach a config.v1.json as /dev/sdX through configfs "
+                            "(tcm_loop, or iSCSI on 127.0.0.1 with --iscsi)")
     s.add_argument("config", metavar="CONFIG.json")
     s.add_argument("--dev-id", default=None, help="device id (digits); also appended to the "
                    "cfgstring as `;<id>` (default: the lowest free id, not appended)")
-    s.add_argument("--iscsi", action="store_true", help="export over iSCSI (not yet supported)")
+    s.add_argument("--iscsi", action="store_true",
+                   help="export as an iSCSI target on 127.0.0.1 and log in with open-iscsi "
+                        "(needs iscsi_target_mod, iscsiadm, a running iscsid and lo up; "
+                        "see `tcmu-obd doctor --iscsi`)")
+    s.add_argument("--iscsi-port", type=int, default=None,
+                   help="iSCSI portal port (default: the first free one from 3260)")
     s.add_argument("--wait", type=float, default=60.0, help="seconds to wait for /dev/sdX")
     s.add_argument("--enable-timeout", type=float, default=120.0,
                    help="seconds to wait for the daemon to open the image")
     s.add_argument("--no-daemon-check", action="store_true",
                    help="do not refuse when no daemon process is found")
     s.set_defaults(fn=cmd_attach)
-    s = sub.add_parser("detach", parents=[common], help="detach a device (reverse order of attach)")
+    s = sub.add_parser("detach", parents=[common], help="detach a device (reverse order of attach; "
+                       "an iSCSI device is logged out first)")
     s.add_argument("target", metavar="ID|/dev/sdX")
     s.add_argument("--force", action="store_true", help="detach even if mounted")
     s.set_defaults(fn=cmd_detach)
@@ -98,6 +111,8 @@ def add_subcommands(sub, common):
     s.set_defaults(fn=cmd_list)
     s = sub.add_parser("doctor", parents=[common],
                        help="check modules, configfs, libtcmu, permissions and the daemon")
+    s.add_argument("--iscsi", action="store_true",
+                   help="also check what `attach --iscsi` needs (iscsi_target_mod, open-iscsi, lo)")
     s.set_defaults(fn=cmd_doctor)
 
 

@@ -42,7 +42,7 @@ commit_layer = _tests_conftest().commit_layer
 
 PY = os.environ.get("TCMUVM_PYTHON", sys.executable)
 MiB = 1 << 20
-N_DEVICES = int(os.environ.get("TCMUVM_TEST_DEVICES", "16"))
+N_DEVICES = int(os.environ.get("TCMUVM_TEST_DEVICES", "64"))
 
 
 def sh(cmd, check=True, timeout=300):
