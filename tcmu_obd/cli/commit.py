@@ -9,7 +9,7 @@ from .. import commit, lsmt
 from ..errors import UnsupportedError, UsageError
 from ..layer import unwrap
 from ..rw import RWLayer
-from .common import algorithm, block_size, run, setup_logging, start_upload, write_output
+from .common import add_upload_args, algorithm, block_size, run, setup_logging, start_upload, write_output
 
 
 def parser():
@@ -26,14 +26,7 @@ def parser():
     p.add_argument("--seal", action="store_true", help="seal data_file in place")
     p.add_argument("--commit_sealed", action="store_true", help="data_file is sealed; 2nd arg is the output")
     p.add_argument("--compress_threads", type=int, default=1)
-    p.add_argument("--upload", default="", metavar="URL",
-                   help="also stream the ZFile output (-z) to this registry upload URL "
-                        "(https://HOST/v2/REPO/blobs/uploads/); the digest goes to stderr")
-    p.add_argument("--upload_bs", type=int, default=0, metavar="KB",
-                   help="upload chunk size in KiB (default 262144)")
-    p.add_argument("--cred_file_path", default="", help="cred.json for the upload")
-    p.add_argument("--tls_key_path", default="", help="TLS client key for the upload")
-    p.add_argument("--tls_cert_path", default="", help="TLS client certificate for the upload")
+    add_upload_args(p)
     p.add_argument("--verbose", action="store_true")
     p.add_argument("data_file")
     p.add_argument("index_file", nargs="?")

@@ -29,6 +29,18 @@ def run(main_fn, argv):
         return 130
 
 
+def add_upload_args(p):
+    """overlaybd's upload flags, shared by overlaybd-commit and overlaybd-merge."""
+    p.add_argument("--upload", default="", metavar="URL",
+                   help="also stream the ZFile output to this registry upload URL "
+                        "(https://HOST/v2/REPO/blobs/uploads/); the digest goes to stderr")
+    p.add_argument("--upload_bs", type=int, default=0, metavar="KB",
+                   help="upload chunk size in KiB (default 262144)")
+    p.add_argument("--cred_file_path", default="", help="cred.json for the upload")
+    p.add_argument("--tls_key_path", default="", help="TLS client key for the upload")
+    p.add_argument("--tls_cert_path", default="", help="TLS client certificate for the upload")
+
+
 def common_parent():
     """The options every image subcommand takes: --verbose and --service-config."""
     from .. import service_config

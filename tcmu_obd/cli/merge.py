@@ -14,7 +14,7 @@ import sys
 
 from .. import commit, config, service_config
 from ..errors import UsageError
-from .common import run, setup_logging, start_upload, write_output
+from .common import add_upload_args, run, setup_logging, start_upload, write_output
 
 
 def _bool(text):
@@ -33,14 +33,7 @@ def parser():
                    help="ZFile output (default true; --compress false for plain LSMT)")
     p.add_argument("-t", "--tar", action="store_true",
                    help="tar-wrap the local output; only with --upload, as overlaybd intends")
-    p.add_argument("--upload", default="", metavar="URL",
-                   help="also stream the ZFile output to this registry upload URL "
-                        "(https://HOST/v2/REPO/blobs/uploads/); the digest goes to stderr")
-    p.add_argument("--upload_bs", type=int, default=0, metavar="KB",
-                   help="upload chunk size in KiB (default 262144)")
-    p.add_argument("--cred_file_path", default="", help="cred.json for the upload")
-    p.add_argument("--tls_key_path", default="", help="TLS client key for the upload")
-    p.add_argument("--tls_cert_path", default="", help="TLS client certificate for the upload")
+    add_upload_args(p)
     p.add_argument("--verbose", action="store_true")
     p.add_argument("image_config")
     p.add_argument("output")
