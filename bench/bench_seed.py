@@ -14,7 +14,7 @@ Per shape, interleaved rounds of:
          docker's max-concurrent-downloads), then `tar -xzf` each layer in
          order into one fresh directory as soon as it and the ones below are
          downloaded (docker's download/extract pipeline; no sync).
-         overlaybd: `tcmu-obd run`'s path (tcmu_obd.convert.RunningImage):
+         overlaybd: `tcmu-obd run`'s path (tcmu_obd.run.RunningImage):
          manifest -> config.v1.json (remote lowers) -> open_image on an empty
          cache dir -> FUSE + loop -> ext4 mount (ro), then a first read of one
          1 MiB file of the top layer through the mount (checked).
@@ -51,7 +51,7 @@ import requests
 
 from _common import (MiB, ROOT, TempDir, best, env_line, interleaved, semi_compressible, spread,
                      table, warm)
-from tcmu_obd import apply, convert, imageref, service_config
+from tcmu_obd import apply, convert, imageref, run, service_config
 from tcmu_obd.rw import RWLayer
 
 SHAPES = [("1 x 1 GiB", 1, 1024), ("4 x 256 MiB", 4, 256), ("10 x 100 MiB", 10, 100)]
@@ -203,14 +203,14 @@ class Shape:
         d = self.fresh("run")
         svc = service_config.load(self.svc_path)
         t0 = time.perf_counter()
-        with convert.RunningImage(f"{self.host}/{self.dst_repo}:v1", plain_http=True, service_cfg=svc,
-                                  cache_dir=os.path.join(d, "cache")) as run:
+        with run.RunningImage(f"{self.host}/{self.dst_repo}:v1", plain_http=True, service_cfg=svc,
+                               cache_dir=os.path.join(d, "cache")) as img:
             t_attach = time.perf_counter() - t0
             name, i = self.probe
-            with open(os.path.join(run.mountpoint, name), "rb") as f:
+            with open(os.path.join(img.mountpoint, name), "rb") as f:
                 got = f.read()
             el = time.perf_counter() - t0
-            fetched = run.fetched()
+            fetched = img.fetched()
         if got != self.data.file(i):
             raise SystemExit(f"bench_seed: {self.name}: overlaybd first read of {name} differs")
         self.fetched.append((fetched, t_attach))

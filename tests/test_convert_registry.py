@@ -27,7 +27,7 @@ import pytest
 import requests
 
 from registry_server import FaultProxy, Registry, require
-from tcmu_obd import baselayer, convert, layer as layer_mod, service_config, tar as tarwrap
+from tcmu_obd import baselayer, convert, layer as layer_mod, run, service_config, tar as tarwrap
 from test_apply_untar import Model, compare, layer1, layer2, layer3, missing, tar_bytes
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
@@ -192,7 +192,7 @@ def test_converted_blobs(reg, source, converted, tmp_path):
 
 
 def test_run_matches_the_model(reg, source, converted):
-    with convert.RunningImage(converted["dst"], service_cfg=service_config.load(None)) as img:
+    with run.RunningImage(converted["dst"], service_cfg=service_config.load(None)) as img:
         assert img.image.virtual_size == 64 << 30
         compare(source["model"], img.mountpoint)
         assert 0 < img.fetched() <= img.image_size
@@ -238,7 +238,7 @@ def test_mkfs_oci_zstd(reg, source, tmp_path):
         assert lay.trailer.virtual_size == 256 << 20
     finally:
         lay.close()
-    with convert.RunningImage(dst, service_cfg=service_config.load(None)) as img:
+    with run.RunningImage(dst, service_cfg=service_config.load(None)) as img:
         assert img.image.virtual_size == 256 << 20
         compare(source["model"], img.mountpoint)
 
@@ -349,7 +349,7 @@ def test_partial_reuse_and_stale_rows(reg, source, tmp_path):
     model = Model()
     model.apply(l1)
     model.apply(l3)
-    with convert.RunningImage(f"{reg.host}/obd/shared:b", service_cfg=service_config.load(None)) as img:
+    with run.RunningImage(f"{reg.host}/obd/shared:b", service_cfg=service_config.load(None)) as img:
         compare(model, img.mountpoint)
 
     # the first converted layer disappears from the repository: both layers are redone
@@ -357,5 +357,5 @@ def test_partial_reuse_and_stale_rows(reg, source, tmp_path):
     assert r.status_code == 202
     p = cli("convert", f"{reg.host}/src/shared:b", f"{reg.host}/obd/shared:b", "--db", db)
     assert "(2 converted, 0 reused)" in p.stderr, p.stderr
-    with convert.RunningImage(f"{reg.host}/obd/shared:b", service_cfg=service_config.load(None)) as img:
+    with run.RunningImage(f"{reg.host}/obd/shared:b", service_cfg=service_config.load(None)) as img:
         compare(model, img.mountpoint)

@@ -13,7 +13,7 @@ import stat
 import sys
 import threading
 
-from .. import apply, convert, imageref, service_config
+from .. import apply, convert, imageref, run, service_config
 from ..errors import UsageError
 from .common import subcommand_main
 
@@ -68,7 +68,7 @@ def cmd_run(args):
     svc = service_config.load(args.service_config)
     if args.mount and not os.path.isdir(args.mount):
         raise UsageError(f"--mount {args.mount}: not a directory")
-    img = convert.RunningImage(args.ref, args.mount, args.plain_http,
+    img = run.RunningImage(args.ref, args.mount, args.plain_http,
                                imageref.parse_platform(args.platform), svc, args.cred_file,
                                args.cache_dir)
     stop = threading.Event()
