@@ -6,7 +6,8 @@ from Cython.Build import cythonize
 
 ext = Extension(
     "tcmu_obd._lsmt",
-    sources=["tcmu_obd/_lsmt.pyx", "native/crc32c.c", "native/codec.c", "native/blockcache.c", "native/presence.c"],
+    sources=["tcmu_obd/_lsmt.pyx", "native/crc32c.c", "native/codec.c", "native/blockcache.c", "native/presence.c",
+             "native/mapguard.c"],
     include_dirs=["native"],
     libraries=["lz4", "zstd", "pthread"],
     extra_compile_args=["-O2"],

@@ -4,7 +4,9 @@ vs the codec alone on the same stored blocks.
 Data: 64 MiB semi-compressible bytes (pieces of random data and repeats of
 earlier pieces of the same 4 KiB block; about 1.6-1.8x with either codec),
 written with the project's ZFileWriter (CRC on, as overlaybd-zfile and
-commit -z write it) and opened with zfile.open_backing.
+commit -z write it) and opened with zfile.open_backing, then mapped as
+tcmu_obd.layer.open_layer does for every local ZFile layer (unless
+TCMU_OBD_MMAP=0: then each read preads the stored block).
 
 Each read is one block, block-aligned, at a random block:
   ZFileBacking.pread(off, bs)   returns a new bytes object (like the codec)
@@ -30,7 +32,7 @@ import zstandard
 
 from _common import (KiB, MiB, TempDir, best, env_line, fmt, interleaved, ratio, semi_compressible, spread,
                      table, warm)
-from tcmu_obd import core, zfile
+from tcmu_obd import core, layer, zfile
 
 SECTORS_PER_REC = 16384  # 8 MiB per index record (MAX_LENGTH is 16383)
 
@@ -147,6 +149,8 @@ def main():
                 fd = os.open(path, os.O_RDONLY)
                 try:
                     backing, info = zfile.open_backing(fd, 0, os.fstat(fd).st_size, path)
+                    if layer.MMAP_ZFILE:
+                        backing.map_blocks()
                     nblocks = backing.nblocks
                     assert nblocks == size // bs
                     blocks = []

@@ -56,6 +56,13 @@ cdef extern from "codec.h" nogil:
     size_t obd_zstd_decompress(void *dst, size_t cap, const void *src, size_t csize)
     size_t obd_zstd_compress(void *dst, size_t cap, const void *src, size_t size, int level)
 
+cdef extern from "mapguard.h" nogil:
+    int OBD_GUARD_FAULT
+    int obd_mapguard_install()
+    int obd_guarded(int (*fn)(void *) noexcept nogil, void *arg)
+    int obd_map(int fd, uint64_t off, uint64_t length, const char **base, void **mapping, size_t *maplen)
+    void obd_unmap(void *mapping, size_t maplen)
+
 cdef extern from "zstd.h" nogil:
     size_t ZSTD_compressBound(size_t size)
     unsigned ZSTD_isError(size_t code)
@@ -538,6 +545,7 @@ DEF E_RANGE = 5
 DEF E_NOMEM = 6
 DEF E_TAG = 7
 DEF E_MISS = 8         # not in the cache file yet: a = file offset, b = length
+DEF E_MAPFAULT = 9     # SIGBUS reading a mapping: the read is redone with pread
 MAX_CRC_RETRIES = 3    # evict-and-refetch rounds for a cached block that fails its check
 
 cdef struct BackingC:
@@ -552,6 +560,7 @@ cdef struct BackingC:
     uint64_t *boff         # nblocks+1 block starts, relative to base
     obd_bcache *cache      # decoded partial blocks (NULL: none)
     obd_presence *presence # cached remote file: which units are there (NULL: all)
+    const char *map        # ZFile: the stored blocks mapped (block i at map + boff[i] - boff[0]), or NULL
 
 
 cdef struct Err:
@@ -624,7 +633,41 @@ cdef int decode_block(const BackingC *b, uint64_t blk, const char *src, uint64_t
     return 0
 
 
-cdef int zfile_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err *err) noexcept nogil:
+cdef struct DecodeArgs:
+    const BackingC *b
+    uint64_t blk
+    const char *src
+    uint64_t clen
+    char *out
+    uint64_t want
+    Err *err
+
+
+cdef int _decode_trampoline(void *p) noexcept nogil:
+    cdef DecodeArgs *a = <DecodeArgs *>p
+    return decode_block(a.b, a.blk, a.src, a.clen, a.out, a.want, a.err)
+
+
+cdef inline int decode_mapped(const BackingC *b, uint64_t blk, char *out, uint64_t want,
+                              Err *err) noexcept nogil:
+    """decode_block straight from the mapping, with SIGBUS caught (E_MAPFAULT)."""
+    cdef DecodeArgs a
+    cdef int rc
+    a.b = b
+    a.blk = blk
+    a.src = b.map + (b.boff[blk] - b.boff[0])
+    a.clen = b.boff[blk + 1] - b.boff[blk]
+    a.out = out
+    a.want = want
+    a.err = err
+    rc = obd_guarded(_decode_trampoline, &a)
+    if rc == OBD_GUARD_FAULT:
+        return set_err(err, E_MAPFAULT, blk, 0, 0)
+    return rc
+
+
+cdef int zfile_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err *err,
+                    bint use_map=True) noexcept nogil:
     cdef uint64_t bs = b.block_size
     cdef uint64_t blk = off / bs, last = (off + n - 1) / bs, stop, i
     cdef uint64_t span, bstart, want, lo, hi
@@ -641,6 +684,25 @@ cdef int zfile_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err 
         hi = off + n if off + n < bstart + want else bstart + want
         if b.cache != NULL and not (lo == bstart and hi == bstart + want) and \
                 obd_bcache_get(b.cache, blk, dst + (lo - off), lo - bstart, hi - lo):
+            blk += 1
+            continue
+        if use_map and b.map != NULL:
+            # a mapped file: decode in place, no system call, no copy
+            if lo == bstart and hi == bstart + want:
+                rc = decode_mapped(b, blk, dst + (bstart - off), want, err)
+            else:
+                if scratch == NULL:
+                    scratch = <char *>malloc(bs)
+                    if scratch == NULL:
+                        rc = set_err(err, E_NOMEM, bs, 0, 0)
+                        break
+                rc = decode_mapped(b, blk, scratch, want, err)
+                if rc == 0:
+                    memcpy(dst + (lo - off), scratch + (lo - bstart), hi - lo)
+                    if b.cache != NULL and want == bs:
+                        obd_bcache_put(b.cache, blk, &scratch)
+            if rc:
+                break
             blk += 1
             continue
         # coalesce blocks into one pread of at most COALESCE_MAX bytes
@@ -709,7 +771,12 @@ cdef int backing_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Er
         if check_present(b, b.base + off, n, err):
             return -1
         return pread_at(b.fd, dst, n, b.base, off, err)
-    return zfile_read(b, dst, off, n, err)
+    if zfile_read(b, dst, off, n, err, True) == 0:
+        return 0
+    if err.code != E_MAPFAULT:
+        return -1
+    # the mapping faulted (the file shrank, or its device failed): pread says why
+    return zfile_read(b, dst, off, n, err, False)
 
 
 cdef class Backing:
@@ -720,6 +787,8 @@ cdef class Backing:
     cdef public str name
     cdef Presence _presence
     cdef public object fetcher      # ensure(off, n) / evict(off, n) for a cached remote file
+    cdef void *_mapping
+    cdef size_t _maplen
 
     def attach(self, Presence presence, fetcher):
         """Serve this backing from a cache file: reads of units missing in
@@ -728,8 +797,10 @@ cdef class Backing:
         self._presence = presence
         self.fetcher = fetcher
         self.c.presence = &presence.p
+        self.c.map = NULL               # a file being filled is read with pread (presence first)
 
     def __dealloc__(self):
+        obd_unmap(self._mapping, self._maplen)
         free(self.c.boff)
         obd_bcache_free(self.c.cache)
 
@@ -831,6 +902,30 @@ cdef class ZFileBacking(Backing):
             if self.c.cache == NULL:
                 raise MemoryError()
 
+    def map_blocks(self):
+        """Read the stored blocks through a read-only mapping of the file
+        instead of pread (an immutable local file only: not a cache file
+        being filled).  A fault (the file shrank) falls back to pread for
+        that read, which reports the cause.  False when mmap fails."""
+        cdef const char *base
+        cdef void *mapping
+        cdef size_t maplen
+        if self.c.presence != NULL or self.c.nblocks == 0 or self.c.map != NULL:
+            return self.c.map != NULL
+        if obd_mapguard_install() != 0:
+            return False
+        if obd_map(self.c.fd, self.c.base + self.c.boff[0], self.c.boff[self.c.nblocks] - self.c.boff[0],
+                   &base, &mapping, &maplen) != 0:
+            return False
+        self._mapping = mapping
+        self._maplen = maplen
+        self.c.map = base
+        return True
+
+    @property
+    def mapped(self):
+        return self.c.map != NULL
+
     @property
     def nblocks(self):
         return self.c.nblocks
@@ -854,7 +949,7 @@ cdef class ZFileBacking(Backing):
             while off < self.c.size:
                 n = min(step, self.c.size - off)
                 with nogil:
-                    rc = zfile_read(&self.c, buf, off, n, &err)
+                    rc = backing_read(&self.c, buf, off, n, &err)
                 if rc:
                     raise_err(&err, [self])
                 off += n
@@ -978,6 +1073,9 @@ cdef int raise_err(Err *err, list files) except -1:
     if err.code == E_MISS:
         raise ReadError(f"{name}: bytes {err.a}..{err.a + err.b} are not in the cache and "
                         f"no fetcher is attached")
+    if err.code == E_MAPFAULT:
+        raise ReadError(f"{name}: reading zfile block {err.a} through the mapping faulted "
+                        f"(SIGBUS: the file shrank or its device failed)")
     if err.code == E_NOMEM:
         raise MemoryError(f"{name}: cannot allocate {err.a} bytes")
     if err.code == E_TAG:

@@ -713,6 +713,15 @@ class ZFileBacking(Backing):
         self._algo = algo
         self._verify = verify
 
+    def map_blocks(self):
+        """The core reads an immutable local ZFile through a mapping; here
+        reads stay preads (the results are the same).  Always False."""
+        return False
+
+    @property
+    def mapped(self):
+        return False
+
     @property
     def nblocks(self):
         return len(self._boff) - 1

@@ -1,0 +1,119 @@
+"""Local ZFile layers read through a mapping (native/mapguard.c): the same
+bytes as the pread path, and a file that shrinks under the mapping gives a
+clear ReadError (the SIGBUS is caught and the read redone with pread), never
+a dead process.  A SIGBUS that is not ours still kills as before."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tcmu_obd import core, zfile
+from tcmu_obd.errors import ReadError
+
+pytestmark = pytest.mark.skipif(os.environ.get("TCMU_OBD_PURE") == "1",
+                                reason="the pure-Python twin does not map files")
+
+BS = 4096
+SIZE = 2 << 20
+
+
+def data_of(seed=7):
+    rng = random.Random(seed)
+    out = bytearray()
+    while len(out) < SIZE:                   # half random, half repeats: compressible blocks
+        piece = rng.randbytes(256)
+        out += piece + piece[::-1] * rng.randrange(0, 3)
+    return bytes(out[:SIZE])
+
+
+def write(path, data, algo):
+    with open(path, "wb") as f:
+        w = zfile.ZFileWriter(f, algo, BS, verify=True)
+        w.write(data)
+        w.close()
+
+
+def open_pair(path):
+    """(mapped backing, pread backing) over the same file."""
+    fd = os.open(path, os.O_RDONLY)
+    size = os.fstat(fd).st_size
+    mapped, _ = zfile.open_backing(fd, 0, size, path)
+    plain, _ = zfile.open_backing(fd, 0, size, path)
+    assert mapped.map_blocks() and mapped.mapped and not plain.mapped
+    return fd, mapped, plain
+
+
+@pytest.mark.parametrize("algo", [zfile.ALGO_LZ4, zfile.ALGO_ZSTD])
+def test_zfile_mmap_reads_equal_pread_and_data(tmp_path, algo):
+    data = data_of()
+    path = str(tmp_path / "z")
+    write(path, data, algo)
+    fd, mapped, plain = open_pair(path)
+    try:
+        rng = random.Random(1)
+        for _ in range(300):
+            off = rng.randrange(SIZE)
+            n = rng.choice([1, 511, BS, 3 * BS + 17, 70000])
+            want = data[off:off + n]
+            assert mapped.pread(off, n) == want
+            assert plain.pread(off, n) == want
+        mapped.verify_all()
+    finally:
+        os.close(fd)
+
+
+def test_zfile_mmap_truncated_file_is_a_read_error(tmp_path):
+    data = data_of()
+    path = str(tmp_path / "z")
+    write(path, data, zfile.ALGO_LZ4)
+    fd, mapped, _ = open_pair(path)
+    try:
+        assert mapped.pread(0, BS) == data[:BS]
+        first, _ = mapped.block_extent(0)
+        os.truncate(path, first + 8192)      # the blocks after the first two pages are gone
+        errors = []
+
+        def reader(k):
+            for i in range(40):
+                blk = 100 + (k * 40 + i) % (SIZE // BS - 100)
+                try:
+                    mapped.pread(blk * BS, BS)
+                    errors.append(f"block {blk}: no error")
+                except ReadError as e:
+                    errors.append(str(e))
+        threads = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(errors) == 160
+        assert all("truncated?" in e and path in e for e in errors), errors[:3]
+        assert mapped.pread(0, 100) == data[:100]        # what is still there reads fine
+    finally:
+        os.close(fd)
+
+
+def test_zfile_mmap_foreign_sigbus_still_kills(tmp_path):
+    """Our handler passes a SIGBUS outside a guarded read on: the default action."""
+    path = str(tmp_path / "z")
+    write(path, data_of(), zfile.ALGO_LZ4)
+    victim = str(tmp_path / "victim")
+    with open(victim, "wb") as f:
+        f.write(b"x" * 8192)
+    code = f"""
+import mmap, os
+from tcmu_obd import zfile
+fd = os.open({path!r}, os.O_RDONLY)
+b, _ = zfile.open_backing(fd, 0, os.fstat(fd).st_size, {path!r})
+assert b.map_blocks()
+f = open({victim!r}, "r+b")
+m = mmap.mmap(f.fileno(), 8192)
+f.truncate(0)
+print(m[4096])
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert p.returncode == -signal.SIGBUS, (p.returncode, p.stderr.decode()[-500:])
