@@ -93,3 +93,7 @@ def _write(args, files, records, out_path, algo, bs):
 
 def main(argv=None):
     sys.exit(run(body, sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -99,3 +99,7 @@ def body(argv):
 
 def main(argv=None):
     sys.exit(run(body, sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()
