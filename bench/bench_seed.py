@@ -25,7 +25,7 @@ Per shape, interleaved rounds of:
   push   OCI (baseline): `tar -czf` (gzip -6, docker's default) of that upper
          directory, sha256, upload (POST + PUT).
          overlaybd: commit -z -t of the upper (lz4 4 KiB ZFile in tar, as
-         overlaybd-commit), sha256, upload (tcmu_obd.convert.upload_file).
+         overlaybd-commit), sha256, upload (tcmu_obd.blobs.upload_file).
 
 Ratio = overlaybd time / OCI time (below 1: overlaybd faster), best of the
 rounds for each, and the median of the per-round ratios.  Bytes fetched for
@@ -51,7 +51,7 @@ import requests
 
 from _common import (MiB, ROOT, TempDir, best, env_line, interleaved, semi_compressible, spread,
                      table, warm)
-from tcmu_obd import apply, convert, imageref, run, service_config
+from tcmu_obd import apply, blobs, convert, imageref, run, service_config
 from tcmu_obd.rw import RWLayer
 
 SHAPES = [("1 x 1 GiB", 1, 1024), ("4 x 256 MiB", 4, 256), ("10 x 100 MiB", 10, 100)]
@@ -255,7 +255,7 @@ class Shape:
         conv._commit(data, index, commit_path, "", "")
         ref = imageref.parse_ref(f"{self.host}/push/{self.tag}:v1", True)
         with imageref.client_from_service_config(svc) as client:
-            convert.upload_file(client, ref, commit_path)
+            blobs.upload_file(client, ref, commit_path)
         t2 = time.perf_counter()
         out["build overlaybd"].append(t1 - t0)
         out["push overlaybd"].append(t2 - t1)

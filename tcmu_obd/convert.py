@@ -21,23 +21,26 @@ new blob digests) and the manifest (Docker schema2 unless oci) with the
 overlaybd annotations; without --mkfs the base layer comes first.  The tag is
 pushed last: a failure anywhere leaves no tag (blobs already uploaded stay,
 unreferenced, and the database only names blobs that were uploaded).
+Progress (tcmu_obd.progress): a bar or a final line per layer for download,
+apply, compress and upload; a table of sizes and seconds at the end.
 """
 import hashlib
 import json
 import logging
 import os
-import queue
 import shutil
 import sqlite3
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
-from urllib.parse import urljoin
 
 from . import apply, baselayer, commit, imageref, registry, zfile
-from .errors import ManifestError, ObdError, RemoteError, UsageError
+from .blobs import (BlobStream, blob_exists, download_blob, fetch_blob_bytes, mount_blob,
+                    sha256_file, upload_bytes, upload_file)
+from .lsmt import HT_SPACE, SECTOR
+from .progress import Progress, human, null_bar, table
+from .errors import ManifestError, ObdError, UsageError
 from .rw import RWLayer
 
 log = logging.getLogger(__name__)
@@ -67,8 +70,6 @@ FOREIGN_LAYER_TYPES = {
     "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
 }
 SOURCE_MANIFEST_TYPES = (DOCKER_MANIFEST, OCI_MANIFEST)
-FETCH_CHUNK = 8 * MiB
-UPLOAD_CHUNK = 16 * MiB
 
 
 class ConvertError(ObdError):
@@ -93,24 +94,6 @@ def uuid_of(chain_id):
     """U = chain ID hex[0:32] as 8-4-4-4-12 (spec §5 step 6)."""
     h = chain_id.split(":", 1)[1][:32]
     return f"{h[0:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(4 * MiB)
-            if not b:
-                break
-            h.update(b)
-    return "sha256:" + h.hexdigest()
-
-
-def human(n):
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000.0
 
 
 # -- the layer database ----------------------------------------------------------------------------
@@ -164,162 +147,6 @@ class LayerDB:
         self.conn.close()
 
 
-# -- registry helpers ------------------------------------------------------------------------------
-
-def blob_exists(client, repo, digest):
-    resp, _ = client.send("HEAD", registry.blob_url(repo.repo_blob_url, digest), expect=(200, 404),
-                          allow_redirects=True)
-    return resp.status_code == 200
-
-
-def mount_blob(client, repo, digest, from_repo):
-    """Cross-repository blob mount; True if the registry mounted it."""
-    url = f"{repo.base}/blobs/uploads/?mount={digest}&from={from_repo}"
-    try:
-        resp, auth = client.send("POST", url, expect=(201, 202))
-    except RemoteError as e:
-        log.debug("mount of %s from %s: %s", digest, from_repo, e)
-        return False
-    if resp.status_code == 201:
-        return True
-    loc = resp.headers.get("Location")      # 202: an upload session was opened instead
-    if loc:
-        try:
-            client.send("DELETE", urljoin(resp.url, loc), authorization=auth,
-                        cred_url=url, expect=(200, 202, 204, 404))
-        except RemoteError:
-            pass
-    return False
-
-
-def upload_file(client, repo, path, digest=None):
-    """Upload a file as a blob unless the repository has it; returns
-    (digest, uploaded?)."""
-    digest = digest or sha256_file(path)
-    if blob_exists(client, repo, digest):
-        return digest, False
-    with open(path, "rb") as f:
-        got = registry.upload_blob(client, repo.base + "/blobs/uploads/",
-                                   iter(lambda: f.read(UPLOAD_CHUNK), b""), UPLOAD_CHUNK)
-    if got != digest:
-        raise ConvertError(f"{path}: uploaded {got}, expected {digest} (changed while uploading?)")
-    return digest, True
-
-
-def upload_bytes(client, repo, data):
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    if not blob_exists(client, repo, digest):
-        registry.upload_blob(client, repo.base + "/blobs/uploads/", [data])
-    return digest
-
-
-def fetch_blob_bytes(client, repo, digest, limit=64 * MiB):
-    blob = client.open_blob(registry.blob_url(repo.repo_blob_url, digest))
-    if blob.size > limit:
-        raise ConvertError(f"{repo}: blob {digest} is {blob.size} bytes, more than {limit}")
-    data = blob.read(0, blob.size) if blob.size else b""
-    got = "sha256:" + hashlib.sha256(data).hexdigest()
-    if got != digest:
-        raise ConvertError(f"{repo}: blob {digest} hashes to {got}")
-    return data
-
-
-def download_blob(client, repo, digest, path):
-    """Download a blob to path, verifying its digest; returns its size."""
-    stream = BlobStream(client, repo, digest)
-    try:
-        with open(path, "wb") as f:
-            for chunk in stream.chunks():
-                f.write(chunk)
-    finally:
-        stream.close()
-    return os.path.getsize(path)
-
-
-class BlobStream:
-    """A registry blob as a sequential read()-able stream: range GETs of
-    FETCH_CHUNK bytes fetched ahead by a thread, the digest checked at the
-    end (a mismatch raises ConvertError from read())."""
-
-    def __init__(self, client, repo, digest, expected_size=None, ahead=4):
-        self.url = registry.blob_url(repo.repo_blob_url, digest)
-        self.digest = digest
-        self.blob = client.open_blob(self.url)
-        self.size = self.blob.size
-        if expected_size is not None and expected_size != self.size:
-            raise ConvertError(f"{self.url}: the manifest says {expected_size} bytes, the registry "
-                               f"has {self.size}")
-        self.sha = hashlib.sha256()
-        self.q = queue.Queue(ahead)
-        self.stop = threading.Event()
-        self.buf = b""
-        self.done = False
-        self.thread = threading.Thread(target=self._fetch, name="blob-fetch", daemon=True)
-        self.thread.start()
-        self.seconds = 0.0
-
-    def _fetch(self):
-        t0 = time.monotonic()
-        try:
-            off = 0
-            while off < self.size and not self.stop.is_set():
-                data = self.blob.read(off, min(FETCH_CHUNK, self.size - off))
-                if not data:
-                    raise ConvertError(f"{self.url}: empty read at {off}")
-                off += len(data)
-                self._put(data)
-            self.seconds = time.monotonic() - t0
-            self._put(None)
-        except BaseException as e:   # noqa: BLE001 -- handed to the reader
-            self._put(e)
-
-    def _put(self, item):
-        while not self.stop.is_set():
-            try:
-                self.q.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-
-    def _next(self):
-        if self.done:
-            return b""
-        item = self.q.get()
-        if item is None:
-            self.done = True
-            got = "sha256:" + self.sha.hexdigest()
-            if got != self.digest:
-                raise ConvertError(f"{self.url}: the blob hashes to {got}")
-            return b""
-        if isinstance(item, BaseException):
-            self.done = True
-            raise item
-        self.sha.update(item)
-        return item
-
-    def chunks(self):
-        while True:
-            c = self._next()
-            if not c:
-                return
-            yield c
-
-    def read(self, n=-1):
-        if n is None or n < 0:
-            return b"".join([self.buf] + list(self.chunks()))
-        while len(self.buf) < n:
-            c = self._next()
-            if not c:
-                break
-            self.buf = self.buf + c if self.buf else c
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def close(self):
-        self.stop.set()
-        self.thread.join(5)
-
-
 # -- base layer --------------------------------------------------------------------------------------
 
 def base_layer_blob(dest_dir):
@@ -357,6 +184,7 @@ class Options:
     cred_file: str = ""
     compress_threads: int = 1
     quiet: bool = False
+    progress: str = "auto"               # progress.MODES: bars on a terminal, else lines
 
     @property
     def vsize(self):
@@ -377,9 +205,11 @@ class LayerResult:
     reused: str = ""                     # "", "db", "mount"
     tar_bytes: int = 0
     entries: int = 0
+    download_s: float = 0.0              # receiving the source blob (while it is applied)
     apply_s: float = 0.0
-    commit_s: float = 0.0
+    commit_s: float = 0.0                # commit -z -t and the blob's digest
     upload_s: float = 0.0
+    uploaded: bool = False               # False: the registry had the blob already
 
 
 @dataclass
@@ -391,6 +221,8 @@ class Summary:
     config_digest: str = ""
     layers: list = field(default_factory=list)
     base: tuple = None                   # (digest, size) when prepended
+    base_uploaded: bool = False
+    base_upload_s: float = 0.0
     seconds: float = 0.0
 
 
@@ -400,6 +232,7 @@ class Converter:
     def __init__(self, opts, out=None):
         self.o = opts
         self.out = out if out is not None else sys.stderr
+        self.progress = Progress(self.out, opts.progress, quiet=opts.quiet, prefix="convert: ")
         algo = opts.algorithm
         if algo not in zfile.ALGOS:
             raise UsageError(f"--algorithm {algo!r}: must be lz4 or zstd")
@@ -409,8 +242,7 @@ class Converter:
             raise UsageError(f"--vsize: {opts.vsize} bytes is not a positive multiple of 4 KiB")
 
     def say(self, text):
-        if not self.o.quiet:
-            print(f"convert: {text}", file=self.out, flush=True)
+        self.progress.message(text)
 
     def run(self, src_text, dst_text):
         from . import service_config
@@ -428,11 +260,13 @@ class Converter:
         work = tempfile.mkdtemp(prefix="obd-convert-", dir=self.o.workdir or None)
         client = imageref.client_from_service_config(svc, self.o.cred_file)
         try:
-            summary = self._convert(client, db, src, dst, work)
+            with self.progress.logging_above():
+                summary = self._convert(client, db, src, dst, work)
             summary.seconds = time.monotonic() - t0
             self._report(summary)
             return summary
         finally:
+            self.progress.close()
             client.close()
             if db is not None:
                 db.close()
@@ -507,12 +341,11 @@ class Converter:
         todo = [r for r in results if not r.reused]
 
         # 2. the base layer
+        base_up = (False, 0.0)
         if base is not None:
-            t = time.monotonic()
-            _, up = upload_file(client, dst, base[0], base[1])
-            self.say(f"base layer {base[1][:19]}… {human(base[2])}"
-                     f"{' uploaded' if up else ' already in the registry'} "
-                     f"({time.monotonic() - t:.2f} s)")
+            with self.progress.task("base layer upload", base[2]) as bar:
+                _, up = upload_file(client, dst, base[0], base[1], bar)
+            base_up = (up, bar.elapsed)
 
         # 3. the layers, bottom to top
         lowers = [base[0]] if base else []
@@ -523,16 +356,19 @@ class Converter:
             os.makedirs(ldir)
             commit_path = os.path.join(ldir, "overlaybd.commit")
             tag = f"[{i + 1}/{n}] {r.source_digest[:19]}…"
+            label = f"layer {i + 1}/{n}"
             if r.reused:
                 if todo:          # later layers are converted on top of it: fetch it
-                    download_blob(client, dst, r.digest, commit_path)
+                    with self.progress.task(f"{label} download", r.size) as bar:
+                        bar.set_note("reused blob, a lower of the next layers")
+                        download_blob(client, dst, r.digest, commit_path, bar)
                     lowers.append(commit_path)
                 self.say(f"{tag} reused {r.digest[:19]}… {human(r.size)} "
                          f"({'layer database' if r.reused == 'db' else 'mounted from another repository'})")
                 prev_uuid = uuid_of(chains[i])
                 continue
-            self._convert_layer(client, dst, r, layers[i], diff_ids[i], chains[i], prev_uuid,
-                                ldir, lowers, commit_path, tag)
+            self._convert_layer(client, dst, r, diff_ids[i], chains[i], prev_uuid,
+                                ldir, lowers, commit_path, tag, label)
             if db is not None:
                 db.put(dst.host, dst.repo, chains[i], params, parent, r.digest, r.size)
             parent = r.digest
@@ -563,7 +399,7 @@ class Converter:
         mbytes = imageref.go_json(doc).encode()
         mdigest = registry.push_manifest(client, dst.base, dst.ref, mbytes, doc["mediaType"])
         return Summary(str(src), str(dst), mdigest, mbytes, config_digest, results,
-                       (base[1], base[2]) if base else None)
+                       (base[1], base[2]) if base else None, *base_up)
 
     def _reuse(self, client, db, dst, chain, params, parent, r):
         """Find layer r converted before on `parent`: in this repository (the
@@ -582,8 +418,8 @@ class Converter:
                 return True
         return False
 
-    def _convert_layer(self, client, dst, r, desc, diff_id, chain, prev_uuid, ldir, lowers,
-                       commit_path, tag):
+    def _convert_layer(self, client, dst, r, diff_id, chain, prev_uuid, ldir, lowers,
+                       commit_path, tag, label):
         o = self.o
         i = r.index
         data, index = os.path.join(ldir, "writable_data"), os.path.join(ldir, "writable_index")
@@ -596,44 +432,62 @@ class Converter:
         with open(cfg_path, "w") as f:
             json.dump({"lowers": [{"file": p} for p in lowers],
                        "upper": {"index": index, "data": data}, "resultFile": ""}, f)
-        t = time.monotonic()
-        stream = BlobStream(client, self._src_repo, r.source_digest, r.source_size or None)
-        try:
-            res = apply.apply_layer("<" + r.source_digest + ">", cfg_path,
-                                    mkfs_first=o.mkfs and i == 0, checksum=diff_id,
-                                    fileobj=stream, workdir=ldir)
-        except apply.ApplyError as e:
-            raise ConvertError(f"layer {i} ({r.source_digest}): {e}") from None
-        finally:
-            stream.close()
-        r.apply_s = time.monotonic() - t
+        res = self._pull_apply(client, r, diff_id, cfg_path, ldir, label)
         r.tar_bytes, r.entries = res.tar_bytes, res.entries
-        t = time.monotonic()
-        self._commit(data, index, commit_path, uuid_of(chain), prev_uuid)
-        os.unlink(data)
-        os.unlink(index)
-        r.commit_s = time.monotonic() - t
-        t = time.monotonic()
-        r.digest = sha256_file(commit_path)
-        r.size = os.path.getsize(commit_path)
-        _, uploaded = upload_file(client, dst, commit_path, r.digest)
-        r.upload_s = time.monotonic() - t
+        with self.progress.task(f"{label} compress") as bar:
+            self._commit(data, index, commit_path, uuid_of(chain), prev_uuid, bar)
+            os.unlink(data)
+            os.unlink(index)
+            # the digest is part of making the blob: the upload step only sends it
+            r.digest = sha256_file(commit_path)
+            r.size = os.path.getsize(commit_path)
+            bar.close(note=f"-> {human(r.size)} {o.algorithm} blob")
+        r.commit_s = bar.elapsed
+        with self.progress.task(f"{label} upload", r.size) as bar:
+            _, r.uploaded = upload_file(client, dst, commit_path, r.digest, bar)
+        r.upload_s = bar.elapsed
         self.say(f"{tag} {human(r.source_size)} {res.compression} -> {human(r.tar_bytes)} tar, "
-                 f"{r.entries} entries: apply {r.apply_s:.2f} s, commit {r.commit_s:.2f} s -> "
-                 f"{r.digest[:19]}… {human(r.size)}, "
-                 f"{'upload' if uploaded else 'already in the registry'} {r.upload_s:.2f} s")
+                 f"{r.entries} entries -> {r.digest[:19]}… {human(r.size)}"
+                 f"{'' if r.uploaded else ', already in the registry'}")
 
-    def _commit(self, data, index, out_path, uid, parent):
+    def _pull_apply(self, client, r, diff_id, cfg_path, ldir, label):
+        """Stream the source blob into apply: two bars running at once, the
+        download (bytes received) and the apply (compressed bytes untarred;
+        its final line adds the tar size)."""
+        mkfs = self.o.mkfs and r.index == 0
+        with self.progress.task(f"{label} download", r.source_size) as dl, \
+                self.progress.task(f"{label} apply", r.source_size) as ap:
+            stream = BlobStream(client, self._src_repo, r.source_digest,
+                                r.source_size or None, fetch_bar=dl, read_bar=ap)
+            try:
+                res = apply.apply_layer("<" + r.source_digest + ">", cfg_path, mkfs_first=mkfs,
+                                        checksum=diff_id, fileobj=stream, workdir=ldir,
+                                        progress=lambda n: ap.set_note(f"{n} entries"))
+            except apply.ApplyError as e:
+                raise ConvertError(f"layer {r.index} ({r.source_digest}): {e}") from None
+            finally:
+                stream.close()
+            ap.close(note=f"{res.compression} -> {human(res.tar_bytes)} tar, {res.entries} entries")
+        r.download_s, r.apply_s = dl.elapsed, ap.elapsed
+        return res
+
+    def _commit(self, data, index, out_path, uid, parent, bar=None):
+        """commit -z -t of the RW layer; `bar` counts the LSMT bytes fed to
+        the compressor (its total is the data plus the 4 KiB header; the
+        index and trailer come on top, so it ends a little past 100 %)."""
         from .cli.common import Output
         layer = RWLayer.open(data, index)
         try:
             files = [layer.backing]
             header = commit.layer_info(files, uid, parent)
+            records = layer.index.records()
             out = Output(out_path, use_zfile=True, use_tar=True, algo=zfile.ALGOS[self.o.algorithm],
                          bs=self.o.bs_kb * 1024, threads=self.o.compress_threads,
                          overwrite_header=True)
+            bar = bar or null_bar()
+            bar.set_total(HT_SPACE + SECTOR * sum(rec[1] for rec in records if not rec[3]))
             try:
-                commit.compact(layer.index.records(), files, out, header)
+                commit.compact(records, files, _CountingSink(out, bar), header)
                 out.close()
             finally:
                 out.abort()
@@ -641,19 +495,67 @@ class Converter:
             layer.close()
 
     def _report(self, s):
+        """The per-layer table (sizes, reuse, seconds per step), then the
+        totals line."""
         new = [r for r in s.layers if not r.reused]
-        src_bytes = sum(r.source_size for r in new)
         tar_bytes = sum(r.tar_bytes for r in new)
-        out_bytes = sum(r.size for r in s.layers) + (s.base[1] if s.base else 0)
-        busy = sum(r.apply_s + r.commit_s + r.upload_s for r in new)
-        rate = f", {tar_bytes / busy / 1e6:.1f} MB/s of tar" if busy and tar_bytes else ""
         self.say(f"pushed {s.dst} {s.manifest_digest}")
+        for line in table(SUMMARY_HEADERS, _summary_rows(s)):
+            self.say(line)
+        rate = f", {tar_bytes / s.seconds / 1e6:.1f} MB/s of tar overall" \
+            if s.seconds and tar_bytes else ""
         self.say(f"summary: {len(s.layers)} layers ({len(new)} converted, "
                  f"{len(s.layers) - len(new)} reused){' + base layer' if s.base else ''}; "
-                 f"source {human(src_bytes)} ({human(tar_bytes)} tar) -> overlaybd "
-                 f"{human(out_bytes)}; {s.seconds:.2f} s total (apply "
-                 f"{sum(r.apply_s for r in new):.2f} s, commit {sum(r.commit_s for r in new):.2f} s, "
-                 f"upload {sum(r.upload_s for r in new):.2f} s){rate}")
+                 f"source {human(sum(r.source_size for r in s.layers))} -> overlaybd "
+                 f"{human(_out_bytes(s))}; {human(tar_bytes)} of tar applied; "
+                 f"{s.seconds:.2f} s total{rate}")
+
+
+class _CountingSink:
+    """A write() sink that passes everything to `out` and counts it on a bar."""
+
+    def __init__(self, out, bar):
+        self.out, self.bar = out, bar
+
+    def write(self, data):
+        n = self.out.write(data)
+        self.bar.update(len(data))
+        return n
+
+
+SUMMARY_HEADERS = ("layer", "source", "tar", "overlaybd", "reused", "download", "apply",
+                   "compress", "upload")
+
+
+def _out_bytes(s):
+    return sum(r.size for r in s.layers) + (s.base[1] if s.base else 0)
+
+
+def _summary_rows(s):
+    """Rows of the summary table: the base layer, each layer, the totals
+    (tar bytes and seconds are the converted layers')."""
+    def sec(x):
+        return f"{x:.2f} s"
+    n = len(s.layers)
+    rows = []
+    if s.base:
+        rows.append(("base", "-", "-", human(s.base[1]), "no" if s.base_uploaded else "present",
+                     "-", "-", "-", sec(s.base_upload_s)))
+    for r in s.layers:
+        if r.reused:
+            rows.append((f"{r.index + 1}/{n}", human(r.source_size), "-", human(r.size), r.reused,
+                         "-", "-", "-", "-"))
+        else:
+            rows.append((f"{r.index + 1}/{n}", human(r.source_size), human(r.tar_bytes),
+                         human(r.size), "no", sec(r.download_s), sec(r.apply_s), sec(r.commit_s),
+                         sec(r.upload_s)))
+    new = [r for r in s.layers if not r.reused]
+    rows.append(("total", human(sum(r.source_size for r in s.layers)),
+                 human(sum(r.tar_bytes for r in new)), human(_out_bytes(s)),
+                 f"{n - len(new)}/{n}", sec(sum(r.download_s for r in new)),
+                 sec(sum(r.apply_s for r in new)), sec(sum(r.commit_s for r in new)),
+                 sec(sum(r.upload_s for r in new) + s.base_upload_s)))
+    return rows
 
 
 def _layer_desc(media_type, digest, size):
