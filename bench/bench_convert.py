@@ -35,7 +35,7 @@ import time
 
 from _common import (MiB, ROOT, TempDir, best, env_line, fmt, interleaved, ratio, semi_compressible,
                      spread, table, warm)
-from tcmu_obd import apply, baselayer, config, convert
+from tcmu_obd import apply, baselayer, blockdev, config, convert
 from tcmu_obd.rw import RWLayer
 
 
@@ -124,7 +124,7 @@ class Trials:
         if check is not None:
             image = config.open_image(cfg)
             try:
-                with apply.fuse_loop(image, d, read_only=True) as dev, \
+                with blockdev.fuse_loop(image, d, read_only=True) as dev, \
                         apply.mounted(dev, os.path.join(d, "ro"), read_only=True) as mnt:
                     got = tree_digest(mnt)
             finally:

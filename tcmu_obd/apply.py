@@ -2,9 +2,11 @@
 image's writable upper layer (spec/runtime.md §j), through the kernel's
 ext4 on a block device.
 
-The device is the image served by FUSE (tcmu_obd.fuse.FuseDisk, in this
-process) and bound to a loop device (direct I/O); with --raw it is a plain
-image file on a loop device.  `--mkfs` makes ext4 first with overlaybd's
+The device comes from tcmu_obd.blockdev: a SCSI disk through TCMU where the
+kernel has it (served by the running daemon, or by one private to this
+process), else the image served by FUSE in this process behind a direct-I/O
+loop device; --frontend / $TCMU_OBD_FRONTEND forces one.  With --raw it is a
+plain image file on a loop device.  `--mkfs` makes ext4 first with overlaybd's
 options.  The ext4 is mounted on a private temporary directory, the tar is
 unpacked into it with overlaybd's untar semantics (below), then everything is
 unmounted, detached and the upper synced.
@@ -51,6 +53,8 @@ import time
 import zlib
 from dataclasses import dataclass
 
+from . import blockdev
+from .blockdev import raw_loop
 from .errors import ObdError, UsageError
 
 log = logging.getLogger(__name__)
@@ -96,6 +100,7 @@ class ApplyResult:
     digest: str = ""            # sha256 of the uncompressed tar
     seconds: float = 0.0
     fs_bytes: int = 0           # ext4 size
+    frontend: str = ""          # the block device used: "tcmu (/dev/sdX, served by ...)" or "fuse ..."
 
 
 # -- input ---------------------------------------------------------------------------------------
@@ -569,40 +574,6 @@ def fs_size(path):
 
 
 @contextlib.contextmanager
-def fuse_loop(image, workdir, read_only=False):
-    """`image` served by FUSE under workdir and bound to a loop device;
-    yields the device path.  Teardown: loop device, then FUSE."""
-    from . import fuse
-    fdir = os.path.join(workdir, "fuse")
-    os.makedirs(fdir, exist_ok=True)
-    disk = fuse.FuseDisk(image, fdir)
-    cwd = os.getcwd()
-    try:
-        try:
-            disk.start()
-        finally:
-            os.chdir(cwd)        # libfuse's fuse_daemonize() does chdir("/"), even in the foreground
-        dev = fuse.loop_attach(disk.path, read_only=read_only or not image.writable)
-        try:
-            yield dev
-        finally:
-            if not fuse.loop_detach(dev, disk.path):
-                log.warning("%s: still bound to %s", dev, disk.path)
-    finally:
-        disk.stop()
-
-
-@contextlib.contextmanager
-def raw_loop(path, read_only=False):
-    from . import fuse
-    dev = fuse.loop_attach(os.path.abspath(path), read_only=read_only, direct_io=False)
-    try:
-        yield dev
-    finally:
-        fuse.loop_detach(dev, os.path.abspath(path))
-
-
-@contextlib.contextmanager
 def mounted(dev, mnt, read_only=False):
     """ext4 on dev mounted at mnt (made if missing) for the duration."""
     os.makedirs(mnt, exist_ok=True)
@@ -613,21 +584,25 @@ def mounted(dev, mnt, read_only=False):
         umount(mnt)
 
 
-def mkfs_layer(data_path, index_path, workdir=None):
+def mkfs_layer(data_path, index_path, workdir=None, frontend=None):
     """overlaybd-create --mkfs: make ext4 (MKFS_CMD) on a new RW layer with
-    no lowers, through FUSE + loop.  (For the lead to wire into
-    tcmu_obd/cli/create.py.)"""
+    no lowers, on a block device from tcmu_obd.blockdev (TCMU or FUSE + loop)."""
+    import json
     from .image import Image
     from .rw import RWLayer
-    upper = RWLayer.open(data_path, index_path)
-    image = Image([], upper)
     tmp = tempfile.mkdtemp(prefix="obd-mkfs-", dir=workdir)
     try:
-        with fuse_loop(image, tmp) as dev:
-            mkfs(dev)
-        image.fsync()
+        cfg_path = os.path.join(tmp, "config.v1.json")
+        with open(cfg_path, "w") as f:
+            json.dump({"lowers": [], "upper": {"data": os.path.abspath(data_path),
+                                               "index": os.path.abspath(index_path)},
+                       "resultFile": os.path.join(tmp, "result")}, f)
+
+        def opener():
+            return Image([], RWLayer.open(data_path, index_path))
+        with blockdev.image_device(cfg_path, opener, tmp, frontend=frontend) as d:
+            mkfs(d.path)
     finally:
-        image.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -688,7 +663,7 @@ def _precheck(path, checksum, fileobj):
 
 
 def apply_layer(input_path, image_config, mkfs_first=False, checksum="", raw=False,
-                service_cfg=None, fileobj=None, workdir=None, progress=None):
+                service_cfg=None, fileobj=None, workdir=None, progress=None, frontend=None):
     """Apply the layer tar at input_path (or read from fileobj) onto the
     upper of image_config (a config.v1.json path or ImageConfig), or onto a
     raw image file with raw=True.  Returns an ApplyResult; raises ApplyError."""
@@ -713,7 +688,7 @@ def apply_layer(input_path, image_config, mkfs_first=False, checksum="", raw=Fal
                 fileobj = None
         try:
             result = _apply(input_path, cfg, image_config, mkfs_first, checksum, raw, service_cfg,
-                            fileobj, tmp, progress)
+                            fileobj, tmp, progress, frontend)
         except BaseException as e:
             if rollback is not None:
                 _rollback(rollback)
@@ -730,19 +705,19 @@ def apply_layer(input_path, image_config, mkfs_first=False, checksum="", raw=Fal
 
 
 def _apply(input_path, cfg, image_config, mkfs_first, checksum, raw, service_cfg, fileobj, tmp,
-           progress):
+           progress, frontend):
     from . import config
     result = ApplyResult()
     with contextlib.ExitStack() as stack:
         if raw:
             dev = stack.enter_context(raw_loop(image_config))
         else:
-            image = config.open_image(cfg, service_cfg)
-            stack.callback(image.close)
-            stack.callback(image.fsync)
-            if image.upper is None:
-                raise ApplyError(f"{cfg.path}: the image has no writable upper layer")
-            dev = stack.enter_context(fuse_loop(image, tmp))
+            d = stack.enter_context(blockdev.image_device(
+                cfg.path, lambda: config.open_image(cfg, service_cfg), tmp,
+                frontend=frontend, service_cfg=service_cfg))
+            dev = d.path
+            result.frontend = f"{d.frontend} ({d.path}, served by {d.served_by})"
+            log.info("applying through %s", result.frontend)
         if mkfs_first:
             mkfs(dev)
         try:

@@ -308,38 +308,59 @@ class Daemon:
         self.audit("start", pid=os.getpid(), devices=len(self.ctx.devices))
 
     def run(self):
-        """Serve until SIGTERM/SIGINT (or stop())."""
+        """Serve until SIGTERM/SIGINT (or stop()); main thread only (signals)."""
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            p = select.poll()
-            p.register(self.ctx.master_fd, select.POLLIN)
-            p.register(rfd, select.POLLIN)
-            while not self.stopping:
-                try:
-                    events = p.poll(1000)
-                except InterruptedError:
-                    continue
-                for fd, ev in events:
-                    if fd == rfd:
-                        try:
-                            os.read(rfd, 4096)
-                        except BlockingIOError:
-                            pass
-                    elif ev & select.POLLIN:
-                        rc = self.ctx.master_ready()
-                        if rc < 0:
-                            log.warning("netlink receive failed (%d)", rc)
-                    elif ev & (select.POLLERR | select.POLLHUP):
-                        log.error("netlink socket error; stopping")
-                        self.stopping = True
+            self._loop(rfd)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
             signal.set_wakeup_fd(old_wakeup)
             os.close(rfd)
             os.close(wfd)
+
+    def run_in_thread(self):
+        """Serve the netlink socket on a thread (no signal handling: for a
+        daemon private to one tool run, tcmu_obd/blockdev.py).  Returns a
+        function that stops the loop and joins the thread."""
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        t = threading.Thread(target=self._loop, args=(rfd,), name="tcmu-netlink", daemon=True)
+        t.start()
+
+        def stop():
+            self.stopping = True
+            os.write(wfd, b"x")
+            t.join()
+            os.close(rfd)
+            os.close(wfd)
+        return stop
+
+    def _loop(self, wake_fd):
+        """Poll the netlink socket (device add/remove events) until stopping;
+        a byte on wake_fd wakes the poll."""
+        p = select.poll()
+        p.register(self.ctx.master_fd, select.POLLIN)
+        p.register(wake_fd, select.POLLIN)
+        while not self.stopping:
+            try:
+                events = p.poll(1000)
+            except InterruptedError:
+                continue
+            for fd, ev in events:
+                if fd == wake_fd:
+                    try:
+                        os.read(wake_fd, 4096)
+                    except BlockingIOError:
+                        pass
+                elif ev & select.POLLIN:
+                    rc = self.ctx.master_ready()
+                    if rc < 0:
+                        log.warning("netlink receive failed (%d)", rc)
+                elif ev & (select.POLLERR | select.POLLHUP):
+                    log.error("netlink socket error; stopping")
+                    self.stopping = True
 
     def _on_signal(self, signum, frame):
         log.info("signal %d: stopping", signum)

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import threading
 
-from . import apply, imageref
+from . import apply, blockdev, imageref
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +57,12 @@ class _CountingClient:
 
 class RunningImage:
     """An overlaybd image from a registry, mounted read-only: manifest ->
-    config.v1.json (remote lowers) -> Image -> FUSE + loop -> ext4 (ro).
-    Use as a context manager; .mountpoint, .dev, .fetched(), .image_size."""
+    config.v1.json (remote lowers) -> block device (TCMU or FUSE + loop) ->
+    ext4 (ro).  Use as a context manager; .mountpoint, .dev, .device (a
+    blockdev.Device), .virtual_size, .fetched(), .image_size (the blobs)."""
 
     def __init__(self, ref_text, mountpoint=None, plain_http=False, platform=("linux", "amd64"),
-                 service_cfg=None, cred_file="", cache_dir=""):
+                 service_cfg=None, cred_file="", cache_dir="", frontend=None):
         self.ref_text = ref_text
         self.mountpoint = mountpoint
         self.plain_http = plain_http
@@ -69,6 +70,9 @@ class RunningImage:
         self.svc = service_cfg
         self.cred_file = cred_file
         self.cache_dir = cache_dir
+        self.frontend = frontend
+        self.device = None
+        self.virtual_size = 0
         self.work = None
         self._stack = None
 
@@ -97,9 +101,14 @@ class RunningImage:
             remote = RemoteContext(svc)
             self._stack.callback(remote.close)
             self.counter = remote.client = _CountingClient(remote.client)
-            self.image = config.open_image(self.config_path, svc, remote=remote)
-            self._stack.callback(self.image.close)
-            self.dev = self._stack.enter_context(apply.fuse_loop(self.image, self.work, read_only=True))
+
+            def opener():
+                return config.open_image(self.config_path, svc, remote=remote)
+            self.device = self._stack.enter_context(blockdev.image_device(
+                self.config_path, opener, self.work, read_only=True, frontend=self.frontend,
+                service_cfg=svc))
+            self.dev = self.device.path
+            self.virtual_size = blockdev.size_of(self.dev)
             if not self.mountpoint:
                 self.mountpoint = os.path.join(self.work, "rootfs")
             self._stack.enter_context(apply.mounted(self.dev, self.mountpoint, read_only=True))
@@ -109,7 +118,9 @@ class RunningImage:
             raise
 
     def fetched(self):
-        return self.counter.fetched
+        """Bytes received from the registry, or None when a running daemon
+        serves the image (its reads are not seen from here)."""
+        return self.counter.fetched if self.device.in_process else None
 
     def __exit__(self, *exc):
         self._stack.close()

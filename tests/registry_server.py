@@ -176,8 +176,9 @@ class Registry:
     `users`, reachable as .tokens).  token_kw goes to TokenServer.
     """
 
-    def __init__(self, auth=None, users=None, **token_kw):
+    def __init__(self, auth=None, users=None, start_timeout=15.0, **token_kw):
         require("docker-registry")
+        self.start_timeout = start_timeout     # the qemu guest (TCG) needs far longer
         if auth == "basic":
             require("htpasswd")
         if auth == "token":
@@ -227,7 +228,7 @@ class Registry:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(["docker-registry", "serve", cfg], stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + self.start_timeout
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"docker-registry exited {self.proc.returncode}: {self.log()}")
@@ -237,7 +238,8 @@ class Registry:
             except requests.ConnectionError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"docker-registry not ready after 15 s: {self.log()}")
+                raise RuntimeError(f"docker-registry not ready after {self.start_timeout:.0f} s: "
+                                   f"{self.log()}")
             time.sleep(0.02)
 
     def log(self):

@@ -32,7 +32,7 @@ import threading
 
 import pytest
 
-from tcmu_obd import apply, baselayer, config, fuse
+from tcmu_obd import apply, baselayer, blockdev, config, fuse
 from tcmu_obd.rw import RWLayer
 
 GiB = 1 << 30
@@ -373,18 +373,16 @@ def new_image(tmp, lowers=(), vsize=64 * GiB, sparse=False, name="up"):
 
 
 def mount_ro(cfg_path, tmp):
-    """Context manager: the image of cfg_path mounted read-only; yields the mount point."""
+    """Context manager: the image of cfg_path mounted read-only (through the
+    frontend blockdev picks: TCMU in the qemu guest); yields the mount point."""
     import contextlib
 
     @contextlib.contextmanager
     def cm():
-        image = config.open_image(cfg_path)
-        try:
-            with apply.fuse_loop(image, tmp, read_only=True) as dev, \
-                    apply.mounted(dev, os.path.join(tmp, "ro"), read_only=True) as mnt:
-                yield mnt
-        finally:
-            image.close()
+        with blockdev.image_device(cfg_path, lambda: config.open_image(cfg_path), tmp,
+                                   read_only=True) as d, \
+                apply.mounted(d.path, os.path.join(tmp, "ro"), read_only=True) as mnt:
+            yield mnt
     return cm()
 
 

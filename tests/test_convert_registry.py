@@ -193,7 +193,7 @@ def test_converted_blobs(reg, source, converted, tmp_path):
 
 def test_run_matches_the_model(reg, source, converted):
     with run.RunningImage(converted["dst"], service_cfg=service_config.load(None)) as img:
-        assert img.image.virtual_size == 64 << 30
+        assert img.virtual_size == 64 << 30
         compare(source["model"], img.mountpoint)
         assert 0 < img.fetched() <= img.image_size
 
@@ -239,7 +239,7 @@ def test_mkfs_oci_zstd(reg, source, tmp_path):
     finally:
         lay.close()
     with run.RunningImage(dst, service_cfg=service_config.load(None)) as img:
-        assert img.image.virtual_size == 256 << 20
+        assert img.virtual_size == 256 << 20
         compare(source["model"], img.mountpoint)
 
 

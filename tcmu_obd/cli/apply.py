@@ -22,6 +22,9 @@ def parser():
     p.add_argument("--gz_index_path", default="", help="(TurboOCI; not supported)")
     p.add_argument("--from_qcow2", action="store_true", help="(not supported)")
     p.add_argument("--no-extract-rootfs", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--frontend", choices=("auto", "tcmu", "fuse"), default=None,
+                   help="the block device for the kernel's ext4: TCMU where the kernel has it, else "
+                        "FUSE + loop (default auto, or $TCMU_OBD_FRONTEND)")
     p.add_argument("--quiet", "-q", action="store_true", help="no summary line on stderr")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("input", help="layer tar (plain, gzip or zstd); a FIFO, or - for stdin")
@@ -39,12 +42,12 @@ def body(argv):
     checksum = apply.check_checksum(args.checksum)
     svc = None if args.raw else service_config.load(args.service_config)
     res = apply.apply_layer(args.input, args.image_config, mkfs_first=args.mkfs, checksum=checksum,
-                            raw=args.raw, service_cfg=svc)
+                            raw=args.raw, service_cfg=svc, frontend=args.frontend)
     if not args.quiet:
         rate = res.tar_bytes / res.seconds / 1e6 if res.seconds else 0.0
         print(f"overlaybd-apply: {res.entries} entries, {res.tar_bytes} tar bytes "
               f"({res.compression}, {res.input_bytes} read), {res.digest}, {res.seconds:.2f} s "
-              f"({rate:.1f} MB/s)", file=sys.stderr)
+              f"({rate:.1f} MB/s){', through ' + res.frontend if res.frontend else ''}", file=sys.stderr)
     return 0
 
 

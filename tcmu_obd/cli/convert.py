@@ -5,7 +5,8 @@ overlaybd image from a registry read-only, fetching only what is read.
 Registries on localhost/127.0.0.1/::1 are spoken to over plain HTTP, others
 over HTTPS (--plain-http forces HTTP).  Credentials: --cred-file (a
 cred.json), else the global config's credentials, else docker's
-config.json.  Progress and the summary go to stderr."""
+config.json.  Progress (bars on a terminal, one line per finished step
+otherwise) and the summary table go to stderr."""
 import argparse
 import os
 import signal
@@ -13,7 +14,7 @@ import stat
 import sys
 import threading
 
-from .. import apply, convert, imageref, run, service_config
+from .. import apply, convert, imageref, progress, run, service_config
 from ..errors import UsageError
 from .common import subcommand_main
 
@@ -39,7 +40,7 @@ def cmd_convert(args):
         oci=args.oci, plain_http=args.plain_http, platform=tuple(imageref.parse_platform(args.platform)),
         db_path="none" if args.no_reuse else args.db, workdir=args.workdir, keep=args.keep,
         service_config=svc, cred_file=args.cred_file, compress_threads=args.compress_threads,
-        quiet=args.quiet)
+        quiet=args.quiet, progress=args.progress)
     summary = convert.convert(args.src, args.dst, opts)
     if args.dump_manifest:
         sys.stdout.write(summary.manifest.decode() + "\n")
@@ -69,8 +70,8 @@ def cmd_run(args):
     if args.mount and not os.path.isdir(args.mount):
         raise UsageError(f"--mount {args.mount}: not a directory")
     img = run.RunningImage(args.ref, args.mount, args.plain_http,
-                               imageref.parse_platform(args.platform), svc, args.cred_file,
-                               args.cache_dir)
+                           imageref.parse_platform(args.platform), svc, args.cred_file,
+                           args.cache_dir, args.frontend)
     stop = threading.Event()
     got = {}
 
@@ -83,13 +84,16 @@ def cmd_run(args):
 
     def fetched_line():
         f = img.fetched()
+        if f is None:
+            return (f"bytes fetched are not counted: {img.device.served_by} serves the image "
+                    f"({img.image_size} bytes in {len(img.lowers)} layer blobs)")
         pct = 100.0 * f / img.image_size if img.image_size else 0.0
         return (f"fetched {f} bytes of {img.image_size} ({pct:.2f} % of the image's "
                 f"{len(img.lowers)} layer blobs) in {img.counter.reads} registry reads")
 
     with img:
-        print(f"run: {img.where}: mounted read-only at {img.mountpoint} ({img.dev}, "
-              f"{img.image.virtual_size / GiB:.1f} GiB virtual disk)", file=sys.stderr)
+        print(f"run: {img.where}: mounted read-only at {img.mountpoint} ({img.dev} through "
+              f"{img.device.frontend}, {img.virtual_size / GiB:.1f} GiB virtual disk)", file=sys.stderr)
         print(f"run: {fetched_line()}", file=sys.stderr, flush=True)
         if args.exit:
             out = sys.stdout
@@ -143,7 +147,11 @@ def add_subcommands(sub, common):
     s.add_argument("--cred-file", "--cred_file_path", dest="cred_file", default="",
                    help="cred.json to use instead of the global config's credentials")
     s.add_argument("--dump-manifest", action="store_true", help="print the pushed manifest on stdout")
-    s.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    s.add_argument("--quiet", "-q", action="store_true", help="nothing on stderr but errors")
+    s.add_argument("--progress", default="auto", choices=progress.MODES,
+                   help="bars: redrawn in place; lines: one line per finished step (for logs); "
+                        "none: only the per-layer lines and the summary; auto (default): bars "
+                        "when stderr is a terminal, else lines")
     s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("run", parents=[common],
@@ -160,6 +168,9 @@ def add_subcommands(sub, common):
                    help="blob cache (default: a temporary one, so the fetched figure is this run's)")
     s.add_argument("--cred-file", "--cred_file_path", dest="cred_file", default="",
                    help="cred.json to use instead of the global config's credentials")
+    s.add_argument("--frontend", choices=("auto", "tcmu", "fuse"), default=None,
+                   help="block device: TCMU where the kernel has it, else FUSE + loop "
+                        "(default auto, or $TCMU_OBD_FRONTEND)")
     s.set_defaults(fn=cmd_run)
 
 

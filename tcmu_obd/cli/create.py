@@ -40,8 +40,8 @@ def body(argv):
     layer = RWLayer.create(args.data_file, args.index_file, vsize, args.parent_uuid, args.sparse)
     layer.close()
     if args.mkfs:
-        # overlaybd makes ext4 in userspace; we use the kernel's mkfs.ext4
-        # through FUSE + loop, with overlaybd's options (tcmu_obd.apply.MKFS_CMD)
+        # overlaybd makes ext4 in userspace; we use the kernel's mkfs.ext4 on
+        # a TCMU or FUSE + loop device, with overlaybd's options (tcmu_obd.apply.MKFS_CMD)
         from ..apply import mkfs_layer
         mkfs_layer(args.data_file, args.index_file)
     return 0
@@ -49,3 +49,7 @@ def body(argv):
 
 def main(argv=None):
     sys.exit(run(body, sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()
