@@ -4,8 +4,8 @@
 # from tars made here (files, a whiteout, an opaque directory, a symlink, a hard
 # link) and push it with plain HTTP requests; convert it to an overlaybd image with
 # `tcmu-obd convert` (pushed to the same registry); convert it again (every layer
-# reused); then `tcmu-obd run --exit`: mount it read-only through FUSE + loop +
-# ext4, list the files, print one, and show how many bytes were fetched from the
+# reused); then `tcmu-obd run --exit`: mount its ext4 read-only (on a TCMU device
+# where the kernel has it, else FUSE + loop), list the files, print one, and show how many bytes were fetched from the
 # registry against the image size.  Everything is removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -121,7 +121,7 @@ echo "== convert to overlaybd: $REG/demo/app:v1-obd"
 echo "== convert again: every layer comes from the layer database, same manifest"
 "${OBD[@]}" convert "$REG/demo/app:v1" "$REG/demo/app:v1-obd" --db "$TMP/layers.db"
 
-echo "== run it: mount read-only (FUSE + loop + ext4), list, read, show what was fetched"
+echo "== run it: mount read-only (TCMU or FUSE + loop, then ext4), list, read, show what was fetched"
 "${OBD[@]}" run "$REG/demo/app:v1-obd" --exit --tree --cat etc/motd.d/welcome --cat usr/bin/hello
 
 echo "== done; cleaning up"
