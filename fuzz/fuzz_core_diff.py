@@ -308,6 +308,8 @@ def op_zfile_backing(prog, st):
     ok, a, b = both("ZFileBacking", lambda M: M.ZFileBacking(fd, base, 512, data_end, table, bs, algo,
                                                               verify, size, "zf"))
     if ok:
+        if prog.int(0, 1):
+            a.map_blocks()      # the core's mapped decode path against the reference's preads
         f = {C: a, R: b, "lenient": lenient}
         both("nblocks", lambda M: f[M].nblocks)
         st.files.append(f)

@@ -22,6 +22,8 @@ Input modes (the first byte modulo 8 is the marker; the second is `sel`):
        the ops replace/insert/drop payloads or set header fields, then write
        a fully consistent file (lengths, CRCs, digests) around them.
 sel bits 5..7 put (sel >> 5) * 512 bytes of junk before the ZFile (base).
+Bit 3 of the first byte reads the blocks through a mapping (map_blocks, as
+open_layer does for local files) instead of pread.
 """
 
 import io
@@ -286,6 +288,8 @@ def TestOneInput(data):
         head = os.pread(FILE.fd, 512, base)
         is_z = zfile.is_zfile(head, PATH)
         backing, info = zfile.open_backing(FILE.fd, base, len(blob), PATH)
+        if data and data[0] & 8:
+            backing.map_blocks()        # decode from a mapping, as open_layer does for local files
         if expect is not None:
             assert is_z
         _read_checks(backing, info, data, expect)

@@ -382,7 +382,9 @@ class Layer:
     def open(self, M, name):
         if self.kind == "raw":
             return M.RawBacking(self.f.fileno(), self.base, self.size, name)
-        return M.ZFileBacking(self.f.fileno(), self.base, *self.zargs, name)
+        z = M.ZFileBacking(self.f.fileno(), self.base, *self.zargs, name)
+        z.map_blocks()          # the core decodes from a mapping, the reference preads
+        return z
 
     def close(self):
         self.f.close()
