@@ -12,8 +12,8 @@ Layouts:
   uniform  records of 1..256 sectors with gaps of 0..256 sectors
   endgap   the uniform records, plus one record 63x further out (a disk
            whose data sits at the start, with e.g. a backup GPT at its
-           very end): the bucket table's granularity follows the largest
-           end, so its buckets hold many records each
+           very end): build_search sizes its buckets by all but the
+           farthest n/1024 records, so the far one does not coarsen them
 """
 import argparse
 import bisect
@@ -180,17 +180,22 @@ def main():
 
 def describe_buckets(ends, label):
     """The bucket table build_search makes for these ends (mirrors its rule:
-    shift grows until maxend >> shift <= 2n), as one line."""
+    shift grows until the end of all but the farthest n/1024 records, >> shift,
+    is <= 2n; the table has at most 4n+2 buckets), as one line."""
     n = len(ends)
+    limit = ends[n - 1 - (n >> 10)]
     shift = 0
-    while (ends[-1] >> shift) > 2 * n and shift < 62:
+    while (limit >> shift) > 2 * n and shift < 62:
         shift += 1
+    nb = min((ends[-1] >> shift) + 2, 4 * n + 2)
     counts = {}
     for e in ends:
-        counts[e >> shift] = counts.get(e >> shift, 0) + 1
-    return (f"{label}: build_search picks shift {shift} ({1 << shift} sectors per bucket); "
+        b = min(e >> shift, nb - 1)
+        counts[b] = counts.get(b, 0) + 1
+    return (f"{label}: build_search picks shift {shift} ({1 << shift} sectors per bucket, {nb:,} buckets); "
             f"{n:,} records share {len(counts):,} occupied buckets ({n / len(counts):.1f} per bucket on "
-            f"average, up to {max(counts.values())}) and a lookup binary-searches its bucket")
+            f"average, up to {max(counts.values())}) and a lookup binary-searches its bucket "
+            f"(past the table: the records left beyond it)")
 
 
 if __name__ == "__main__":

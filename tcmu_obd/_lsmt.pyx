@@ -20,6 +20,7 @@ from libc.errno cimport errno, EINTR, EINVAL
 from posix.unistd cimport pread
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.pycapsule cimport PyCapsule_New
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from tcmu_obd.errors import CorruptDataError, FormatError, ReadError, UsageError
@@ -319,7 +320,7 @@ cdef class Index:
     def build_search(self):
         """Build the bucket table that makes lookups O(1) on average.
         Bucket b holds the first record whose end > b << shift."""
-        cdef uint64_t maxend, nb, b, key
+        cdef uint64_t maxend, limit, nb, b, key
         cdef int shift = 0
         cdef Py_ssize_t i
         cdef uint32_t *t
@@ -330,10 +331,17 @@ cdef class Index:
             self.nbuckets = 0
             if self.n < 64:
                 return
+            # Size the buckets by where nearly all records are: a few far-out
+            # records (a backup GPT at the end of the disk) must not make every
+            # bucket hold dozens.  Past the table (at most 4n+2 buckets), a
+            # lookup binary-searches the sparse tail that is left.
             maxend = rend(&self.recs[self.n - 1])
-            while (maxend >> shift) > <uint64_t>(2 * self.n) and shift < 62:
+            limit = rend(&self.recs[self.n - 1 - (self.n >> 10)])
+            while (limit >> shift) > <uint64_t>(2 * self.n) and shift < 62:
                 shift += 1
             nb = (maxend >> shift) + 2
+            if nb > <uint64_t>(4 * self.n + 2):
+                nb = <uint64_t>(4 * self.n + 2)
             t = <uint32_t *>malloc(nb * sizeof(uint32_t))
             if t == NULL:
                 raise MemoryError()
@@ -357,9 +365,10 @@ cdef class Index:
         if self.buckets != NULL:
             b = x >> self.shift
             if b + 1 >= self.nbuckets:
-                return self.n
-            lo = self.buckets[b]
-            hi = self.buckets[b + 1]
+                lo = self.buckets[self.nbuckets - 1]     # past the table: the sparse tail
+            else:
+                lo = self.buckets[b]
+                hi = self.buckets[b + 1]
         while lo < hi:
             mid = (lo + hi) >> 1
             if rend(&self.recs[mid]) > x:
@@ -1370,3 +1379,21 @@ def compress_blocks(int algo, data, uint32_t block_size, bint verify):
     finally:
         PyBuffer_Release(&view)
     return result, lengths
+
+
+# ---------------------------------------------------------------- C entry point for the TCMU ring
+cdef int stack_read_nogil(void *stack, char *dst, uint64_t offset, uint64_t length) noexcept nogil:
+    """Stack.read_into without the GIL or any Python object, for a TCMU worker
+    (tcmu_obd/_tcmu.pyx gets it from the STACK_READ capsule).  `stack` is a
+    borrowed Stack* the caller keeps alive.  0 when the bytes are in dst;
+    -1 when this read needs more (cache misses to fetch, a CRC to heal, an
+    error to describe): the caller then calls read_into, which does all that."""
+    cdef Err err
+    if offset % SECTOR or length % SECTOR:
+        return -1
+    err.which = -1
+    err.nmiss = 0
+    return (<Stack>stack)._read(dst, offset // SECTOR, (offset + length) // SECTOR, &err)
+
+
+STACK_READ = PyCapsule_New(<void *>stack_read_nogil, "tcmu_obd._lsmt.stack_read_nogil", NULL)

@@ -347,6 +347,34 @@ def test_merge_large_uses_bucket_search(gaps, seed, shift):
     assert [a.find(k) for k in keys] == [b.find(k) for k in keys]
 
 
+@FAST
+@given(st.integers(64, 400), st.lists(st.integers(2, 10**6), min_size=1, max_size=4), st.integers(0, 2**32))
+def test_bucket_search_with_far_records(n, factors, seed):
+    """Dense records at the start and a few far out (a backup GPT at the end of
+    the disk): the bucket table is sized by the dense part, and lookups past
+    it search the sparse tail; find must equal the reference's everywhere."""
+    rng = random.Random(seed)
+    recs, pos = [], 0
+    for _ in range(n):
+        pos += rng.randrange(0, 8)
+        ln = rng.randrange(1, 64)
+        recs.append((pos, ln, pos, 0, 0))
+        pos += ln
+    dense = pos
+    for f in sorted(set(factors)):
+        far = dense * f + rng.randrange(100)
+        if far + 8 >= 2**50 or far < pos:
+            continue
+        recs.append((far, 8, far, 0, 0))
+        pos = far + 8
+    a, b = C.Index.from_records(recs), R.Index.from_records(recs)
+    a.build_search()
+    b.build_search()
+    keys = [rng.randrange(dense + 16) for _ in range(200)] + [rng.randrange(pos + 100) for _ in range(200)]
+    keys += [r[0] + d for r in recs for d in (-1, 0, r[1] - 1, r[1]) if r[0] + d >= 0] + [2**64 - 1]
+    assert [a.find(k) for k in keys] == [b.find(k) for k in keys]
+
+
 def test_merge_errors():
     on_both(lambda M: M.merge((M.Index(),)))
     on_both(lambda M: M.merge([None]))
