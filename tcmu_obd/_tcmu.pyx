@@ -26,6 +26,7 @@ import threading
 from cpython.buffer cimport PyBuffer_FillInfo
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.ref cimport Py_DECREF, Py_INCREF
+from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.errno cimport EINTR, EIO, errno
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
@@ -93,6 +94,9 @@ STS_OK = TCMU_STS_OK
 STS_RD_ERR = TCMU_STS_RD_ERR
 STS_WR_ERR = TCMU_STS_WR_ERR
 STS_PASSTHROUGH_ERR = TCMU_STS_PASSTHROUGH_ERR
+
+
+ctypedef int (*stack_read_fn)(void *stack, char *dst, uint64_t offset, uint64_t length) noexcept nogil
 
 
 cdef struct Job:
@@ -286,20 +290,22 @@ class Pool:
 
 
 def _worker():
+    """A pool thread: reads the core can serve at once never take the GIL;
+    everything else (writes, misses, errors, SYNC/UNMAP) makes run_job's one
+    Python call."""
     cdef Job *j
     cdef char *scratch = NULL
     cdef size_t cap = 0
-    cdef Device dev
     try:
-        while True:
-            with nogil:
+        with nogil:
+            while True:
                 j = queue_take()
-            if j == NULL:
-                break
-            dev = <Device>j.owner
-            j.result = dev.run_job(j, &scratch, &cap)
-            with nogil:
-                dev.done(j)
+                if j == NULL:
+                    break
+                if not (<Device>j.owner).try_fast(j, &scratch, &cap):
+                    with gil:
+                        j.result = (<Device>j.owner).run_job(j, &scratch, &cap)
+                (<Device>j.owner).done(j)
     finally:
         free(scratch)
 
@@ -326,6 +332,8 @@ cdef class Device:
     cdef size_t scratch_cap
     cdef bint solo                  # the command being submitted is the only one in the ring
     cdef object stack
+    cdef stack_read_fn fast_read    # the core's GIL-free Stack read (NULL: not a core Stack)
+    cdef void *stack_ptr            # borrowed: self.stack keeps it alive
     cdef object write_fn
     cdef object thread
     cdef public object backend
@@ -385,6 +393,13 @@ cdef class Device:
         self.backend = backend
         self.inline_max = inline_max
         self.stack = backend.stack
+        self.fast_read = NULL
+        self.stack_ptr = NULL
+        from tcmu_obd import _lsmt
+        if type(self.stack) is _lsmt.Stack:
+            self.fast_read = <stack_read_fn>PyCapsule_GetPointer(_lsmt.STACK_READ,
+                                                                 b"tcmu_obd._lsmt.stack_read_nogil")
+            self.stack_ptr = <void *>self.stack
         self.write_fn = backend.write
         self.efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
         if self.efd < 0:
@@ -512,6 +527,8 @@ cdef class Device:
                 if j.length > self.max_read:
                     self.max_read = j.length
                 if j.length <= self.inline_max and self.solo and self.inflight == 0:
+                    if self.try_fast(j, &self.scratch, &self.scratch_cap):
+                        return j.result
                     with gil:
                         return self.run_job(j, &self.scratch, &self.scratch_cap)
             else:
@@ -560,6 +577,31 @@ cdef class Device:
         except BaseException:
             log.exception("%s: emulating opcode 0x%02x failed", self.uio_name, cmd.cdb[0])
             return TCMU_STS_HW_ERR
+
+    cdef bint try_fast(self, Job *j, char **scratch, size_t *cap) noexcept nogil:
+        """A read straight from the core without the GIL; False when it needs
+        run_job (not a read, not a core Stack, a cache miss or an error)."""
+        cdef tcmulib_cmd *cmd = j.cmd
+        cdef char *p
+        cdef bint direct
+        if j.kind != K_READ or self.fast_read == NULL:
+            return False
+        direct = cmd.iov_cnt == 1 and cmd.iovec[0].iov_len >= j.length
+        if direct:
+            p = <char *>cmd.iovec[0].iov_base
+        else:
+            if cap[0] < j.length:
+                p = <char *>realloc(scratch[0], j.length)
+                if p == NULL:
+                    return False
+                scratch[0], cap[0] = p, j.length
+            p = scratch[0]
+        if self.fast_read(self.stack_ptr, p, j.offset, j.length) != 0:
+            return False
+        if not direct:
+            iov_scatter(cmd, p, j.length)
+        j.result = TCMU_STS_OK
+        return True
 
     cdef int run_job(self, Job *j, char **scratch, size_t *cap) noexcept:
         """In a worker thread: the job's one Python call."""
