@@ -155,7 +155,8 @@ def host_main(args):
         cmd = (f"$TCMUVM_PYTHON {os.path.join(HERE, 'bench_tcmu.py')} --guest {tmp} "
                f"--vsize-mib {args.vsize_mib} --region-mib {args.region_mib} "
                f"--runtime {args.runtime} --rounds {args.rounds} --seed {args.seed} "
-               f"--workers {args.workers}" + (f" --only {args.only}" if args.only else "")
+               f"--workers {args.workers} --inline-max {args.inline_max}"
+               + (f" --only {args.only}" if args.only else "")
                + (" --profile" if args.profile else ""))
         t1 = time.perf_counter()
         rc, console = run.run_in_vm(cmd, timeout=args.timeout, mem=args.mem, workdir=tmp,
@@ -238,9 +239,12 @@ class Guest:
         pid_file = os.path.join(self.dir, "serve.pid")
         err = open(os.path.join(self.dir, "obd.stderr"), "ab")
         extra = ["--workers", str(self.args.workers)] if self.args.workers else []
+        env = dict(os.environ)
+        if self.args.inline_max >= 0:
+            env["TCMU_OBD_INLINE_MAX"] = str(self.args.inline_max)
         p = subprocess.Popen([sys.executable, "-m", "tcmu_obd.cli.serve", "serve", svc,
                               "--pid-file", pid_file] + extra, stdout=subprocess.DEVNULL,
-                             stderr=err, cwd=ROOT)
+                             stderr=err, cwd=ROOT, env=env)
         self.procs["tcmu-obd"] = p
         deadline = time.monotonic() + 240
         while not os.path.exists(pid_file):
@@ -558,6 +562,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--workers", type=int, default=0,
                    help="`tcmu-obd serve --workers` (default: the daemon's default)")
+    p.add_argument("--inline-max", type=int, default=-1, metavar="BYTES",
+                   help="TCMU_OBD_INLINE_MAX for the daemon: reads up to this size are served by "
+                        "the ring's own thread (default: the daemon's default)")
     p.add_argument("--only", default="", metavar="SUBSTR[,SUBSTR]",
                    help="run only the workloads whose name holds one of these (e.g. QD32)")
     p.add_argument("--mem", type=int, default=2048, help="guest memory in MiB (default 2048)")

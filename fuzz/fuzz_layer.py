@@ -40,6 +40,7 @@ import tempfile
 import atheris
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _splice import splice as splice_regions  # noqa: E402  (fuzz/ is the script's directory)
 
 with atheris.instrument_imports():
     from tcmu_obd import commit, image, layer, lsmt, rw, tar, zfile
@@ -137,25 +138,8 @@ SEEDS, RW_SEEDS = _build_seeds()
 
 
 def splice(seed, ops):
-    """Apply splice ops (see the module doc) to a copy of seed.blob."""
-    buf = bytearray(seed.blob)
-    pos = 0
-    while pos + 4 <= len(ops):
-        region, off, n = ops[pos], ops[pos + 1] | ops[pos + 2] << 8, ops[pos + 3]
-        payload = ops[pos + 4:pos + 4 + n]
-        pos += 4 + n
-        kind = region % (len(seed.regions) + 2)
-        if kind == len(seed.regions):          # anywhere
-            start = off % (len(buf) + 1)
-        elif kind == len(seed.regions) + 1:    # truncate (or extend with the payload)
-            del buf[off % (len(buf) + 1):]
-            buf += payload
-            continue
-        else:
-            rstart, rlen = seed.regions[kind]
-            start = rstart + off % (rlen + 1)
-        buf[start:start + len(payload)] = payload
-    return bytes(buf)
+    """Apply splice ops (fuzz/_splice.py) to a copy of seed.blob."""
+    return bytes(splice_regions(seed.blob, seed.regions, ops))
 
 
 # --------------------------------------------------------------- memfds

@@ -35,6 +35,7 @@ import sys
 import atheris
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _splice import splice  # noqa: E402  (fuzz/ is the script's directory)
 
 with atheris.instrument_imports():
     from tcmu_obd import core, zfile
@@ -107,27 +108,6 @@ def _regions(blob):
         regions.append((info.index_offset, info.index_size * 4))
         regions.append((512, info.index_offset - 512))
     return regions
-
-
-def splice(blob, regions, ops):
-    buf = bytearray(blob)
-    pos = 0
-    while pos + 4 <= len(ops):
-        region, off, n = ops[pos], ops[pos + 1] | ops[pos + 2] << 8, ops[pos + 3]
-        payload = ops[pos + 4:pos + 4 + n]
-        pos += 4 + n
-        kind = region % (len(regions) + 2)
-        if kind == len(regions):
-            start = off % (len(buf) + 1)
-        elif kind == len(regions) + 1:
-            del buf[off % (len(buf) + 1):]
-            buf += payload
-            continue
-        else:
-            rstart, rlen = regions[kind]
-            start = rstart + off % (max(rlen, 0) + 1)
-        buf[start:start + len(payload)] = payload
-    return buf
 
 
 def _put_crc(buf, at, value):

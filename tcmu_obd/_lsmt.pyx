@@ -675,6 +675,37 @@ cdef inline int decode_mapped(const BackingC *b, uint64_t blk, char *out, uint64
     return rc
 
 
+cdef int serve_block(const BackingC *b, uint64_t i, const char *src, char *dst, uint64_t off,
+                     uint64_t n, char **scratch, Err *err) noexcept nogil:
+    """Decode stored block i (src: its stored bytes; NULL: from the mapping)
+    into the part of dst (the read [off, off+n)) it covers.  A block needed
+    whole is decoded in place; one needed in part goes through *scratch
+    (allocated here) and into the decoded-block cache."""
+    cdef uint64_t bs = b.block_size, bstart = i * bs
+    cdef uint64_t want = bs if bstart + bs <= b.size else b.size - bstart
+    cdef uint64_t lo = off if off > bstart else bstart
+    cdef uint64_t hi = off + n if off + n < bstart + want else bstart + want
+    cdef char *out
+    cdef int rc
+    if lo == bstart and hi == bstart + want:
+        out = dst + (bstart - off)
+    else:
+        if scratch[0] == NULL:
+            scratch[0] = <char *>malloc(bs)
+            if scratch[0] == NULL:
+                return set_err(err, E_NOMEM, bs, 0, 0)
+        out = scratch[0]
+    if src == NULL:
+        rc = decode_mapped(b, i, out, want, err)
+    else:
+        rc = decode_block(b, i, src, b.boff[i + 1] - b.boff[i], out, want, err)
+    if rc == 0 and out == scratch[0]:
+        memcpy(dst + (lo - off), scratch[0] + (lo - bstart), hi - lo)
+        if b.cache != NULL and want == bs:
+            obd_bcache_put(b.cache, i, scratch)     # *scratch gets the slot's old buffer
+    return rc
+
+
 cdef int zfile_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err *err,
                     bint use_map=True) noexcept nogil:
     cdef uint64_t bs = b.block_size
@@ -697,19 +728,7 @@ cdef int zfile_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err 
             continue
         if use_map and b.map != NULL:
             # a mapped file: decode in place, no system call, no copy
-            if lo == bstart and hi == bstart + want:
-                rc = decode_mapped(b, blk, dst + (bstart - off), want, err)
-            else:
-                if scratch == NULL:
-                    scratch = <char *>malloc(bs)
-                    if scratch == NULL:
-                        rc = set_err(err, E_NOMEM, bs, 0, 0)
-                        break
-                rc = decode_mapped(b, blk, scratch, want, err)
-                if rc == 0:
-                    memcpy(dst + (lo - off), scratch + (lo - bstart), hi - lo)
-                    if b.cache != NULL and want == bs:
-                        obd_bcache_put(b.cache, blk, &scratch)
+            rc = serve_block(b, blk, NULL, dst, off, n, &scratch, err)
             if rc:
                 break
             blk += 1
@@ -733,25 +752,7 @@ cdef int zfile_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err 
         if rc:
             break
         for i in range(blk, stop):
-            bstart = i * bs
-            want = bs if bstart + bs <= b.size else b.size - bstart
-            lo = off if off > bstart else bstart
-            hi = off + n if off + n < bstart + want else bstart + want
-            if lo == bstart and hi == bstart + want:
-                rc = decode_block(b, i, cbuf + (b.boff[i] - b.boff[blk]), b.boff[i + 1] - b.boff[i],
-                                  dst + (bstart - off), want, err)
-            else:
-                if scratch == NULL:
-                    scratch = <char *>malloc(bs)
-                    if scratch == NULL:
-                        rc = set_err(err, E_NOMEM, bs, 0, 0)
-                        break
-                rc = decode_block(b, i, cbuf + (b.boff[i] - b.boff[blk]), b.boff[i + 1] - b.boff[i],
-                                  scratch, want, err)
-                if rc == 0:
-                    memcpy(dst + (lo - off), scratch + (lo - bstart), hi - lo)
-                    if b.cache != NULL and want == bs:
-                        obd_bcache_put(b.cache, i, &scratch)   # scratch gets the slot's old buffer
+            rc = serve_block(b, i, cbuf + (b.boff[i] - b.boff[blk]), dst, off, n, &scratch, err)
             if rc:
                 break
         if rc:

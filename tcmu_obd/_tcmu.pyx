@@ -234,6 +234,23 @@ cdef void iov_gather(tcmulib_cmd *cmd, char *dst, uint64_t n) noexcept nogil:
 
 
 # ------------------------------------------------------------------ worker pool
+cdef char *io_buf(tcmulib_cmd *cmd, uint64_t length, char **scratch, size_t *cap,
+                  bint *direct) noexcept nogil:
+    """Where a READ/WRITE's bytes are read into or taken from: the command's
+    one iovec when it holds them all (direct), else the thread's scratch
+    buffer, grown to `length` (NULL when out of memory)."""
+    cdef char *p
+    direct[0] = cmd.iov_cnt == 1 and cmd.iovec[0].iov_len >= length
+    if direct[0]:
+        return <char *>cmd.iovec[0].iov_base
+    if cap[0] < length:
+        p = <char *>realloc(scratch[0], length)
+        if p == NULL:
+            return NULL
+        scratch[0], cap[0] = p, length
+    return scratch[0]
+
+
 cdef Queue _queue
 cdef bint _queue_ready = False
 
@@ -527,6 +544,8 @@ cdef class Device:
                 if j.length > self.max_read:
                     self.max_read = j.length
                 if j.length <= self.inline_max and self.solo and self.inflight == 0:
+                    # alone in the ring: the GIL-free core read costs less than a hand-off
+                    # to a worker (at depth, workers keep reads of a real disk in parallel)
                     if self.try_fast(j, &self.scratch, &self.scratch_cap):
                         return j.result
                     with gil:
@@ -586,16 +605,9 @@ cdef class Device:
         cdef bint direct
         if j.kind != K_READ or self.fast_read == NULL:
             return False
-        direct = cmd.iov_cnt == 1 and cmd.iovec[0].iov_len >= j.length
-        if direct:
-            p = <char *>cmd.iovec[0].iov_base
-        else:
-            if cap[0] < j.length:
-                p = <char *>realloc(scratch[0], j.length)
-                if p == NULL:
-                    return False
-                scratch[0], cap[0] = p, j.length
-            p = scratch[0]
+        p = io_buf(cmd, j.length, scratch, cap, &direct)
+        if p == NULL:
+            return False
         if self.fast_read(self.stack_ptr, p, j.offset, j.length) != 0:
             return False
         if not direct:
@@ -607,18 +619,12 @@ cdef class Device:
         """In a worker thread: the job's one Python call."""
         cdef tcmulib_cmd *cmd = j.cmd
         cdef char *p
-        cdef bint direct = cmd.iov_cnt == 1 and cmd.iovec[0].iov_len >= j.length
+        cdef bint direct
         try:
             if j.kind == K_READ or j.kind == K_WRITE:
-                if direct:
-                    p = <char *>cmd.iovec[0].iov_base
-                else:
-                    if cap[0] < j.length:
-                        p = <char *>realloc(scratch[0], j.length)
-                        if p == NULL:
-                            return TCMU_STS_NO_RESOURCE
-                        scratch[0], cap[0] = p, j.length
-                    p = scratch[0]
+                p = io_buf(cmd, j.length, scratch, cap, &direct)
+                if p == NULL:
+                    return TCMU_STS_NO_RESOURCE
                 if j.kind == K_READ:
                     self.stack.read_into(RawBuf.wrap(p, j.length, False), j.offset)
                     if not direct:

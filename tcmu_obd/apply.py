@@ -260,49 +260,12 @@ class Untar:
         self.is_root = os.geteuid() == 0
 
     # -- paths ------------------------------------------------------------------------------------
-    def _host(self, parts):
-        return os.path.join(self.root, *parts) if parts else self.root
-
     def resolve_dir(self, rel, create):
         """The host path of directory `rel`, following symlinks inside the
         root; missing directories are made (0755) when `create`."""
-        if rel in self._resolved:
-            return self._resolved[rel]
-        todo = [c for c in rel.split("/") if c]
-        done = []
-        links = 0
-        while todo:
-            c = todo.pop(0)
-            if c == ".":
-                continue
-            if c == "..":
-                if done:
-                    done.pop()
-                continue
-            p = self._host(done + [c])
-            try:
-                st = os.lstat(p)
-            except FileNotFoundError:
-                if not create:
-                    raise ApplyError(f"{rel}: {'/'.join(done + [c])} does not exist") from None
-                os.mkdir(p, 0o755)
-                done.append(c)
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                links += 1
-                if links > MAX_SYMLINKS:
-                    raise ApplyError(f"{rel}: too many levels of symbolic links")
-                target = os.readlink(p)
-                if target.startswith("/"):
-                    done = []
-                todo = [x for x in target.split("/") if x] + todo
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                raise ApplyError(f"{rel}: {'/'.join(done + [c])} is not a directory")
-            done.append(c)
-        host = self._host(done)
-        self._resolved[rel] = host
-        return host
+        if rel not in self._resolved:
+            self._resolved[rel] = walk_in_root(self.root, rel, create=create, need_dir=True)
+        return self._resolved[rel]
 
     def _forget(self):
         """A directory or symlink went away or changed: drop resolved paths."""
@@ -469,7 +432,15 @@ class Untar:
 def resolve_in_root(root, rel):
     """The host path of `rel` inside the directory tree `root`, every symlink
     (the last one too) followed as if root were "/"; ApplyError if missing."""
-    root = os.path.realpath(root)
+    return walk_in_root(os.path.realpath(root), rel)
+
+
+def walk_in_root(root, rel, create=False, need_dir=False):
+    """Walk `rel` down from the real path `root` as if root were "/": '..'
+    stops at root, every symlink is followed inside it (absolute targets
+    restart at root; at most MAX_SYMLINKS).  Missing components raise
+    ApplyError, or are made as 0755 directories with create=True; every
+    component but the last must be a directory (the last too with need_dir)."""
     todo, done, links = [c for c in rel.split("/") if c], [], 0
     while todo:
         c = todo.pop(0)
@@ -483,7 +454,11 @@ def resolve_in_root(root, rel):
         try:
             st = os.lstat(p)
         except FileNotFoundError:
-            raise ApplyError(f"{rel}: {'/'.join(done + [c])} does not exist") from None
+            if not create:
+                raise ApplyError(f"{rel}: {'/'.join(done + [c])} does not exist") from None
+            os.mkdir(p, 0o755)
+            done.append(c)
+            continue
         if stat.S_ISLNK(st.st_mode):
             links += 1
             if links > MAX_SYMLINKS:
@@ -493,7 +468,7 @@ def resolve_in_root(root, rel):
                 done = []
             todo = [x for x in target.split("/") if x] + todo
             continue
-        if todo and not stat.S_ISDIR(st.st_mode):
+        if (todo or need_dir) and not stat.S_ISDIR(st.st_mode):
             raise ApplyError(f"{rel}: {'/'.join(done + [c])} is not a directory")
         done.append(c)
     return os.path.join(root, *done)

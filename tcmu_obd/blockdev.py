@@ -83,6 +83,28 @@ def tcmu_problems(setup=True):
     return attach.doctor_problems()
 
 
+def fuse_problems(tools=("losetup", "mount", "umount", "mkfs.ext4", "fusermount3")):
+    """What stops the FUSE + loop frontend here, as [(problem, fix)]; empty
+    when it can be used."""
+    import shutil
+    from . import fuse
+    out = []
+    if os.geteuid() != 0:
+        out.append(("not root", "run as root (FUSE mounts, loop devices and ext4 mounts need it)"))
+    if not os.path.exists("/dev/fuse"):
+        out.append(("no /dev/fuse", "modprobe fuse (in a container: --device /dev/fuse)"))
+    if not os.path.exists("/dev/loop-control"):
+        out.append(("no /dev/loop-control", "modprobe loop (in a container: --privileged)"))
+    for tool in tools:
+        if not shutil.which(tool):
+            out.append((f"no {tool}", "apt-get install fuse3 mount e2fsprogs"))
+    try:
+        fuse.binding()
+    except Exception as e:      # noqa: BLE001 - whatever stops libfuse3 from loading
+        out.append((f"libfuse3: {e}", "apt-get install libfuse3-3"))
+    return out
+
+
 def choose_frontend(frontend=None):
     """'tcmu' or 'fuse' for frontend 'auto'/'tcmu'/'fuse' (None: $TCMU_OBD_FRONTEND or auto).
     A forced 'tcmu' that cannot work raises DeviceError with the failed checks."""
@@ -90,16 +112,22 @@ def choose_frontend(frontend=None):
     if want not in FRONTENDS:
         raise UsageError(f"frontend {want!r} (from {'the argument' if frontend else FRONTEND_ENV}): "
                          f"must be one of {', '.join(FRONTENDS)}")
-    if want == "fuse":
-        return "fuse"
-    problems = tcmu_problems()
-    if not problems:
-        return "tcmu"
-    if want == "tcmu":
-        raise DeviceError("the TCMU frontend cannot work here: "
-                          + "; ".join(f"{p} (fix: {f})" for p, f in problems))
-    log.debug("TCMU not usable (%s); using FUSE + loop", problems[0][0])
+    if want != "fuse":
+        problems = tcmu_problems()
+        if not problems:
+            return "tcmu"
+        if want == "tcmu":
+            raise DeviceError("the TCMU frontend cannot work here: " + _listed(problems))
+        log.debug("TCMU not usable (%s); using FUSE + loop", problems[0][0])
+    fuse_missing = fuse_problems()
+    if fuse_missing:
+        raise DeviceError("no block device frontend works here: FUSE + loop: " + _listed(fuse_missing)
+                          + ("" if want == "fuse" else "; TCMU: " + _listed(problems)))
     return "fuse"
+
+
+def _listed(problems):
+    return "; ".join(f"{p} (fix: {f})" for p, f in problems)
 
 
 def size_of(dev):

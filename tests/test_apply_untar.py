@@ -23,7 +23,6 @@ import json
 import os
 import posixpath
 import re
-import shutil
 import stat
 import subprocess
 import sys
@@ -41,18 +40,8 @@ APPLY_CLI = [sys.executable, "-m", "tcmu_obd.cli.apply"]
 
 
 def missing():
-    if os.geteuid() != 0:
-        return "needs root (FUSE mounts, loop devices, ext4 mounts)"
-    if not os.path.exists("/dev/fuse") or not os.path.exists("/dev/loop-control"):
-        return "no /dev/fuse or /dev/loop-control"
-    for tool in ("losetup", "mount", "umount", "mkfs.ext4", "fusermount3"):
-        if not shutil.which(tool):
-            return f"no {tool}"
-    try:
-        fuse.binding()
-    except Exception as e:    # noqa: BLE001
-        return str(e)
-    return None
+    problems = blockdev.fuse_problems(("losetup", "mount", "umount", "mkfs.ext4", "e2fsck", "fusermount3"))
+    return "; ".join(p for p, _ in problems) or None
 
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))

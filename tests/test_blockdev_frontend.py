@@ -41,3 +41,16 @@ def test_blockdev_forced_tcmu_fails_with_the_checks():
     assert "TCMU frontend cannot work here" in text
     first_problem, first_fix = blockdev.tcmu_problems()[0]
     assert first_problem in text and first_fix in text
+
+
+def test_blockdev_fuse_problems_name_a_fix(monkeypatch):
+    """With the tools gone from PATH, FUSE + loop is refused with what to install."""
+    if blockdev.fuse_problems():
+        pytest.skip(f"FUSE + loop is not usable here: {blockdev.fuse_problems()}")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    problems = blockdev.fuse_problems()
+    assert ("no losetup", "apt-get install fuse3 mount e2fsprogs") in problems
+    with pytest.raises(blockdev.DeviceError, match="no block device frontend works here: FUSE \+ loop: "
+                                                   "no losetup \(fix: apt-get install"):
+        blockdev.choose_frontend("fuse")
+

@@ -14,7 +14,6 @@ import json
 import os
 import random
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import time
 import pytest
 
 from conftest import commit_layer
-from tcmu_obd import baselayer, config, fuse, service_config
+from tcmu_obd import baselayer, blockdev, config, fuse, service_config
 from tcmu_obd.rw import RWLayer
 
 GiB = 1 << 30
@@ -34,18 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _missing():
-    if os.geteuid() != 0:
-        return "needs root (FUSE mounts, loop devices, ext4 mounts)"
-    if not os.path.exists("/dev/fuse") or not os.path.exists("/dev/loop-control"):
-        return "no /dev/fuse or /dev/loop-control"
-    for tool in ("losetup", "mount", "umount", "e2fsck", "fusermount3"):
-        if not shutil.which(tool):
-            return f"no {tool}"
-    try:
-        fuse.binding()
-    except Exception as e:    # noqa: BLE001
-        return str(e)
-    return None
+    problems = blockdev.fuse_problems(("losetup", "mount", "umount", "mkfs.ext4", "e2fsck", "fusermount3"))
+    return "; ".join(p for p, _ in problems) or None
 
 
 pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))

@@ -5,6 +5,7 @@ match Image.read, ext4 mounts, writes committed to a new layer, write
 protection, discard, unsupported opcodes, many devices at once, and a
 kill -9 of the daemon under a read load.  Skipped where target_core_user is
 not loaded (the host)."""
+import contextlib
 import hashlib
 import json
 import mmap
@@ -98,9 +99,11 @@ def work(tmp_path_factory):
     return tmp_path_factory.mktemp("tcmu")
 
 
-@pytest.fixture(scope="module")
-def daemon(configfs, work):
-    d = Daemon(work)
+@contextlib.contextmanager
+def running_daemon(d_dir):
+    """A started Daemon in d_dir; at the end every device left is detached
+    and the daemon must exit 0 on SIGTERM."""
+    d = Daemon(d_dir)
     d.start()
     yield d
     for dev in att.list_devices():
@@ -110,6 +113,12 @@ def daemon(configfs, work):
             except Exception:
                 pass
     assert d.stop() == 0, d.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def daemon(configfs, work):
+    with running_daemon(work) as d:
+        yield d
 
 
 def write_config(path, lowers=(), upper=None):

@@ -32,7 +32,7 @@ from tcmu_obd import attach as att  # noqa: E402
 from tcmu_obd import baselayer, config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_tcmu_handler import Daemon, pread_direct, sh, write_config  # noqa: E402
+from test_tcmu_handler import pread_direct, running_daemon, sh, write_config  # noqa: E402
 
 PY = os.environ.get("TCMUVM_PYTHON", sys.executable)
 MiB = 1 << 20
@@ -72,16 +72,8 @@ def iscsid():
 @pytest.fixture(scope="module")
 def idaemon(configfs, iscsid, tmp_path_factory):
     """The daemon; requested after iscsid so that it stops first."""
-    d = Daemon(tmp_path_factory.mktemp("tcmu-iscsi"))
-    d.start()
-    yield d
-    for dev in att.list_devices():
-        if dev["dev_id"]:
-            try:
-                att.detach(dev["dev_id"], force=True)
-            except Exception:
-                pass
-    assert d.stop() == 0, d.log()[-3000:]
+    with running_daemon(tmp_path_factory.mktemp("tcmu-iscsi")) as d:
+        yield d
 
 
 def _no_trace(dev_id):

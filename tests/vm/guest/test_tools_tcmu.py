@@ -72,9 +72,7 @@ def test_tools_apply_and_mkfs_through_a_private_daemon(tmp_path):
 def test_tools_apply_through_the_running_daemon(tmp_path):
     """With `tcmu-obd serve` running, apply attaches the config to it and never
     opens the upper itself; the layer is there when mounted again."""
-    d = th.Daemon(tmp_path)
-    d.start()
-    try:
+    with th.running_daemon(tmp_path) as d:
         cfg, _, _ = tau.new_image(str(tmp_path), [baselayer.path()])
         entries = tau.layer1()
         tar = tmp_path / "l1.tar"
@@ -87,8 +85,6 @@ def test_tools_apply_through_the_running_daemon(tmp_path):
         with tau.mount_ro(cfg, str(tmp_path)) as mnt:
             assert tau.compare(model, mnt) > 5
         assert f"serving {cfg}" in d.log()
-    finally:
-        assert d.stop() == 0
 
 
 def test_tools_convert_and_run_lazily(tmp_path):
