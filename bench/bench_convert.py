@@ -10,7 +10,7 @@ Cases, per data set:
   tar -x (baseline)     `tar -xf layer.tar -C <fresh dir>` on the temp dir's file system,
                         then sync (the dir is removed untimed afterwards)
   apply                 tcmu_obd.apply.apply_layer onto a fresh append-only upper over
-                        the bundled base layer: FUSE + loop attach, ext4 mount, untar,
+                        the bundled base layer: a blockdev device (FUSE + loop here), ext4 mount, untar,
                         unmount, detach, fsync of the upper (overlaybd-apply)
   apply + commit -z -t  the same, then the ZFile (lz4, 4 KiB) commit in the tar wrapper
                         that convert uploads
