@@ -50,7 +50,7 @@ def test_blockdev_fuse_problems_name_a_fix(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     problems = blockdev.fuse_problems()
     assert ("no losetup", "apt-get install fuse3 mount e2fsprogs") in problems
-    with pytest.raises(blockdev.DeviceError, match="no block device frontend works here: FUSE \+ loop: "
-                                                   "no losetup \(fix: apt-get install"):
+    with pytest.raises(blockdev.DeviceError, match=r"no block device frontend works here: FUSE \+ loop: "
+                                                   r"no losetup \(fix: apt-get install"):
         blockdev.choose_frontend("fuse")
 
