@@ -11,7 +11,7 @@ each blob is ~19-56 MiB.  Two planted "files" live in a 64 MiB region kept
 free of random writes: a 1 MiB extent written by the top layer, and a 4 MiB
 range in which every layer writes a slice (the top-most visible slice comes
 from each of the N layers).  Everything is pushed to Debian's docker-registry
-on 127.0.0.1 with tcmu_obd.registry.BlobUploader, and opened with
+on 127.0.0.1 with tcmu_obd.distribution.BlobUploader, and opened with
 config.open_image(config.v1.json, service_config.load(overlaybd.json)), whose
 repoBlobUrl + lowers [{digest, size}] point at the registry.
 
@@ -52,7 +52,8 @@ from tcmu_obd import baselayer, commit, config, service_config
 from tcmu_obd.cli.common import Output
 from tcmu_obd.image import Image
 from tcmu_obd.layer import open_layer
-from tcmu_obd.registry import BlobUploader, RegistryClient, RegistrySettings
+from tcmu_obd.distribution import BlobUploader
+from tcmu_obd.registry import RegistryClient, RegistrySettings
 from tcmu_obd.rw import RWLayer
 
 REPO = "obd/bench-remote"

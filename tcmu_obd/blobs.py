@@ -13,7 +13,7 @@ import threading
 import time
 from urllib.parse import urljoin
 
-from . import registry
+from . import distribution, registry
 from .errors import RemoteError
 from .progress import null_bar
 
@@ -89,7 +89,7 @@ def upload_file(client, repo, path, digest=None, bar=None):
                 bar.update(len(b))
 
     with open(path, "rb") as f:
-        got = registry.upload_blob(client, repo.base + "/blobs/uploads/", chunks(f), UPLOAD_CHUNK)
+        got = distribution.upload_blob(client, repo.base + "/blobs/uploads/", chunks(f), UPLOAD_CHUNK)
     if got != digest:
         raise BlobError(f"{path}: uploaded {got}, expected {digest} (changed while uploading?)")
     bar.set(size)
@@ -100,7 +100,7 @@ def upload_file(client, repo, path, digest=None, bar=None):
 def upload_bytes(client, repo, data):
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     if not blob_exists(client, repo, digest):
-        registry.upload_blob(client, repo.base + "/blobs/uploads/", [data])
+        distribution.upload_blob(client, repo.base + "/blobs/uploads/", [data])
     return digest
 
 

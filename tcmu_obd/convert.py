@@ -35,7 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from . import apply, baselayer, commit, imageref, registry, zfile
+from . import apply, baselayer, commit, distribution, imageref, zfile
 from .blobs import (BlobStream, blob_exists, download_blob, fetch_blob_bytes, mount_blob,
                     sha256_file, upload_bytes, upload_file)
 from .lsmt import HT_SPACE, SECTOR
@@ -397,7 +397,7 @@ class Converter:
                           "digest": config_digest, "size": len(config_bytes)},
                "layers": descs}
         mbytes = imageref.go_json(doc).encode()
-        mdigest = registry.push_manifest(client, dst.base, dst.ref, mbytes, doc["mediaType"])
+        mdigest = distribution.push_manifest(client, dst.base, dst.ref, mbytes, doc["mediaType"])
         return Summary(str(src), str(dst), mdigest, mbytes, config_digest, results,
                        (base[1], base[2]) if base else None, *base_up)
 

@@ -13,7 +13,7 @@ import re
 import tempfile
 from urllib.parse import urlsplit
 
-from . import registry
+from . import distribution, registry
 from .credentials import CredentialProvider
 from .errors import ManifestError, UsageError
 
@@ -162,7 +162,7 @@ def fetch_image_manifest(client, ref, platform):
     target = ref.ref
     for _depth in range(4):
         where = f"{ref.host}/{ref.repo}{'@' if target.startswith('sha256:') else ':'}{target}"
-        m = registry.get_manifest(client, f"{ref.base}/manifests/{target}")
+        m = distribution.get_manifest(client, f"{ref.base}/manifests/{target}")
         doc = _json_doc(m, where)
         media_type = m.media_type or doc.get("mediaType", "")
         if media_type not in INDEX_TYPES and not (not media_type and "manifests" in doc):

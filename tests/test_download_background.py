@@ -17,7 +17,8 @@ from registry_server import FaultProxy, Registry, require
 from tcmu_obd import baselayer, config, service_config
 from tcmu_obd.image import Image
 from tcmu_obd.layer import open_layer
-from tcmu_obd.registry import BlobUploader, RegistryClient, RegistrySettings
+from tcmu_obd.distribution import BlobUploader
+from tcmu_obd.registry import RegistryClient, RegistrySettings
 from tcmu_obd.rw import RWLayer
 
 require("docker-registry")

@@ -16,7 +16,8 @@ from tcmu_obd import baselayer, config, service_config
 from tcmu_obd.errors import ConfigError, ObdError, RemoteError
 from tcmu_obd.image import Image
 from tcmu_obd.layer import open_layer
-from tcmu_obd.registry import BlobUploader, RegistryClient, RegistrySettings, blob_url
+from tcmu_obd.distribution import BlobUploader
+from tcmu_obd.registry import RegistryClient, RegistrySettings, blob_url
 from tcmu_obd.rw import RWLayer
 
 require("docker-registry")

@@ -19,7 +19,8 @@ from registry_server import FaultProxy, Registry, require
 from tcmu_obd import baselayer, config, service_config, zfile
 from tcmu_obd.image import Image
 from tcmu_obd.layer import open_layer
-from tcmu_obd.registry import RegistryClient, push_manifest
+from tcmu_obd.distribution import push_manifest
+from tcmu_obd.registry import RegistryClient
 from tcmu_obd.rw import RWLayer
 
 require("docker-registry")

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from tcmu_obd import core, zfile
+from tcmu_obd import zfile
 from tcmu_obd.errors import ReadError
 
 pytestmark = pytest.mark.skipif(os.environ.get("TCMU_OBD_PURE") == "1",

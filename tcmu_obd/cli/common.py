@@ -7,7 +7,7 @@ import os
 import sys
 from urllib.parse import urlsplit
 
-from .. import registry, tar, zfile
+from .. import distribution, registry, tar, zfile
 from ..credentials import CredentialProvider
 from ..errors import ObdError, UsageError
 
@@ -210,7 +210,7 @@ class Upload:
         self.url = url
         self.client = registry.RegistryClient(settings, creds)
         try:
-            self.uploader = registry.BlobUploader(self.client, url, bs_kb * 1024)
+            self.uploader = distribution.BlobUploader(self.client, url, bs_kb * 1024)
         except BaseException:
             self.client.close()
             raise

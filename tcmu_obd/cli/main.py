@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from .. import baselayer, config, ext4, imageref, registry, service_config
+from .. import baselayer, config, distribution, ext4, imageref, registry, service_config
 from ..errors import UsageError
 from ..image import Image
 from ..layer import open_layer
@@ -150,7 +150,7 @@ def cmd_push_layer(args):
         raise UsageError(f"{args.file}: not a regular file")
     size = os.path.getsize(args.file)
     with registry_client(args) as client, open(args.file, "rb") as f:
-        digest = registry.upload_blob(client, repo.base + "/blobs/uploads/",
+        digest = distribution.upload_blob(client, repo.base + "/blobs/uploads/",
                                       iter(lambda: f.read(4 << 20), b""))
     url = registry.blob_url(repo.repo_blob_url, digest)
     if args.json:
