@@ -162,3 +162,29 @@ def test_sparse_upper_is_not_written_on_a_wrong_checksum(tmp_path):
     model.apply(LAYER)
     with mount_ro(cfg, tmp) as mnt:
         compare(model, mnt)
+
+
+def test_sigterm_mid_apply_unwinds(img):
+    """SIGTERM while the tar is still arriving (a FIFO that never ends):
+    exit 143, the ext4 unmounted, the device detached, the upper back as it
+    was (the img fixture checks the last two)."""
+    import signal
+    import time
+    tmp, cfg = img[0], img[1]
+    fifo = os.path.join(tmp, "slow.fifo")
+    os.mkfifo(fifo)
+    p = subprocess.Popen(CLI + [fifo, cfg], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with open(fifo, "wb") as w:
+        w.write(tar_bytes([E("partial", D), E("partial/a", R, b"x" * 100000)])[:60000])
+        w.flush()
+        deadline = time.monotonic() + 60
+        while not any("/obd-apply-" in line and "/mnt ext4 " in line for line in open("/proc/mounts")):
+            assert p.poll() is None, f"exited {p.returncode} before mounting"
+            assert time.monotonic() < deadline, "the apply did not mount within 60 s"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert b"SIGTERM: stopped, cleaned up" in err, err
+    assert not any("obd-apply-" in line for line in open("/proc/mounts"))
+

@@ -1,9 +1,11 @@
 """What the tools share: the output chain (file -> tar -> [tee to an extra
 sink] -> ZFile), the registry upload behind --upload, error reporting with a
-clean exit status, and the --verbose flag.  No format logic."""
+clean exit status (SIGTERM/SIGHUP unwind like Ctrl-C), and the --verbose flag.
+No format logic."""
 import argparse
 import logging
 import os
+import signal
 import sys
 from urllib.parse import urlsplit
 
@@ -17,8 +19,28 @@ def fail(msg, code=1):
     return code
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread so that every `with`
+    unwinds (unmount, detach, roll the upper back) as for Ctrl-C."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum, _frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)     # the clean-up itself is not interrupted
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
 def run(main_fn, argv):
-    """Run a tool body; ObdError and OSError become one line on stderr."""
+    """Run a tool body; ObdError and OSError become one line on stderr.
+    SIGTERM/SIGHUP (where still at their default) and Ctrl-C unwind the
+    tool cleanly and exit 128 + the signal number."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _terminate)
     try:
         return main_fn(argv) or 0
     except ObdError as e:
@@ -27,6 +49,9 @@ def run(main_fn, argv):
         return fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     except KeyboardInterrupt:
         return 130
+    except Terminated as e:
+        print(f"{os.path.basename(sys.argv[0])}: {e}: stopped, cleaned up", file=sys.stderr)
+        return 128 + e.signum
 
 
 def add_upload_args(p):
