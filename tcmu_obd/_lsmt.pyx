@@ -783,9 +783,11 @@ cdef int backing_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Er
         return pread_at(b.fd, dst, n, b.base, off, err)
     if zfile_read(b, dst, off, n, err, True) == 0:
         return 0
-    if err.code != E_MAPFAULT:
+    if b.map == NULL or (err.code != E_MAPFAULT and err.code != E_CRC and err.code != E_DECODE):
         return -1
-    # the mapping faulted (the file shrank, or its device failed): pread says why
+    # The mapping faulted (whole pages past a shrunk file's end, or a failed
+    # device) or a block failed its check (the part of the last page past the
+    # end reads as zeros): pread says which, and why.
     return zfile_read(b, dst, off, n, err, False)
 
 
@@ -915,13 +917,21 @@ cdef class ZFileBacking(Backing):
     def map_blocks(self):
         """Read the stored blocks through a read-only mapping of the file
         instead of pread (an immutable local file only: not a cache file
-        being filled).  A fault (the file shrank) falls back to pread for
-        that read, which reports the cause.  False when mmap fails."""
+        being filled).  A fault or a failed block check falls back to pread
+        for that read, which reports the cause.  False (reads stay preads)
+        without per-block CRCs, when the file is shorter than its blocks, or
+        when mmap fails."""
         cdef const char *base
         cdef void *mapping
         cdef size_t maplen
+        import os
         if self.c.presence != NULL or self.c.nblocks == 0 or self.c.map != NULL:
             return self.c.map != NULL
+        # Only a file that holds every block, with per-block CRCs (as overlaybd
+        # writes them): a mapping reads zeros, not an error, in the last page
+        # past the end of a file, and the CRC is what tells those apart.
+        if not self.c.verify or os.fstat(self.c.fd).st_size < self.c.base + self.c.boff[self.c.nblocks]:
+            return False
         if obd_mapguard_install() != 0:
             return False
         if obd_map(self.c.fd, self.c.base + self.c.boff[0], self.c.boff[self.c.nblocks] - self.c.boff[0],

@@ -30,9 +30,9 @@ def data_of(seed=7):
     return bytes(out[:SIZE])
 
 
-def write(path, data, algo):
+def write(path, data, algo, verify=True):
     with open(path, "wb") as f:
-        w = zfile.ZFileWriter(f, algo, BS, verify=True)
+        w = zfile.ZFileWriter(f, algo, BS, verify=verify)
         w.write(data)
         w.close()
 
@@ -117,3 +117,48 @@ print(m[4096])
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
     assert p.returncode == -signal.SIGBUS, (p.returncode, p.stderr.decode()[-500:])
+
+
+def test_zfile_mmap_refused_without_crc_or_when_short(tmp_path):
+    """Past the end of a file, the rest of its last page reads as zeros through a
+    mapping: only files holding every block, with CRCs to catch such zeros, are mapped."""
+    data = data_of()
+    plain = str(tmp_path / "nocrc")
+    write(plain, data, zfile.ALGO_LZ4, verify=False)
+    fd = os.open(plain, os.O_RDONLY)
+    try:
+        b, _ = zfile.open_backing(fd, 0, os.fstat(fd).st_size, plain)
+        assert not b.map_blocks() and not b.mapped
+        assert b.pread(12345, 5000) == data[12345:17345]
+    finally:
+        os.close(fd)
+    short = str(tmp_path / "short")
+    write(short, data, zfile.ALGO_LZ4)
+    fd = os.open(short, os.O_RDONLY)
+    try:
+        b, _ = zfile.open_backing(fd, 0, os.fstat(fd).st_size, short)
+        first, _ = b.block_extent(0)
+        os.truncate(short, first + 100)            # the blocks are gone, the trailer was read
+        assert not b.map_blocks()
+        with pytest.raises(ReadError, match="truncated"):
+            b.pread(0, BS)
+    finally:
+        os.close(fd)
+
+
+def test_zfile_mmap_shrunk_inside_the_last_page_is_not_a_crc_error(tmp_path):
+    """A file cut inside a page after it was mapped: the mapped bytes past the
+    end are zeros, the block fails its CRC, and the read is redone with pread,
+    which names the truncation."""
+    data = data_of()
+    path = str(tmp_path / "z")
+    write(path, data, zfile.ALGO_LZ4)
+    fd, mapped, _ = open_pair(path)
+    try:
+        start, length = mapped.block_extent(3)
+        os.truncate(path, start + length // 2)     # block 3 ends mid-page now
+        with pytest.raises(ReadError, match="truncated"):
+            mapped.pread(3 * BS, BS)
+    finally:
+        os.close(fd)
+
