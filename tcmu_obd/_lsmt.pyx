@@ -728,7 +728,9 @@ cdef int zfile_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err 
             continue
         if use_map and b.map != NULL:
             # a mapped file: decode in place, no system call, no copy
-            rc = serve_block(b, blk, NULL, dst, off, n, &scratch, err)
+            rc = check_present(b, b.base + b.boff[blk], b.boff[blk + 1] - b.boff[blk], err)
+            if rc == 0:
+                rc = serve_block(b, blk, NULL, dst, off, n, &scratch, err)
             if rc:
                 break
             blk += 1
@@ -809,7 +811,6 @@ cdef class Backing:
         self._presence = presence
         self.fetcher = fetcher
         self.c.presence = &presence.p
-        self.c.map = NULL               # a file being filled is read with pread (presence first)
 
     def __dealloc__(self):
         obd_unmap(self._mapping, self._maplen)
@@ -916,16 +917,18 @@ cdef class ZFileBacking(Backing):
 
     def map_blocks(self):
         """Read the stored blocks through a read-only mapping of the file
-        instead of pread (an immutable local file only: not a cache file
-        being filled).  A fault or a failed block check falls back to pread
-        for that read, which reports the cause.  False (reads stay preads)
+        instead of pread: a local layer, or a remote blob's cache file (full
+        size, holes where nothing is fetched yet; the presence bitmap is
+        checked before each block, as for pread).  A fault or a failed block
+        check falls back to pread for that read, which reports the cause (and
+        a cache file's block is then refetched).  False (reads stay preads)
         without per-block CRCs, when the file is shorter than its blocks, or
         when mmap fails."""
         cdef const char *base
         cdef void *mapping
         cdef size_t maplen
         import os
-        if self.c.presence != NULL or self.c.nblocks == 0 or self.c.map != NULL:
+        if self.c.nblocks == 0 or self.c.map != NULL:
             return self.c.map != NULL
         # Only a file that holds every block, with per-block CRCs (as overlaybd
         # writes them): a mapping reads zeros, not an error, in the last page

@@ -36,6 +36,11 @@ FRONTEND_ENV = "TCMU_OBD_FRONTEND"
 FRONTENDS = ("auto", "tcmu", "fuse")
 PRIVATE_LOCK = "/run/tcmu-obd/private-daemon.lock"
 PRIVATE_WORKERS = 4
+# A private daemon never restarts: if its tool is killed (SIGKILL), the kernel's
+# commands to the device must fail after a while rather than wait "forever" (the
+# 2^31/1000 s a daemon-served device gets, so that a restart finds them pending).
+# Longer than the remote read deadline (tcmuObd.readDeadlineSec, 60 s).
+PRIVATE_CMD_TIME_OUT = 180
 MODULES = ("target_core_user", "tcm_loop")
 
 
@@ -253,13 +258,15 @@ def _tcmu_device(config_path, opener, service_cfg, wait):
     config_path = os.path.abspath(config_path)
     pids = attach._daemon_pids()
     with contextlib.ExitStack() as stack:
+        timeout = attach.CMD_TIME_OUT
         if pids:
             served_by, in_process = f"the running TCMU daemon (pid {pids[0]})", False
         else:
             private = stack.enter_context(PrivateDaemon(service_cfg))
             private.serve(config_path, opener)
             served_by, in_process = "a TCMU daemon in this process", True
-        dev = attach.attach(config_path, check_daemon=False, wait=wait)
+            timeout = PRIVATE_CMD_TIME_OUT
+        dev = attach.attach(config_path, check_daemon=False, wait=wait, cmd_time_out=timeout)
         try:
             yield Device(dev, "tcmu", served_by, in_process)
         finally:

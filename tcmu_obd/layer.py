@@ -14,8 +14,9 @@ from .errors import FormatError
 
 HEAD_PREFETCH = 4096 * 3       # tar, ZFile and LSMT headers
 TAIL_PREFETCH = 1 << 20        # LSMT/ZFile trailers, the jump table, most indexes (at most 1/8 of a blob)
-# Local ZFile layers are read through a read-only mapping (bench_zfile: a pread per
-# block costs ~0.4 us, a quarter of a 4 KiB decode); TCMU_OBD_MMAP=0 turns it off.
+# ZFile layers (local files and cache files of remote blobs) are read through a read-only
+# mapping (bench_zfile: a pread per block costs ~0.4 us, a quarter of a 4 KiB decode);
+# TCMU_OBD_MMAP=0 turns it off.
 MMAP_ZFILE = os.environ.get("TCMU_OBD_MMAP", "1") != "0"
 
 
@@ -110,6 +111,8 @@ def open_cached_layer(blob, name):
     core.fetch_all([(blob, 0, min(blob.size, HEAD_PREFETCH)), (blob, blob.size - tail, tail)])
     backing, wrappers, zinfo, extent = unwrap(blob.fd, name, blob.size, blob.read_at)
     backing.attach(blob.presence, blob)
+    if zinfo is not None and MMAP_ZFILE:
+        backing.map_blocks()        # the cache file has the blob's size: holes read as zeros
     try:
         header, trailer, index = lsmt.load_ro(backing, name)
     except BaseException:

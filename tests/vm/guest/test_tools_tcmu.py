@@ -57,7 +57,19 @@ def test_tools_apply_and_mkfs_through_a_private_daemon(tmp_path):
     entries = [tau.E("hello", tau.R, b"world")]
     tar = tmp / "l.tar"
     tar.write_bytes(tau.tar_bytes(entries))
-    res = apply.apply_layer(str(tar), cfg)
+    seen = {}
+    real_mkfs = apply.mkfs
+
+    def mkfs_and_look(dev):
+        # a private daemon's device gives up on stuck commands (its tool may be killed)
+        seen["timeout"] = open(f"/sys/block/{os.path.basename(dev)}/device/timeout").read().strip()
+        real_mkfs(dev)
+    apply.mkfs = mkfs_and_look
+    try:
+        res = apply.apply_layer(str(tar), cfg, mkfs_first=True)
+    finally:
+        apply.mkfs = real_mkfs
+    assert seen["timeout"] == str(blockdev.PRIVATE_CMD_TIME_OUT)
     assert res.frontend.startswith("tcmu (/dev/sd") and "in this process" in res.frontend
     model = tau.Model()
     model.apply(entries)
