@@ -77,6 +77,17 @@ def core_dir(dev_id, hba=HBA):
     return f"{CORE}/user_{hba}/dev_{dev_id}"
 
 
+def load_module(name):
+    """modprobe name unless it is loaded; a failure is left to the checks
+    (doctor_checks, iscsi_checks) to explain."""
+    if os.path.isdir(f"/sys/module/{name}"):
+        return
+    try:
+        subprocess.run(["modprobe", "-q", name], capture_output=True, check=False, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
 def _daemon_pids():
     """Processes that look like an overlaybd TCMU daemon (ours or overlaybd's)."""
     pids = []
@@ -178,12 +189,7 @@ def attach(config_path, dev_id=None, iscsi=False, hba=HBA, wait=60.0, enable_tim
     iSCSI on 127.0.0.1 (port iscsi_port, default the first free one from
     3260) and log in with open-iscsi instead of using tcm_loop."""
     if iscsi:
-        if not os.path.isdir("/sys/module/iscsi_target_mod"):
-            try:
-                subprocess.run(["modprobe", "-q", "iscsi_target_mod"], capture_output=True,
-                               check=False, timeout=60)
-            except (OSError, subprocess.TimeoutExpired):
-                pass                    # iscsi_checks() below says what is missing
+        load_module("iscsi_target_mod")     # iscsi_checks() below says what is missing
         problems = [f"{what}: {fix}" for ok, what, fix in iscsi_checks() if not ok]
         if problems:
             raise AttachError("--iscsi cannot work here: " + "; ".join(problems))

@@ -58,15 +58,6 @@ class Device:
 
 # -- which frontend -------------------------------------------------------------------------------
 
-def _modprobe(name):
-    if os.path.isdir(f"/sys/module/{name}"):
-        return
-    try:
-        subprocess.run(["modprobe", "-q", name], capture_output=True, timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-
-
 def _mount_configfs():
     from .attach import CONFIGFS, _mounted_fs
     if os.path.isdir(CONFIGFS) and not _mounted_fs("configfs", CONFIGFS):
@@ -83,7 +74,7 @@ def tcmu_problems(setup=True):
         return [("not root", "run as root (configfs, /dev/uio* and module parameters need it)")]
     if setup and os.path.isdir("/lib/modules/" + os.uname().release):
         for m in MODULES:
-            _modprobe(m)
+            attach.load_module(m)
         _mount_configfs()
     return attach.doctor_problems()
 
@@ -187,14 +178,12 @@ class PrivateDaemon:
     """A TCMU daemon inside this process serving only the configs given to
     serve(); its netlink loop runs on a thread.  Use as a context manager."""
 
-    def __init__(self, service_cfg, wait_lock=True):
-        from . import daemon, service_config
+    def __init__(self, service_cfg):
+        from . import service_config
         self.svc = service_cfg or service_config.load(None)
         self.openers = {}
         self._lock = threading.Lock()
         self._lock_fd = None
-        self._wait_lock = wait_lock
-        self._daemon_mod = daemon
         self.daemon = None
         self._stop_loop = None
 
@@ -204,19 +193,16 @@ class PrivateDaemon:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            if not self._wait_lock:
-                os.close(fd)
-                raise DeviceError(f"another tool run holds {PRIVATE_LOCK} (its private TCMU "
-                                  f"daemon is serving); start `tcmu-obd serve` to share one")
             log.warning("waiting for another tool run's private TCMU daemon (%s); "
                         "`tcmu-obd serve` lets them share one", PRIVATE_LOCK)
             fcntl.flock(fd, fcntl.LOCK_EX)
         self._lock_fd = fd
 
     def __enter__(self):
+        from . import daemon
         self._take_lock()
         try:
-            d = self._daemon_mod.Daemon(self.svc, workers=PRIVATE_WORKERS, dbus="no", pid_file=None)
+            d = daemon.Daemon(self.svc, workers=PRIVATE_WORKERS, dbus="no", pid_file=None)
             d.handler.open_image = self._open
             d.start()
             self.daemon = d
