@@ -255,14 +255,19 @@ cdef Queue _queue
 cdef bint _queue_ready = False
 
 
-cdef void queue_put(Job *j) noexcept nogil:
+cdef inline void job_append(Job **head, Job **tail, Job *j) noexcept nogil:
+    """Append j to a singly linked job list (the caller holds its lock)."""
     j.next = NULL
-    pthread_mutex_lock(&_queue.lock)
-    if _queue.tail == NULL:
-        _queue.head = j
+    if tail[0] == NULL:
+        head[0] = j
     else:
-        _queue.tail.next = j
-    _queue.tail = j
+        tail[0].next = j
+    tail[0] = j
+
+
+cdef void queue_put(Job *j) noexcept nogil:
+    pthread_mutex_lock(&_queue.lock)
+    job_append(&_queue.head, &_queue.tail, j)
     pthread_cond_signal(&_queue.cond)
     pthread_mutex_unlock(&_queue.lock)
 
@@ -447,13 +452,8 @@ cdef class Device:
 
     cdef void done(self, Job *j) noexcept nogil:
         cdef uint64_t one = 1
-        j.next = NULL
         pthread_mutex_lock(&self.lock)
-        if self.done_tail == NULL:
-            self.done_head = j
-        else:
-            self.done_tail.next = j
-        self.done_tail = j
+        job_append(&self.done_head, &self.done_tail, j)
         pthread_mutex_unlock(&self.lock)
         write(self.efd, &one, 8)
 
