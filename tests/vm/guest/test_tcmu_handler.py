@@ -121,6 +121,20 @@ def daemon(configfs, work):
         yield d
 
 
+@contextlib.contextmanager
+def attached_ro(cfg, dev_id, mnt):
+    """cfg attached as dev_id with its ext4 mounted read-only at mnt; both undone after."""
+    dev = att.attach(cfg, dev_id)
+    try:
+        sh(f"mount -o ro {dev} {mnt}")
+        try:
+            yield mnt
+        finally:
+            sh(f"umount {mnt}")
+    finally:
+        att.detach(dev_id)
+
+
 def write_config(path, lowers=(), upper=None):
     doc = {"lowers": [{"file": str(f)} for f in lowers], "resultFile": str(path) + ".result"}
     if upper:
@@ -279,13 +293,8 @@ def test_writable_commit_roundtrip(daemon, work):
     committed = commit_layer(up, work / "w.layer", use_zfile=True)
     up.close()
     cfg2 = write_config(work / "committed.json", [baselayer.path(), committed])
-    dev = att.attach(cfg2, "104")
-    sh(f"mount -o ro {dev} {mnt}")
-    try:
+    with attached_ro(cfg2, "104", mnt):
         assert tree_digest(mnt / "data") == want
-    finally:
-        sh(f"umount {mnt}")
-        att.detach("104")
 
 
 def test_mkfs_discard_write_same(daemon, work):
@@ -325,13 +334,8 @@ def test_mkfs_discard_write_same(daemon, work):
         assert image.read(206 * MiB, 16 * 512) == b"\xab" * (16 * 512)
     finally:
         image.close()
-    dev = att.attach(cfg, "106")
-    sh(f"mount -o ro {dev} {mnt}")
-    try:
+    with attached_ro(cfg, "106", mnt):
         assert tree_digest(mnt / "t") == want
-    finally:
-        sh(f"umount {mnt}")
-        att.detach("106")
 
 
 def test_failed_open_reports_result_file(daemon, work):
