@@ -204,3 +204,38 @@ def env_line():
         pass
     return (f"python {platform.python_version()}, core={core.IMPLEMENTATION}, "
             f"cpus={os.cpu_count()}, crc32c_hw={CRC_HW}, load average {load}{built}")
+
+
+def export_raw(img, path, vsize, region):
+    """The first `region` bytes of an Image into a raw file of `vsize` bytes
+    (sparse after the region), synced: the same bytes as a flat baseline."""
+    buf = bytearray(4 * MiB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, vsize)
+        for off in range(0, region, len(buf)):
+            img.read_into(buf, off)
+            os.pwrite(fd, buf, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_tar(fileobj, entries, mtime=1700000000):
+    """entries: [(name, bytes)] -> an uncompressed PAX tar on fileobj, each
+    parent directory added (0755) before its first file (0644)."""
+    import io
+    import tarfile
+    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT) as t:
+        dirs = set()
+        for name, data in entries:
+            d = os.path.dirname(name)
+            if d and d not in dirs:
+                dirs.add(d)
+                ti = tarfile.TarInfo(d)
+                ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, mtime
+                t.addfile(ti)
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode, ti.mtime = len(data), 0o644, mtime
+            t.addfile(ti, io.BytesIO(data))
+

@@ -24,17 +24,15 @@ mounted tree's files (paths, sizes, a hash of all contents) equal the tar's.
 import argparse
 import gzip
 import hashlib
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 
 from _common import (MiB, ROOT, TempDir, best, env_line, fmt, interleaved, ratio, semi_compressible,
-                     spread, table, warm)
+                     spread, table, warm, write_tar)
 from tcmu_obd import apply, baselayer, blockdev, config, convert
 from tcmu_obd.rw import RWLayer
 
@@ -42,18 +40,8 @@ from tcmu_obd.rw import RWLayer
 def build_tar(path, files):
     """files: [(name, bytes)] -> a tar at path; returns (size, content digest)."""
     h = hashlib.sha256()
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as t:
-        dirs = set()
-        for name, data in files:
-            d = os.path.dirname(name)
-            if d and d not in dirs:
-                dirs.add(d)
-                ti = tarfile.TarInfo(d)
-                ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 1700000000
-                t.addfile(ti)
-            ti = tarfile.TarInfo(name)
-            ti.size, ti.mode, ti.mtime = len(data), 0o644, 1700000000
-            t.addfile(ti, io.BytesIO(data))
+    with open(path, "wb") as f:
+        write_tar(f, files)
     for name, data in sorted(files):
         h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
     return os.path.getsize(path), h.hexdigest(), len(files)

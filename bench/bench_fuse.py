@@ -31,8 +31,8 @@ import sys
 import threading
 import time
 
-from _common import (KiB, MiB, ROOT, TempDir, best, commit_rw, env_line, fmt, fsync_path, interleaved, ratio,
-                     spread, table, warm)
+from _common import (KiB, MiB, ROOT, TempDir, best, commit_rw, env_line, export_raw, fmt, fsync_path, interleaved,
+                     ratio, spread, table, warm)
 from tcmu_obd import fuse
 from tcmu_obd.image import Image
 from tcmu_obd.layer import open_layer
@@ -74,19 +74,6 @@ def build(tmp, vsize, region, rng):
         os.unlink(dpath)
         os.unlink(ipath)
     return out
-
-
-def export_raw(img, path, vsize, region):
-    buf = bytearray(4 * MiB)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.ftruncate(fd, vsize)
-        for off in range(0, region, len(buf)):
-            img.read_into(buf, off)
-            os.pwrite(fd, buf, off)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def run(cmd):

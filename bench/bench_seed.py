@@ -42,7 +42,6 @@ import shutil
 import subprocess
 import sys
 import statistics
-import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -50,7 +49,7 @@ from dataclasses import replace
 import requests
 
 from _common import (MiB, ROOT, TempDir, best, env_line, interleaved, semi_compressible, spread,
-                     table, warm)
+                     table, warm, write_tar)
 from tcmu_obd import apply, blobs, convert, imageref, run, service_config
 from tcmu_obd.rw import RWLayer
 
@@ -75,18 +74,7 @@ class Data:
 def tar_bytes(entries):
     """entries: [(name, bytes)] -> an uncompressed PAX tar, directories added."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
-        dirs = set()
-        for name, data in entries:
-            d = os.path.dirname(name)
-            if d and d not in dirs:
-                dirs.add(d)
-                ti = tarfile.TarInfo(d)
-                ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, MTIME
-                t.addfile(ti)
-            ti = tarfile.TarInfo(name)
-            ti.size, ti.mode, ti.mtime = len(data), 0o644, MTIME
-            t.addfile(ti, io.BytesIO(data))
+    write_tar(buf, entries, MTIME)
     return buf.getvalue()
 
 

@@ -52,7 +52,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import (MiB, ROOT, TempDir, commit_rw, env_line, fmt, semi_compressible,  # noqa: E402
+from _common import (MiB, ROOT, TempDir, commit_rw, env_line, export_raw, fmt, semi_compressible,  # noqa: E402
                      table)
 from tcmu_obd import zfile  # noqa: E402
 from tcmu_obd.image import Image  # noqa: E402
@@ -118,15 +118,7 @@ def build(tmp, vsize, region, seed):
     img = Image([open_layer(plain)])
     try:
         assert img.virtual_size == vsize, img.virtual_size
-        buf = bytearray(4 * MiB)
-        fd = os.open(raw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.ftruncate(fd, vsize)
-            for off in range(0, region, len(buf)):
-                img.read_into(buf, off)
-                os.pwrite(fd, buf, off)
-        finally:
-            os.close(fd)
+        export_raw(img, raw, vsize, region)
     finally:
         img.close()
     return plain, zf, raw
