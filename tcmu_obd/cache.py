@@ -30,14 +30,15 @@ import threading
 import time
 
 from . import core
-from .errors import ReadError
+from .errors import FormatError, ReadError
 
 log = logging.getLogger(__name__)
 PAGE = 4096
 GiB = 1 << 30
 SIDECAR = ".presence"           # suffix of a blob's presence file
 _MAGIC = b"OBDPRES1"
-_HDR = struct.Struct("<8sQIIQQQ")   # magic, blob size, unit, flags, st_dev, st_ino, units
+_HDR = struct.Struct("<8sQIIQQQ16s")   # magic, blob size, unit, flags, st_dev, st_ino, units, file id
+_ID_XATTR = "user.tcmu_obd.cache_id"    # a random id of the blob file, where xattrs work
 PERSIST_EVERY = 5.0             # seconds between sidecar writes while a blob is being filled
 MAX_ROUNDS = 64                 # fill rounds one request may take (its units evicted again meanwhile)
 
@@ -225,6 +226,49 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def file_id(fd, new=False):
+    """The random id the cache gave this blob file (16 bytes), a fresh one if
+    `new`; 16 zero bytes where the file system keeps no user xattrs (ramfs),
+    leaving device and inode to tell a replaced file."""
+    try:
+        if new:
+            ident = os.urandom(16)
+            os.setxattr(fd, _ID_XATTR, ident)
+            return ident
+        ident = os.getxattr(fd, _ID_XATTR)
+        return ident if len(ident) == 16 else bytes(16)
+    except OSError as e:
+        if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+        return bytes(16)
+
+
+def load_presence(sidecar, size, unit, st, ident):
+    """The bitmap (bit u = unit u present) a presence file records for a
+    blob of `size` bytes in `unit`s whose cache file has stat `st` and id
+    `ident` (file_id).
+    FormatError (naming the file, the field and the value) when it is not
+    valid for that very file; FileNotFoundError when there is none."""
+    with open(sidecar, "rb") as f:
+        raw = f.read()
+    units = -(-size // unit)
+    want = _HDR.size + (units + 7) // 8 + 4
+    if len(raw) != want:
+        raise FormatError(sidecar, "length", len(raw), f"expected {want} bytes")
+    crc = int.from_bytes(raw[-4:], "little")
+    if core.crc32c(raw[:-4]) != crc:
+        raise FormatError(sidecar, "crc", crc, f"computed 0x{core.crc32c(raw[:-4]):08x}")
+    fields = dict(zip(("magic", "size", "unit", "flags", "st_dev", "st_ino", "units", "file id"),
+                      _HDR.unpack_from(raw)))
+    expected = {"magic": _MAGIC, "size": size, "unit": unit, "flags": 0, "st_dev": st.st_dev,
+                "st_ino": st.st_ino, "units": units, "file id": ident}
+    for key, value in expected.items():
+        if fields[key] != value:
+            raise FormatError(sidecar, key, fields[key], f"expected {value!r}"
+                              + (" (written for another file)" if key in ("st_dev", "st_ino", "file id") else ""))
+    return raw[_HDR.size:-4]
+
+
 class CachedBlob:
     """One blob's cache file, its Presence bitmap, its presence file and its refills."""
 
@@ -261,12 +305,14 @@ class CachedBlob:
         """Presence from the presence file, if it is valid for this very file;
         else start empty (and drop whatever bytes the file holds)."""
         st = os.fstat(self.fd)
+        self.ident = file_id(self.fd)
         bits = self._read_sidecar(st) if st.st_size == self.size else None
         if bits is None:
             _unlink(self.sidecar)
             if st.st_size != self.size or st.st_blocks:
                 os.ftruncate(self.fd, 0)        # a stale, foreign or unrecorded file: start empty
                 os.ftruncate(self.fd, self.size)
+            self.ident = file_id(self.fd, new=True)   # no older presence file can match it now
             return
         self.presence.set_bitmap(bits)
         self.persisted = bits
@@ -276,28 +322,12 @@ class CachedBlob:
     def _read_sidecar(self, st):
         """The bitmap of a valid presence file, or None (logged why)."""
         try:
-            with open(self.sidecar, "rb") as f:
-                raw = f.read()
+            return load_presence(self.sidecar, self.size, self.unit, st, self.ident)
         except FileNotFoundError:
             return None
-        nbytes = (self.presence_units + 7) // 8
-        why = None
-        if len(raw) != _HDR.size + nbytes + 4:
-            why = f"{len(raw)} bytes, expected {_HDR.size + nbytes + 4}"
-        elif core.crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-            why = "checksum mismatch"
-        else:
-            magic, size, unit, _flags, dev, ino, units = _HDR.unpack_from(raw)
-            if magic != _MAGIC:
-                why = f"magic {magic!r}"
-            elif (size, unit, units) != (self.size, self.unit, self.presence_units):
-                why = f"size/unit/units {size}/{unit}/{units}, expected {self.size}/{self.unit}/{self.presence_units}"
-            elif (dev, ino) != (st.st_dev, st.st_ino):
-                why = "written for another file (device/inode differ)"
-        if why is not None:
-            log.warning("cache: %s: ignored (%s); the blob starts empty", self.sidecar, why)
+        except FormatError as e:
+            log.warning("cache: %s; the blob starts empty", e)
             return None
-        return raw[_HDR.size:-4]
 
     def _drop_holes(self):
         """Forget claimed units that have a hole (punched behind our back)."""
@@ -320,7 +350,8 @@ class CachedBlob:
 
     def _write_sidecar(self, bits, sync_dir):
         st = os.fstat(self.fd)
-        raw = _HDR.pack(_MAGIC, self.size, self.unit, 0, st.st_dev, st.st_ino, self.presence_units) + bits
+        raw = _HDR.pack(_MAGIC, self.size, self.unit, 0, st.st_dev, st.st_ino, self.presence_units,
+                        self.ident) + bits
         raw += core.crc32c(raw).to_bytes(4, "little")
         tmp = self.sidecar + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
