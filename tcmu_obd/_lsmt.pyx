@@ -870,11 +870,14 @@ cdef class Backing:
         err.nmiss = 0
         tries = {}
         files = [self]
-        while True:
-            with nogil:
-                rc = backing_read(&self.c, p, offset, length, &err)
-            if rc == 0 or not recover(&err, files, tries):
-                break
+        try:
+            while True:
+                with nogil:
+                    rc = backing_read(&self.c, p, offset, length, &err)
+                if rc == 0 or not recover(&err, files, tries):
+                    break
+        finally:
+            unpin_all(tries)
         if rc:
             raise_err(&err, files)
         return out
@@ -1149,6 +1152,22 @@ def fetch_all(jobs):
         fut.result()
 
 
+cdef pin_all(list jobs, dict tries):
+    """Pin what a read is about to fetch until the read ends (unpin_all), so
+    eviction for other reads cannot take it first; fetchers without pin()
+    are left as they are."""
+    pins = tries.setdefault("pins", [])
+    for f, off, n in jobs:
+        pin = getattr(f, "pin", None)
+        if pin is not None:
+            pins.append((f, pin(off, n)))
+
+
+cdef unpin_all(dict tries):
+    for f, token in tries.pop("pins", ()):
+        f.unpin(token)
+
+
 cdef int recover(Err *err, list files, dict tries) except -1:
     """After a failed read: fetch what the cache lacks, or evict a cached
     block that failed its check.  1 means read again, 0 means give up.
@@ -1171,6 +1190,7 @@ cdef int recover(Err *err, list files, dict tries) except -1:
             if b.fetcher is None:
                 return 0
             jobs.append((b.fetcher, err.moff[k], err.mlen[k]))
+        pin_all(jobs, tries)
         fetch_all(jobs)
         return 1
     if not 0 <= err.which < len(files):
@@ -1179,6 +1199,7 @@ cdef int recover(Err *err, list files, dict tries) except -1:
     if b.fetcher is None:
         return 0
     if err.code == E_MISS:
+        pin_all([(b.fetcher, err.a, err.b)], tries)
         b.fetcher.ensure(err.a, err.b)
         return 1
     key = (err.which, err.a)
@@ -1397,6 +1418,7 @@ cdef class Stack:
                 if rc == 0 or not recover(&err, self.files_py, tries):
                     break
         finally:
+            unpin_all(tries)
             PyBuffer_Release(&view)
         if rc:
             raise_err(&err, self.files_py)

@@ -159,22 +159,18 @@ class FileCache:
         blob = self.open_blobs.get(name)
         return blob.presence.last_used if blob is not None else self.stamps.get(name, 0)
 
-    def evict_to_water(self, protect=None, keep=None):
-        """Evict whole blobs, least recently used first, until used <= water
-        mark (or free disk >= 1 GiB).  Bounded: each blob is visited once.
-        `protect` (the blob being filled) goes last and, if it must go, keeps
-        its bytes `keep` = (offset, length) that the filling request needs."""
+    def evict_to_water(self):
+        """Evict blobs, least recently used first, until used <= water mark
+        (or free disk >= 1 GiB).  An open blob keeps the ranges pinned by
+        reads in flight (CachedBlob.pin), so no read starves however small
+        the cache; the cache may exceed its size by those.  Bounded: each
+        blob is visited once."""
         with self.lock:
-            order = sorted(((self._stamp(n), i, n) for i, n in enumerate(self.lru) if n != protect))
+            order = sorted(((self._stamp(n), i, n) for i, n in enumerate(self.lru)))
         for _stamp, _i, name in order:
             if self._enough():
                 return
             self._evict_blob(name)
-        if protect is not None and not self._enough():
-            with self.lock:
-                blob = self.open_blobs.get(protect)
-            if blob is not None:
-                blob.evict_except(*(keep or (0, 0)))
 
     def _enough(self):
         with self.lock:
@@ -199,7 +195,7 @@ class FileCache:
                 self.evictions += 1
                 log.info("cache: evicted %s (%d bytes)", name, freed)
                 return
-        freed = blob.evict(0, blob.size)           # open: punch everything, keep the file
+        freed = blob.evict_unpinned()             # open: punch all but what reads hold, keep the file
         with self.lock:
             self.evictions += 1
         log.info("cache: evicted open %s (%d bytes)", name, freed)
@@ -281,6 +277,8 @@ class CachedBlob:
         self.refs = 1
         self.lock = threading.Lock()
         self.inflight = {}              # unit index -> Event
+        self.pins = {}                  # token -> (lo, hi): bytes a read in flight needs
+        self._pin_seq = 0
         self.persist_lock = threading.Lock()    # orders presence-file writes against evictions
         self.dirty = False              # units filled since the presence file was written
         self.last_persist = time.monotonic()
@@ -386,17 +384,33 @@ class CachedBlob:
                 log.warning("cache: %s: cannot record presence: %s", self.sidecar, e.strerror)
 
     # ------------------------------------------------------------ reading
+    def pin(self, offset, length):
+        """Keep [offset, offset+length) from LRU eviction until unpin(token)
+        (a read between fetching its bytes and reading them)."""
+        with self.lock:
+            self._pin_seq += 1
+            self.pins[self._pin_seq] = (offset, offset + length)
+            return self._pin_seq
+
+    def unpin(self, token):
+        with self.lock:
+            self.pins.pop(token, None)
+
     def read_at(self, offset, length):
         """Bytes of the blob (clamped to its size), fetched into the cache first."""
         length = max(0, min(length, self.size - offset))
         if length == 0:
             return b""
-        for _round in range(MAX_ROUNDS):
-            self.ensure(offset, length)
-            data = self.presence.pread(self.fd, offset, length)     # None: evicted meanwhile
-            if data is not None:
-                self.presence.touch()
-                return data
+        token = self.pin(offset, length)
+        try:
+            for _round in range(MAX_ROUNDS):
+                self.ensure(offset, length)
+                data = self.presence.pread(self.fd, offset, length)     # None: evicted meanwhile
+                if data is not None:
+                    self.presence.touch()
+                    return data
+        finally:
+            self.unpin(token)
         raise ReadError(f"{self.path}: bytes {offset}..{offset + length} were evicted again before "
                         f"they could be read, {MAX_ROUNDS} times (cache too small?)")
 
@@ -407,6 +421,13 @@ class CachedBlob:
         if offset >= end:
             return
         u0, u1 = offset // self.unit, (end - 1) // self.unit + 1
+        token = self.pin(offset, end - offset)
+        try:
+            self._ensure(offset, end, u0, u1)
+        finally:
+            self.unpin(token)
+
+    def _ensure(self, offset, end, u0, u1):
         for _round in range(MAX_ROUNDS):
             mine, theirs = [], []
             with self.lock:
@@ -423,7 +444,7 @@ class CachedBlob:
                 return
             try:
                 for lo, hi in _runs(mine):
-                    self._fill(lo, hi, offset, end - offset)
+                    self._fill(lo, hi)
             finally:
                 with self.lock:
                     for u in mine:
@@ -435,7 +456,7 @@ class CachedBlob:
             raise ReadError(f"{self.path}: bytes {missing[0][0]}..{sum(missing[0])} were evicted again "
                             f"before they could be used, {MAX_ROUNDS} times (cache too small?)")
 
-    def _fill(self, u_lo, u_hi, want_off, want_len):
+    def _fill(self, u_lo, u_hi):
         start = u_lo * self.unit
         stop = min(self.size, u_hi * self.unit)
         data = self.source.read(start, stop - start)
@@ -451,11 +472,11 @@ class CachedBlob:
                     raise ReadError(f"{self.path}: cannot store {len(data)} bytes at {start}: "
                                     f"{e.strerror}" + (" (cache disk full)" if e.errno == errno.ENOSPC
                                                        else "")) from None
-                self.cache.evict_to_water(protect=self.name, keep=(want_off, want_len))
+                self.cache.evict_to_water()
         self.dirty = True
         self.presence.touch()
         if self.cache._account(self.name, stop - start):
-            self.cache.evict_to_water(protect=self.name, keep=(want_off, want_len))
+            self.cache.evict_to_water()
         if time.monotonic() - self.last_persist >= PERSIST_EVERY:
             self.persist()
 
@@ -464,13 +485,32 @@ class CachedBlob:
         no read of the blob sees it half done.  Returns the bytes freed."""
         lo = offset - offset % self.unit
         hi = min(self.size, -(-(offset + length) // self.unit) * self.unit)
-        if hi <= lo or self.fd < 0:
+        return self._evict_ranges([(lo, hi)] if hi > lo else [])
+
+    def evict_unpinned(self):
+        """Evict every unit that no read in flight has pinned."""
+        with self.lock:
+            pinned = sorted((lo - lo % self.unit, min(self.size, -(-hi // self.unit) * self.unit))
+                            for lo, hi in self.pins.values())
+        ranges, pos = [], 0
+        for lo, hi in pinned + [(self.size, self.size)]:
+            if lo > pos:
+                ranges.append((pos, lo))
+            pos = max(pos, hi)
+        return self._evict_ranges(ranges)
+
+    def _evict_ranges(self, ranges):
+        """Evict unit-aligned [lo, hi) ranges: first durably out of the
+        presence file, then out of the bitmap and the file."""
+        if not ranges or self.fd < 0:
             return 0
+        freed = 0
         with self.persist_lock:
             # the presence file must stop claiming the units before they are punched
             bits = bytearray(self.persisted)
-            for u in range(lo // self.unit, -(-hi // self.unit)):
-                bits[u >> 3] &= ~(1 << (u & 7)) & 0xFF
+            for lo, hi in ranges:
+                for u in range(lo // self.unit, -(-hi // self.unit)):
+                    bits[u >> 3] &= ~(1 << (u & 7)) & 0xFF
             if bits != self.persisted:
                 try:
                     self._write_sidecar(bytes(bits), sync_dir=True)
@@ -480,22 +520,13 @@ class CachedBlob:
                     _unlink(self.sidecar)
                     _fsync_dir(self.cache.dir)
                     self.persisted = bytes(len(bits))
-            freed, err = self.presence.evict(self.fd, lo, hi - lo)
-        if err:
-            # the bits are clear (a refill overwrites the bytes); only the space stays used
-            log.warning("cache: %s: cannot punch bytes %d..%d: %s", self.path, lo, hi, os.strerror(err))
+            for lo, hi in ranges:
+                n, err = self.presence.evict(self.fd, lo, hi - lo)
+                freed += n
+                if err:
+                    # the bits are clear (a refill overwrites the bytes); only the space stays used
+                    log.warning("cache: %s: cannot punch bytes %d..%d: %s", self.path, lo, hi, os.strerror(err))
         self.cache._account(self.name, -freed)
-        return freed
-
-    def evict_except(self, offset, length):
-        """Evict every present unit outside [offset, offset+length)."""
-        lo = offset - offset % self.unit
-        hi = min(self.size, -(-(offset + length) // self.unit) * self.unit) if length else lo
-        freed = 0
-        if lo > 0:
-            freed += self.evict(0, lo)
-        if hi < self.size:
-            freed += self.evict(hi, self.size - hi)
         return freed
 
     def close(self):

@@ -586,6 +586,9 @@ def _recover(err, files, tries):
     if b.fetcher is None:
         return False
     if err.code == E_MISS:
+        pin = getattr(b.fetcher, "pin", None)
+        if pin is not None:
+            tries.setdefault("pins", []).append((b.fetcher, pin(err.a, err.b)))
         b.fetcher.ensure(err.a, err.b)
         return True
     key = (err.which, err.a)
@@ -596,6 +599,11 @@ def _recover(err, files, tries):
         b.fetcher.evict(b._base + start, length)
         return True
     return False
+
+
+def _unpin_all(tries):
+    for f, token in tries.pop("pins", ()):
+        f.unpin(token)
 
 
 class _Fail(Exception):
@@ -706,14 +714,17 @@ class Backing:
             raise MemoryError(f"{self.name}: cannot read {length} bytes at once")
         out = bytearray(length)
         tries = {}
-        while True:
-            try:
-                self._readinto(memoryview(out), offset)
-                break
-            except _Fail as err:
-                err.which = 0
-                if not _recover(err, [self], tries):
-                    _raise(err, [self])
+        try:
+            while True:
+                try:
+                    self._readinto(memoryview(out), offset)
+                    break
+                except _Fail as err:
+                    err.which = 0
+                    if not _recover(err, [self], tries):
+                        _raise(err, [self])
+        finally:
+            _unpin_all(tries)
         return bytes(out)
 
 
@@ -993,13 +1004,16 @@ class Stack:
         if offset % SECTOR or n % SECTOR:
             raise UsageError(f"read of {n} bytes at {offset} is not 512-byte aligned")
         tries = {}
-        while True:
-            try:
-                self._read(dst, offset // SECTOR, (offset + n) // SECTOR)
-                return None
-            except _Fail as err:
-                if not _recover(err, self._files, tries):
-                    _raise(err, self._files)
+        try:
+            while True:
+                try:
+                    self._read(dst, offset // SECTOR, (offset + n) // SECTOR)
+                    return None
+                except _Fail as err:
+                    if not _recover(err, self._files, tries):
+                        _raise(err, self._files)
+        finally:
+            _unpin_all(tries)
 
     def replace_file(self, tag, backing):
         """Serve file `tag` from another backing with the same bytes."""
