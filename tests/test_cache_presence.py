@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from conftest import FileSource, make_layer, mount_fs, umount
 from tcmu_obd import cache as cache_mod
 from tcmu_obd.cache import SIDECAR, FileCache, file_id, load_presence
-from tcmu_obd.errors import FormatError, ReadError
+from tcmu_obd.errors import FormatError, ReadError, UsageError
 from tcmu_obd.image import Image
 from tcmu_obd.layer import open_cached_layer, open_layer
 
@@ -231,3 +231,48 @@ def test_reopen_with_another_size_is_refused_while_open(tmp_path):
     assert cb2.presence.missing(0, len(data2)) == [(0, len(data2))]
     assert cb2.read_at(0, len(data2)) == data2
     cb2.close()
+
+
+PRESENCE_OPS = st.lists(st.tuples(st.sampled_from(["set", "clear", "evict", "reload"]),
+                                  st.integers(0, 40 * 4096), st.integers(0, 12 * 4096)), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(size=st.integers(0, 40 * 4096), ops=PRESENCE_OPS)
+def test_presence_twin_agrees_with_a_set_model(size, ops):
+    """The core's Presence and tcmu_obd.reference's against a set of units."""
+    from tcmu_obd import _lsmt as C, reference as R
+    unit = 4096
+    nunits = -(-size // unit)
+    ps = [C.Presence(size, unit), R.Presence(size, unit)]
+    model = set()
+    for op, off, n in ops:
+        end = min(off + n, size)
+        touched = set(range(off // unit, -(-end // unit))) if n and off < size else set()
+        if op == "set":
+            whole = {u for u in touched if u * unit >= off and (min((u + 1) * unit, size) <= end)}
+            model |= whole
+            for p in ps:
+                p.set(off, n)
+        elif op == "clear":
+            model -= touched
+            for p in ps:
+                p.clear(off, n)
+        elif op == "evict":
+            freed = sum(min((u + 1) * unit, size) - u * unit for u in touched & model)
+            model -= touched
+            assert [p.evict(-1, off, n) for p in ps] == [(freed, 0)] * 2
+        else:
+            bits = ps[0].bitmap()
+            assert ps[1].bitmap() == bits
+            ps = [C.Presence(size, unit), R.Presence(size, unit)]
+            for p in ps:
+                p.set_bitmap(bits)
+        for p in ps:
+            assert {u for u in range(nunits) if p.has(u * unit, 1)} == model
+            assert p.count(0, size) == sum(min((u + 1) * unit, size) - u * unit for u in model)
+            assert p.count(off, n) == sum(min((u + 1) * unit, size) - u * unit for u in touched & model)
+    for p in ps:
+        with pytest.raises(UsageError) as e:
+            p.set_bitmap(b"\0" * ((nunits + 7) // 8 + 1))
+        assert "bitmap of" in str(e.value)
