@@ -45,13 +45,28 @@ cdef extern from "blockcache.h" nogil:
 
 cdef extern from "presence.h" nogil:
     ctypedef struct obd_presence:
+        uint64_t *bits
         uint64_t nunits
         unsigned shift
         uint64_t size
+        uint64_t used
     int obd_presence_init(obd_presence *p, uint64_t size, unsigned shift)
     void obd_presence_destroy(obd_presence *p)
     void obd_presence_set(obd_presence *p, uint64_t off, uint64_t n, int on)
     int obd_presence_missing(const obd_presence *p, uint64_t off, uint64_t n, uint64_t *moff, uint64_t *mlen)
+    uint64_t obd_presence_count(const obd_presence *p, uint64_t off, uint64_t n)
+    void obd_presence_touch(obd_presence *p)
+    uint64_t obd_presence_evict(obd_presence *p, int fd, uint64_t off, uint64_t n, int *err)
+    int obd_presence_pread(obd_presence *p, int fd, char *dst, uint64_t off, uint64_t n)
+    int obd_presence_store(obd_presence *p, int fd, const char *src, uint64_t off, uint64_t n)
+    int obd_presence_rdlock "pthread_rwlock_rdlock"(void *lock)
+    int obd_presence_unlock "pthread_rwlock_unlock"(void *lock)
+
+cdef extern from * nogil:
+    """
+    #define OBD_PRESENCE_LOCK(p) (&(p)->lock)
+    """
+    void *OBD_PRESENCE_LOCK(obd_presence *p)
 
 cdef extern from "codec.h" nogil:
     size_t obd_zstd_decompress(void *dst, size_t cap, const void *src, size_t csize)
@@ -555,7 +570,8 @@ DEF E_NOMEM = 6
 DEF E_TAG = 7
 DEF E_MISS = 8         # not in the cache file yet: a = file offset, b = length
 DEF E_MAPFAULT = 9     # SIGBUS reading a mapping: the read is redone with pread
-MAX_CRC_RETRIES = 3    # evict-and-refetch rounds for a cached block that fails its check
+MAX_CRC_RETRIES = 2    # evict-and-refetch rounds per cached block that fails its check
+MAX_MISS_ROUNDS = 64   # fetch rounds one read may need (misses evicted again before use)
 
 cdef struct BackingC:
     int kind
@@ -775,10 +791,23 @@ cdef inline int check_present(const BackingC *b, uint64_t foff, uint64_t n, Err 
 
 
 cdef int backing_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err *err) noexcept nogil:
+    cdef int rc
     if n == 0:
         return 0
     if off + n > b.size or off + n < off:
         return set_err(err, E_RANGE, off, n, b.size)
+    if b.presence == NULL:
+        return backing_read_locked(b, dst, off, n, err)
+    # a cached remote file: presence check and read under the blob's shared
+    # lock, so eviction (exclusive: clear + punch) cannot slip in between
+    obd_presence_touch(b.presence)
+    obd_presence_rdlock(OBD_PRESENCE_LOCK(b.presence))
+    rc = backing_read_locked(b, dst, off, n, err)
+    obd_presence_unlock(OBD_PRESENCE_LOCK(b.presence))
+    return rc
+
+
+cdef int backing_read_locked(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err *err) noexcept nogil:
     if b.kind == K_RAW:
         if check_present(b, b.base + off, n, err):
             return -1
@@ -839,13 +868,16 @@ cdef class Backing:
         cdef char *p = PyBytes_AS_STRING(out)
         err.which = 0
         err.nmiss = 0
-        cdef int crc_tries = 0
+        tries = {}
         files = [self]
-        while True:
-            with nogil:
-                rc = backing_read(&self.c, p, offset, length, &err)
-            if rc == 0 or not recover(&err, files, &crc_tries):
-                break
+        try:
+            while True:
+                with nogil:
+                    rc = backing_read(&self.c, p, offset, length, &err)
+                if rc == 0 or not recover(&err, files, tries):
+                    break
+        finally:
+            unpin_all(tries)
         if rc:
             raise_err(&err, files)
         return out
@@ -1010,6 +1042,80 @@ cdef class Presence:
         cdef uint64_t mo, ml
         return not obd_presence_missing(&self.p, offset, length, &mo, &ml)
 
+    def count(self, uint64_t offset, uint64_t length):
+        """Bytes of the units touched by [offset, offset+length) that are present."""
+        return obd_presence_count(&self.p, offset, length)
+
+    def touch(self):
+        """Note a use (a read of the blob does it in the core)."""
+        obd_presence_touch(&self.p)
+
+    @property
+    def last_used(self):
+        """Use stamp of the last read: larger is more recent (process-wide clock)."""
+        return self.p.used
+
+    def evict(self, int fd, uint64_t offset, uint64_t length):
+        """Clear every unit [offset, offset+length) touches and punch them out of
+        fd (-1: bits only), with no read of this blob in between.  Returns
+        (bytes that were present, errno of a failed punch or 0)."""
+        cdef uint64_t freed
+        cdef int err = 0
+        with nogil:
+            freed = obd_presence_evict(&self.p, fd, offset, length, &err)
+        return freed, err
+
+    def pread(self, int fd, uint64_t offset, uint64_t length):
+        """Bytes [offset, offset+length) of fd if all their units are present,
+        read with no eviction in between; None if some are missing."""
+        cdef int rc
+        if length > self.p.size or offset > self.p.size - length:
+            raise UsageError(f"read of {length} bytes at {offset} is past the blob's {self.p.size} bytes")
+        out = PyBytes_FromStringAndSize(NULL, length)
+        cdef char *dst = PyBytes_AS_STRING(out)
+        with nogil:
+            rc = obd_presence_pread(&self.p, fd, dst, offset, length)
+        if rc < 0:
+            import os
+            raise OSError(errno, os.strerror(errno))
+        return None if rc else out
+
+    def store(self, int fd, data, uint64_t offset):
+        """pwrite data at offset into fd, then mark its units present, with no
+        eviction in between (OSError, nothing marked, if the write fails)."""
+        cdef Py_buffer view
+        cdef int rc
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if <uint64_t>view.len > self.p.size or offset > self.p.size - <uint64_t>view.len:
+                raise UsageError(f"write of {view.len} bytes at {offset} is past the blob's {self.p.size} bytes")
+            with nogil:
+                rc = obd_presence_store(&self.p, fd, <const char *>view.buf, offset, view.len)
+        finally:
+            PyBuffer_Release(&view)
+        if rc:
+            import os
+            raise OSError(errno, os.strerror(errno))
+
+    def bitmap(self):
+        """The bits as bytes, unit u at bit u % 8 of byte u // 8."""
+        cdef uint64_t u
+        out = bytearray((self.p.nunits + 7) // 8)
+        for u in range(self.p.nunits):
+            if (self.p.bits[u >> 6] >> (u & 63)) & 1:
+                out[u >> 3] |= 1 << (u & 7)
+        return bytes(out)
+
+    def set_bitmap(self, bits):
+        """Mark present the units whose bit is set in `bits` (as bitmap() makes)."""
+        cdef uint64_t u
+        cdef const unsigned char[:] b = bits
+        if <uint64_t>len(bits) != (self.p.nunits + 7) // 8:
+            raise UsageError(f"bitmap of {len(bits)} bytes for {self.p.nunits} units")
+        for u in range(self.p.nunits):
+            if (b[u >> 3] >> (u & 7)) & 1:
+                obd_presence_set(&self.p, u << self.p.shift, 1 << self.p.shift, 1)
+
     def missing(self, uint64_t offset, uint64_t length):
         """Missing byte ranges inside [offset, offset+length), whole units."""
         out = []
@@ -1046,11 +1152,37 @@ def fetch_all(jobs):
         fut.result()
 
 
-cdef int recover(Err *err, list files, int *crc_tries) except -1:
+cdef pin_all(list jobs, dict tries):
+    """Pin what a read is about to fetch until the read ends (unpin_all), so
+    eviction for other reads cannot take it first; fetchers without pin()
+    are left as they are."""
+    pins = tries.setdefault("pins", [])
+    for f, off, n in jobs:
+        pin = getattr(f, "pin", None)
+        if pin is not None:
+            pins.append((f, pin(off, n)))
+
+
+cdef unpin_all(dict tries):
+    for f, token in tries.pop("pins", ()):
+        f.unpin(token)
+
+
+cdef int recover(Err *err, list files, dict tries) except -1:
     """After a failed read: fetch what the cache lacks, or evict a cached
-    block that failed its check.  1 means read again, 0 means give up."""
+    block that failed its check.  1 means read again, 0 means give up.
+    `tries` (one per read call) counts refetches per (file, block), so a read
+    heals any number of bad blocks but none more than MAX_CRC_RETRIES times,
+    and the fetch rounds, so a cache too small for one read fails it."""
     cdef Backing b
     cdef int k
+    if err.code == E_MISS:
+        rounds = tries.get("miss", 0) + 1
+        tries["miss"] = rounds
+        if rounds > MAX_MISS_ROUNDS:
+            name = files[err.which].name if 0 <= err.which < len(files) else "<backing>"
+            raise ReadError(f"{name}: bytes {err.a}..{err.a + err.b} were evicted again before the read "
+                            f"could use them, {MAX_MISS_ROUNDS} times (cache too small for this read?)")
     if err.code == E_MISS and err.nmiss > 0:
         jobs = []
         for k in range(err.nmiss):
@@ -1058,6 +1190,7 @@ cdef int recover(Err *err, list files, int *crc_tries) except -1:
             if b.fetcher is None:
                 return 0
             jobs.append((b.fetcher, err.moff[k], err.mlen[k]))
+        pin_all(jobs, tries)
         fetch_all(jobs)
         return 1
     if not 0 <= err.which < len(files):
@@ -1066,11 +1199,13 @@ cdef int recover(Err *err, list files, int *crc_tries) except -1:
     if b.fetcher is None:
         return 0
     if err.code == E_MISS:
+        pin_all([(b.fetcher, err.a, err.b)], tries)
         b.fetcher.ensure(err.a, err.b)
         return 1
+    key = (err.which, err.a)
     if (err.code == E_CRC or err.code == E_DECODE) and b.c.kind == K_ZFILE and err.a < b.c.nblocks \
-            and crc_tries[0] < MAX_CRC_RETRIES:
-        crc_tries[0] += 1
+            and tries.get(key, 0) < MAX_CRC_RETRIES:
+        tries[key] = tries.get(key, 0) + 1
         b.fetcher.evict(b.c.base + b.c.boff[err.a], b.c.boff[err.a + 1] - b.c.boff[err.a])
         return 1
     return 0
@@ -1270,7 +1405,7 @@ cdef class Stack:
         cdef Py_buffer view
         cdef Err err
         cdef int rc
-        cdef int crc_tries = 0
+        tries = {}
         PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
         try:
             if offset % SECTOR or view.len % SECTOR:
@@ -1280,9 +1415,10 @@ cdef class Stack:
                 err.nmiss = 0
                 with nogil:
                     rc = self._read(<char *>view.buf, offset // SECTOR, (offset + view.len) // SECTOR, &err)
-                if rc == 0 or not recover(&err, self.files_py, &crc_tries):
+                if rc == 0 or not recover(&err, self.files_py, tries):
                     break
         finally:
+            unpin_all(tries)
             PyBuffer_Release(&view)
         if rc:
             raise_err(&err, self.files_py)

@@ -5,12 +5,14 @@ A Layer owns its file descriptor and hands the core a backing (raw bytes or
 a ZFile's decompressed view) plus its Index.  This module does not merge
 layers (tcmu_obd.image) nor fetch remote blobs.
 """
+import logging
 import os
 from dataclasses import dataclass, field
 
 from . import core, lsmt, tar, zfile
 from .errors import FormatError
 
+log = logging.getLogger(__name__)
 
 HEAD_PREFETCH = 4096 * 3       # tar, ZFile and LSMT headers
 TAIL_PREFETCH = 1 << 20        # LSMT/ZFile trailers, the jump table, most indexes (at most 1/8 of a blob)
@@ -104,7 +106,26 @@ def open_layer(path):
 def open_cached_layer(blob, name):
     """Open a layer whose bytes come from a cache.CachedBlob (a remote blob):
     only the headers, trailer and index are fetched now; the backing fetches
-    the rest on demand and refetches blocks that fail their CRC."""
+    the rest on demand and refetches blocks that fail their CRC.  Headers or
+    an index that fail their checks when some of the blob came from the
+    cache are evicted and fetched again, once: bytes damaged on the cache
+    disk heal, a blob bad at the registry still fails (with its error)."""
+    try:
+        cached_before = blob.presence.count(0, blob.size) > 0
+        try:
+            return _open_cached(blob, name)
+        except FormatError as e:
+            if not cached_before:
+                raise
+            log.warning("%s: %s; evicting its cached copy and fetching it again", name, e)
+            blob.evict(0, blob.size)
+        return _open_cached(blob, name)
+    except BaseException:
+        blob.close()
+        raise
+
+
+def _open_cached(blob, name):
     # headers sit at the front, trailers, jump table and index at the back:
     # fetch both ends at once, one round trip instead of three to five
     tail = min(blob.size, TAIL_PREFETCH, max(blob.unit, blob.size // 8))
@@ -113,9 +134,5 @@ def open_cached_layer(blob, name):
     backing.attach(blob.presence, blob)
     if zinfo is not None and MMAP_ZFILE:
         backing.map_blocks()        # the cache file has the blob's size: holes read as zeros
-    try:
-        header, trailer, index = lsmt.load_ro(backing, name)
-    except BaseException:
-        blob.close()
-        raise
+    header, trailer, index = lsmt.load_ro(backing, name)
     return Layer(name, -1, backing, header, trailer, index, wrappers, zinfo, extent, owner=blob)

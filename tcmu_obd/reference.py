@@ -68,7 +68,8 @@ CRC_HW = bool(_crc32c_pkg is not None and getattr(_crc32c_pkg, "hardware_based",
 
 # error codes of a failed backing read (the C core's Err.code)
 E_IO, E_SHORT, E_CRC, E_DECODE, E_RANGE, E_NOMEM, E_TAG, E_MISS = 1, 2, 3, 4, 5, 6, 7, 8
-MAX_CRC_RETRIES = 3      # evict-and-refetch rounds for a cached block that fails its check
+MAX_CRC_RETRIES = 2      # evict-and-refetch rounds per cached block that fails its check
+MAX_MISS_ROUNDS = 64     # fetch rounds one read may need (misses evicted again before use)
 
 
 # ---------------------------------------------------------------- argument conversion
@@ -422,6 +423,10 @@ def merge(layers):
 
 
 # ---------------------------------------------------------------- backings
+_use_clock = 0
+_clock_lock = threading.Lock()
+
+
 class Presence:
     """Which `unit`-sized pieces of a cached file hold data."""
 
@@ -433,7 +438,8 @@ class Presence:
         self._size = size
         self._n = -(-size // unit)
         self._bits = bytearray(self._n)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self.touch()
 
     @property
     def unit(self):
@@ -471,6 +477,74 @@ class Presence:
     def has(self, offset, length):
         return self._first_missing(offset, length) is None
 
+    def count(self, offset, length):
+        return sum(min((u + 1) * self._unit, self._size) - u * self._unit
+                   for u in self._units(offset, length, False) if self._bits[u])
+
+    def touch(self):
+        global _use_clock
+        with _clock_lock:
+            _use_clock += 1
+            self._used = _use_clock
+
+    @property
+    def last_used(self):
+        return self._used
+
+    def evict(self, fd, offset, length):
+        with self._lock:
+            units = self._units(offset, length, False)
+            freed = self.count(offset, length)
+            for u in units:
+                self._bits[u] = 0
+            if fd < 0 or not units:
+                return freed, 0
+            lo, hi = units.start * self._unit, min(units.stop * self._unit, self._size)
+            try:
+                from .rw import punch_hole
+                punch_hole(fd, lo, hi - lo)
+            except OSError as e:
+                return freed, e.errno
+            return freed, 0
+
+    def pread(self, fd, offset, length):
+        if length > self._size or offset > self._size - length:
+            raise UsageError(f"read of {length} bytes at {offset} is past the blob's {self._size} bytes")
+        with self._lock:
+            if not self.has(offset, length):
+                return None
+            out = os.pread(fd, length, offset)
+        if len(out) != length:
+            raise OSError(_errno.EIO, os.strerror(_errno.EIO))
+        return out
+
+    def store(self, fd, data, offset):
+        if len(data) > self._size or offset > self._size - len(data):
+            raise UsageError(f"write of {len(data)} bytes at {offset} is past the blob's {self._size} bytes")
+        with self._lock:
+            view = memoryview(data)
+            pos = offset
+            while view:
+                n = os.pwrite(fd, view, pos)
+                view, pos = view[n:], pos + n
+            for u in self._units(offset, len(data), True):
+                self._bits[u] = 1
+
+    def bitmap(self):
+        out = bytearray((self._n + 7) // 8)
+        for u in range(self._n):
+            if self._bits[u]:
+                out[u >> 3] |= 1 << (u & 7)
+        return bytes(out)
+
+    def set_bitmap(self, bits):
+        if len(bits) != (self._n + 7) // 8:
+            raise UsageError(f"bitmap of {len(bits)} bytes for {self._n} units")
+        with self._lock:
+            for u in range(self._n):
+                if (bits[u >> 3] >> (u & 7)) & 1:
+                    self._bits[u] = 1
+
     def missing(self, offset, length):
         out = []
         for u in self._units(offset, length, False):
@@ -498,22 +572,38 @@ def fetch_all(jobs):
 
 def _recover(err, files, tries):
     """As _lsmt.recover: fetch what the cache lacks or evict a bad block;
-    True means read again."""
+    True means read again.  `tries` counts refetches per (file, block) and
+    fetch rounds per read call."""
+    if err.code == E_MISS:
+        tries["miss"] = tries.get("miss", 0) + 1
+        if tries["miss"] > MAX_MISS_ROUNDS:
+            name = files[err.which].name if 0 <= err.which < len(files) else "<backing>"
+            raise ReadError(f"{name}: bytes {err.a}..{err.a + err.b} were evicted again before the read "
+                            f"could use them, {MAX_MISS_ROUNDS} times (cache too small for this read?)")
     if not 0 <= err.which < len(files):
         return False
     b = files[err.which]
     if b.fetcher is None:
         return False
     if err.code == E_MISS:
+        pin = getattr(b.fetcher, "pin", None)
+        if pin is not None:
+            tries.setdefault("pins", []).append((b.fetcher, pin(err.a, err.b)))
         b.fetcher.ensure(err.a, err.b)
         return True
+    key = (err.which, err.a)
     if err.code in (E_CRC, E_DECODE) and isinstance(b, ZFileBacking) and err.a < b.nblocks \
-            and tries[0] < MAX_CRC_RETRIES:
-        tries[0] += 1
+            and tries.get(key, 0) < MAX_CRC_RETRIES:
+        tries[key] = tries.get(key, 0) + 1
         start, length = b.block_extent(err.a)
         b.fetcher.evict(b._base + start, length)
         return True
     return False
+
+
+def _unpin_all(tries):
+    for f, token in tries.pop("pins", ()):
+        f.unpin(token)
 
 
 class _Fail(Exception):
@@ -607,6 +697,8 @@ class Backing:
             return
         if off + n > self._size:
             raise _Fail(E_RANGE, off, n, self._size)
+        if self._presence is not None:
+            self._presence.touch()
         self._read_inside(dst, off)
 
     def _read_inside(self, dst, off):
@@ -621,15 +713,18 @@ class Backing:
         if length >= 1 << 63:
             raise MemoryError(f"{self.name}: cannot read {length} bytes at once")
         out = bytearray(length)
-        tries = [0]
-        while True:
-            try:
-                self._readinto(memoryview(out), offset)
-                break
-            except _Fail as err:
-                err.which = 0
-                if not _recover(err, [self], tries):
-                    _raise(err, [self])
+        tries = {}
+        try:
+            while True:
+                try:
+                    self._readinto(memoryview(out), offset)
+                    break
+                except _Fail as err:
+                    err.which = 0
+                    if not _recover(err, [self], tries):
+                        _raise(err, [self])
+        finally:
+            _unpin_all(tries)
         return bytes(out)
 
 
@@ -908,14 +1003,17 @@ class Stack:
         n = len(dst)
         if offset % SECTOR or n % SECTOR:
             raise UsageError(f"read of {n} bytes at {offset} is not 512-byte aligned")
-        tries = [0]
-        while True:
-            try:
-                self._read(dst, offset // SECTOR, (offset + n) // SECTOR)
-                return None
-            except _Fail as err:
-                if not _recover(err, self._files, tries):
-                    _raise(err, self._files)
+        tries = {}
+        try:
+            while True:
+                try:
+                    self._read(dst, offset // SECTOR, (offset + n) // SECTOR)
+                    return None
+                except _Fail as err:
+                    if not _recover(err, self._files, tries):
+                        _raise(err, self._files)
+        finally:
+            _unpin_all(tries)
 
     def replace_file(self, tag, backing):
         """Serve file `tag` from another backing with the same bytes."""

@@ -94,3 +94,40 @@ def model_read(layers, offset, length):
 def bundled_base():
     from tcmu_obd import baselayer
     return baselayer.path()
+
+
+class FileSource:
+    """A cache source that is a real local file read with pread; it only
+    records the reads it serves (for tests that count fetches)."""
+
+    def __init__(self, path):
+        import threading
+        self.path = str(path)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        self.size = os.fstat(self.fd).st_size
+        self.reads = []
+        self.lock = threading.Lock()
+
+    def read(self, offset, length):
+        with self.lock:
+            self.reads.append((offset, length))
+        return os.pread(self.fd, min(length, self.size - offset), offset)
+
+    def close(self):
+        os.close(self.fd)
+
+
+def mount_fs(path, fstype, size="64m"):
+    """Mount a fresh ramfs or tmpfs at path (we run as root); skip if we cannot."""
+    import subprocess
+    os.makedirs(path, exist_ok=True)
+    opts = [] if fstype == "ramfs" else ["-o", f"size={size}"]
+    r = subprocess.run(["mount", "-t", fstype, *opts, fstype, str(path)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount {fstype}: {r.stderr.strip()}")
+    return path
+
+
+def umount(path):
+    import subprocess
+    subprocess.run(["umount", "-l", str(path)], check=False)
