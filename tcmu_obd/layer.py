@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 
 from . import core, lsmt, tar, zfile
-from .errors import FormatError
+from .errors import FormatError, ReadError
 
 
 HEAD_PREFETCH = 4096 * 3       # tar, ZFile and LSMT headers
@@ -69,6 +69,9 @@ def unwrap(fd, path, size=None, read_at=None):
         extent = found
         wrappers.append("tar")
     head = read_at(base, zfile.HT_SIZE)
+    if len(head) < zfile.HT_SIZE and zfile.is_zfile_magic(head):
+        raise FormatError(path, "file size", size,
+                          f"truncated: ZFile magic, but a ZFile header needs {zfile.HT_SIZE} bytes")
     if zfile.is_zfile(head, path):
         backing, zinfo = zfile.open_backing(fd, base, size, path, read_at)
         wrappers.append("zfile")
@@ -95,6 +98,9 @@ def open_layer(path):
             # mapping (no pread per read); a SIGBUS falls back to pread
             backing.map_blocks()
         header, trailer, index = lsmt.load_ro(backing, path)
+    except OSError as e:            # e.g. EISDIR, EIO: name the file, not just the errno
+        os.close(fd)
+        raise ReadError(f"{path}: cannot read: {e.strerror or e}") from e
     except BaseException:
         os.close(fd)
         raise
@@ -108,12 +114,12 @@ def open_cached_layer(blob, name):
     # headers sit at the front, trailers, jump table and index at the back:
     # fetch both ends at once, one round trip instead of three to five
     tail = min(blob.size, TAIL_PREFETCH, max(blob.unit, blob.size // 8))
-    core.fetch_all([(blob, 0, min(blob.size, HEAD_PREFETCH)), (blob, blob.size - tail, tail)])
-    backing, wrappers, zinfo, extent = unwrap(blob.fd, name, blob.size, blob.read_at)
-    backing.attach(blob.presence, blob)
-    if zinfo is not None and MMAP_ZFILE:
-        backing.map_blocks()        # the cache file has the blob's size: holes read as zeros
     try:
+        core.fetch_all([(blob, 0, min(blob.size, HEAD_PREFETCH)), (blob, blob.size - tail, tail)])
+        backing, wrappers, zinfo, extent = unwrap(blob.fd, name, blob.size, blob.read_at)
+        backing.attach(blob.presence, blob)
+        if zinfo is not None and MMAP_ZFILE:
+            backing.map_blocks()        # the cache file has the blob's size: holes read as zeros
         header, trailer, index = lsmt.load_ro(backing, name)
     except BaseException:
         blob.close()
