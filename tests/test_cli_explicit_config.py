@@ -93,3 +93,11 @@ def test_cli_explicit_config_absent_default_gives_builtin_defaults(tmp_path, ima
     svc.write_text("{}")
     r = script("tcmu-obd", "read", "--service-config", svc, image_cfg, 1080, 2, text=False)
     assert r.returncode == 0 and r.stdout == b"\x53\xef", r.stderr
+
+
+def test_cli_explicit_config_serve_two_different_paths_refused(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text("{}")
+    b.write_text("{}")
+    r = script("tcmu-obd", "serve", a, "--service-config", b, "--pid-file", tmp_path / "pid")
+    assert r.returncode == 1 and f"two global configs given: {a} and --service-config {b}" in r.stderr
