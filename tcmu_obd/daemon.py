@@ -389,12 +389,14 @@ class Daemon:
         self.audit("stop", pid=os.getpid(), devices=n)
 
 
-def serve(config_path=service_config.DEFAULT_PATH, workers=8, dbus="auto",
+def serve(config_path=None, workers=8, dbus="auto",
           pid_file=DEFAULT_PID_FILE, log_stderr=False, verbose=False, write_cache=True,
           inline_max=INLINE_MAX):
-    """Run the daemon in the foreground; returns the exit status."""
+    """Run the daemon in the foreground; returns the exit status.  config_path
+    None: DEFAULT_PATH when it exists, else the built-in defaults; a path
+    given must exist."""
     try:
-        cfg = service_config.load(config_path)
+        cfg = service_config.load_given(config_path)
     except Exception as e:          # noqa: BLE001
         print(f"tcmu-obd serve: {e}", file=sys.stderr)
         return 1

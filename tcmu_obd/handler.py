@@ -15,7 +15,6 @@ import threading
 import time
 
 from . import config, scsi
-from .errors import ObdError
 
 log = logging.getLogger("tcmu_obd.handler")
 
@@ -122,8 +121,8 @@ class OverlaybdHandler:
         try:
             image = self.open_image(path, self.service_cfg)
         except Exception as e:          # noqa: BLE001 - any failure refuses the device
-            if not isinstance(e, ObdError):
-                _result_file(path, f"failed:{e}")
+            if self.open_image is not config.open_image:
+                _result_file(path, f"failed:{e}")   # config.open_image wrote it, whatever failed
             self._forget(dev_id)
             log.error("%s: cannot open %s: %s", dev.uio_name, path, e)
             self.audit("open", dev=dev.uio_name, config=path, dev_id=dev_id, result=f"failed: {e}")
@@ -180,12 +179,8 @@ class OverlaybdHandler:
 
 
 def _result_file(path, text):
-    """Write the config's resultFile when the config can be parsed."""
-    try:
-        cfg = config.load(path)
-    except Exception:                   # noqa: BLE001
-        return
-    config.write_result(cfg, text)
+    """Write the config's resultFile (when the config names one)."""
+    config.write_result_of(path, text)
 
 
 def module_param_path(name):

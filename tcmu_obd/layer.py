@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 from . import core, lsmt, tar, zfile
-from .errors import FormatError
+from .errors import FormatError, ReadError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,9 @@ def unwrap(fd, path, size=None, read_at=None):
         extent = found
         wrappers.append("tar")
     head = read_at(base, zfile.HT_SIZE)
+    if len(head) < zfile.HT_SIZE and zfile.is_zfile_magic(head):
+        raise FormatError(path, "file size", size,
+                          f"truncated: ZFile magic, but a ZFile header needs {zfile.HT_SIZE} bytes")
     if zfile.is_zfile(head, path):
         backing, zinfo = zfile.open_backing(fd, base, size, path, read_at)
         wrappers.append("zfile")
@@ -97,6 +100,9 @@ def open_layer(path):
             # mapping (no pread per read); a SIGBUS falls back to pread
             backing.map_blocks()
         header, trailer, index = lsmt.load_ro(backing, path)
+    except OSError as e:            # e.g. EISDIR, EIO: name the file, not just the errno
+        os.close(fd)
+        raise ReadError(f"{path}: cannot read: {e.strerror or e}") from e
     except BaseException:
         os.close(fd)
         raise

@@ -140,10 +140,20 @@ def load_ro(backing, path):
     moffset ranges are checked).  Returns (header, trailer, Index)."""
     size = backing.size
     if size < 2 * HT_SPACE:
-        raise FormatError(path, "file size", size, f"an LSMT layer needs at least {2 * HT_SPACE} bytes")
+        why = "truncated: " if is_lsmt(backing.pread(0, 24)) else "too short: "
+        raise FormatError(path, "file size", size, f"{why}an LSMT layer needs at least {2 * HT_SPACE} "
+                          "bytes (header and trailer)")
     header = read_header(backing, path)
     toff = size - HT_SPACE
-    trailer = LsmtHeader.unpack(backing.pread(toff, HT_SPACE), path, "trailer")
+    tail = backing.pread(toff, HT_SPACE)
+    if not is_lsmt(tail):
+        # committed and sealed layers end with the trailer: none there means the
+        # file was cut short, or it is an RW data file that was never sealed
+        unsealed = "" if header.is_sealed else ", or an unsealed RW data file (commit or seal it first)"
+        raise FormatError(path, "trailer magic", tail[:24],
+                          f"no LSMT trailer in the last {HT_SPACE} bytes of the {size}-byte file: "
+                          f"truncated, or the trailer is damaged{unsealed}")
+    trailer = LsmtHeader.unpack(tail, path, "trailer")
     if trailer.is_header:
         raise FormatError(path, "trailer flags", trailer.flags,
                           "HEADER bit set: no trailer (an unsealed RW data file? commit or seal it first)")

@@ -9,7 +9,11 @@ serves both daemons.  This module only parses: it creates no directories,
 opens no log files and reads no credentials.
 
 Strictness: a key present with the wrong JSON type (overlaybd asserts there)
-is a ConfigError naming the file, the key path and the value.  Integers must
+is a ConfigError naming the file, the key path and the value.  A key that
+turns on a feature tcmu-obd does not have yet (exporterConfig.enable,
+p2pConfig.enable, serviceConfig.enable) is an UnsupportedError: start-up is
+refused rather than the feature silently missing.  A path given explicitly
+must exist; only "no path given" falls back (load_given).  Integers must
 be JSON integers inside the range of the C++ field (uint32/int32/uint64).  An
 unknown key is ignored with an UnknownKeyWarning naming its path.  A key given
 twice in one object keeps its first value, as RapidJSON's lookup does.
@@ -24,7 +28,7 @@ import warnings
 from dataclasses import dataclass, field, fields, replace
 
 from . import __version__
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedError
 
 DEFAULT_PATH = "/etc/overlaybd/overlaybd.json"
 CACHE_TYPES = ("file", "ocf", "download")
@@ -341,14 +345,24 @@ def from_dict(d, source="<dict>"):
 
 
 def load(path=None):
-    """Parse the global config. None, or a path that does not exist, gives the
-    built-in defaults (the daemon passes DEFAULT_PATH explicitly)."""
+    """Parse the global config at `path`; None gives the built-in defaults.
+    A path that cannot be read (missing included) is a ConfigError naming it."""
     if path is None:
         return ServiceConfig()
     path = os.fspath(path)
-    if not os.path.exists(path):
-        return ServiceConfig(source=path)
     return from_dict(_read_json(path), source=path)
+
+
+def load_given(path=None, default_path=None):
+    """What the tools and the daemon load: the path the user gave (it must
+    exist), or, when none was given, DEFAULT_PATH if it exists, else the
+    built-in defaults (as overlaybd starts without its config file)."""
+    if path is not None:
+        return load(path)
+    default_path = DEFAULT_PATH if default_path is None else default_path
+    if os.path.exists(default_path):
+        return load(default_path)
+    return ServiceConfig(source=default_path)
 
 
 def _check(cfg, source):
@@ -387,6 +401,22 @@ def _check(cfg, source):
                       "overlaybd treats anything but v2 as v1", ConfigWarning, stacklevel=3)
     if cfg.exporter_config.enable and not 1 <= cfg.exporter_config.port <= 65535:
         bad("exporterConfig.port", cfg.exporter_config.port, "must be a TCP port (1..65535)")
+    for key, on, what in ((("exporterConfig.enable", cfg.exporter_config.enable,
+                            "Prometheus metrics are not supported yet")),
+                          ("p2pConfig.enable", cfg.p2p_config.enable,
+                           "P2P registry access is not supported yet"),
+                          ("serviceConfig.enable", cfg.service_config.enable,
+                           "the live-snapshot HTTP API is not supported yet")):
+        if on:
+            raise UnsupportedError(f"{source}: {key} = true: {what}")
+    if cfg.gzip_cache_config.enable:
+        warnings.warn(f"{source}: gzipCacheConfig.enable = true: the gzip cache serves TurboOCI "
+                      "gzip targets, which tcmu-obd refuses (not supported yet); no cache is made",
+                      ConfigWarning, stacklevel=3)
+    if cfg.io_engine != 0:
+        warnings.warn(f"{source}: ioEngine = {cfg.io_engine} ({IO_ENGINES[cfg.io_engine]}): "
+                      "tcmu-obd reads local layers with pread or a mapping (psync); the same bytes, "
+                      "another engine", ConfigWarning, stacklevel=3)
     _check_download(cfg.download, "download.", source)
 
     t = cfg.tcmu_obd

@@ -115,7 +115,8 @@ def detect(read_at, size, path):
                               "block; overlaybd would read the payload at the wrong offset")
         if off + BLOCK > size:
             raise FormatError(path, "size", length,
-                              f"'{kind}' header runs past end of blob ({size} bytes)")
+                              f"truncated: '{kind}' header and its entry need more than {off} bytes, "
+                              f"the blob has {size}")
         data = bytes(read_at(data_off, length))[:length]
         if len(data) != length:
             raise FormatError(path, "size", length, f"short read of '{kind}' data")
@@ -144,7 +145,8 @@ def detect(read_at, size, path):
     payload_size = pax_size if pax_size else field_size
     if payload_offset + payload_size > size:
         raise FormatError(path, "size", payload_size,
-                          f"entry runs past end of blob ({size} bytes)")
+                          f"truncated: the entry at byte {payload_offset} needs "
+                          f"{payload_offset + payload_size} bytes, the blob has {size}")
     return payload_offset, payload_size
 
 

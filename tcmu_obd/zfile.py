@@ -75,6 +75,11 @@ class ZHeader:
         return cls(flags, ioff, isize, osize, icrc, bs, algo, level, use_dict, dict_size, verify, digest)
 
 
+def is_zfile_magic(raw):
+    """True when `raw` starts with both ZFile magics (however short the rest is)."""
+    return raw[:8] == MAGIC0 and raw[8:24] == MAGIC1
+
+
 def is_zfile(raw, path="<zfile>"):
     """overlaybd's detection: magic and HEADER bit; a flagged digest that
     does not match is an error, not 'not a ZFile'."""
@@ -96,18 +101,34 @@ def _check_digest(raw, hdr, path):
 
 def read_info(read_at, size, path):
     """The header/trailer that describes the file: (ZHeader, jump table bytes)."""
-    if size < 2 * HT_SIZE:
-        raise FormatError(path, "zfile size", size, f"a ZFile needs at least {2 * HT_SIZE} bytes")
     raw = read_at(0, HT_SIZE)
+    if size < 2 * HT_SIZE:
+        why = "truncated: " if is_zfile_magic(raw) else "too short: "
+        raise FormatError(path, "zfile size", size, f"{why}a ZFile needs at least {2 * HT_SIZE} bytes "
+                          "(header and trailer)")
     hdr = ZHeader.unpack(raw, path, "header")
     if not hdr.flags & F_HEADER:
         raise FormatError(path, "zfile header flags", hdr.flags, "HEADER bit is clear")
     _check_digest(raw, hdr, path)
     if hdr.flags & F_OVERWRITE:
         info, limit, where = hdr, size - HT_SIZE, "header"
+        need = info.index_offset + 4 * info.index_size + HT_SIZE
+        start = HT_SIZE + info.dict_size
+        if start <= info.index_offset and info.index_size <= MAX_BLOCKS and need > size:
+            # cut short, unless the header contradicts itself (then it is damaged)
+            _check_geometry(info, where, path)
+            if info.index_offset - start <= info.index_size * _max_stored(info.block_size):
+                raise FormatError(path, "zfile size", size,
+                                  f"truncated: the header puts a jump table of {info.index_size} "
+                                  f"entries at byte {info.index_offset}, so the file needs {need} bytes")
     else:
         toff = size - HT_SIZE
-        info = ZHeader.unpack(read_at(toff, HT_SIZE), path, "trailer")
+        tail = read_at(toff, HT_SIZE)
+        if len(tail) == HT_SIZE and not is_zfile_magic(tail):
+            raise FormatError(path, "zfile trailer magic", tail[:24],
+                              f"no ZFile trailer in the last {HT_SIZE} bytes of the {size}-byte file: "
+                              "truncated, or the trailer is damaged")
+        info = ZHeader.unpack(tail, path, "trailer")
         where = "trailer"
         if info.flags & F_HEADER or not (info.flags & F_DATA and info.flags & F_SEALED):
             raise FormatError(path, "zfile trailer flags", info.flags,
@@ -131,6 +152,12 @@ def read_info(read_at, size, path):
         if calc != info.index_crc:
             raise CorruptDataError(path, f"zfile {where} index_crc", info.index_crc, f"computed 0x{calc:08x}")
     return info, table
+
+
+def _max_stored(block_size):
+    """An upper bound of one stored block: the worse of LZ4's and ZSTD's
+    compress bounds for that block size, plus its CRC."""
+    return block_size + block_size // 128 + 128 + 4
 
 
 def _check_geometry(info, where, path):

@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from tcmu_obd import core, rw, tar, zfile
 from tcmu_obd.errors import CorruptDataError, FormatError, ObdError, ReadError
@@ -314,6 +315,14 @@ def _cut_points(path):
     return sorted(p for p in pts if 0 <= p < size)
 
 
+def assert_says_truncated(msg, cut):
+    """A cut layer is reported as truncated; only a cut so short that no
+    format can be recognised may say "too short" instead."""
+    if "truncated" in msg:
+        return
+    assert cut < 4096 and "too short" in msg, (cut, msg)
+
+
 @pytest.mark.parametrize("name", ["plain", "zlz4", "zzstd", "tarz", "ztrailer", "sealed"])
 def test_truncation_never_returns_wrong_data(built, tmp_path, name):
     src = built[name]
@@ -328,6 +337,7 @@ def test_truncation_never_returns_wrong_data(built, tmp_path, name):
             got = read_all(path)
         except BAD_INPUT as e:
             assert str(e).startswith(f"{path}: "), (cut, str(e))
+            assert_says_truncated(str(e), cut)
             raised += 1
             continue
         except ObdError as e:               # any other tcmu_obd error is a bug here
@@ -335,6 +345,31 @@ def test_truncation_never_returns_wrong_data(built, tmp_path, name):
         assert got == EXPECTED, f"cut at {cut} of {len(blob)} read back wrong data"
     # only cuts inside the tar's end-of-archive blocks may still open
     assert raised >= len(points) - (16 if name == "tarz" else 0)
+
+
+@pytest.mark.parametrize("name", ["plain", "zlz4", "zzstd", "tarz", "ztrailer", "sealed", "znoverify"])
+def test_truncation_property_any_length(built, tmp_path_factory, name):
+    """Property: a valid layer cut to any length opens as the same data (only
+    inside the tar's end-of-archive blocks, after the payload) or fails with a
+    FormatError that says "truncated" ("too short" below 4 KiB)."""
+    blob = open(built[name], "rb").read()
+    path = tmp_path_factory.mktemp("cut") / name
+    payload_end = len(blob)
+    if name == "tarz":
+        payload_end = sum(tar.detect(lambda o, n: blob[o:o + n], len(blob), "x"))
+
+    @settings(max_examples=150, deadline=None, derandomize=True)
+    @given(st.integers(0, len(blob) - 1))
+    def check(cut):
+        path.write_bytes(blob[:cut])
+        try:
+            got = read_all(path)
+        except FormatError as e:
+            assert str(e).startswith(f"{path}: "), (cut, str(e))
+            assert_says_truncated(str(e), cut)
+            return
+        assert cut >= payload_end and got == EXPECTED, (cut, len(blob))
+    check()
 
 
 @pytest.mark.parametrize("where,cut,field", [
@@ -348,7 +383,8 @@ def test_truncated_plain_names_field(built, tmp_path, where, cut, field):
     elif cut < 0:
         cut = size + cut
     truncate(path, cut)
-    assert_bad(path, field, cut if field == "file size" else None)
+    err = assert_bad(path, field, cut if field == "file size" else None)
+    assert "truncated" in str(err)
 
 
 @pytest.mark.parametrize("name", ["zlz4", "ztrailer"])
@@ -359,8 +395,9 @@ def test_truncated_zfile_names_field(built, tmp_path, name, where):
     ioff, n = z.get("index_offset"), z.get("index_size")
     cut = {"blocks": 2000, "jump table": ioff + 2 * n, "trailer": z.end - 10}[where]
     truncate(path, cut)
-    field = "zfile header index_offset" if name == "zlz4" else "zfile trailer magic"
-    assert_bad(path, field)
+    field = "zfile size" if name == "zlz4" else "zfile trailer magic"
+    err = assert_bad(path, field, cut if name == "zlz4" else None)
+    assert "truncated" in str(err)
 
 
 # ================================================================ LSMT header/trailer
@@ -750,7 +787,9 @@ def test_zfile_index_size_bad(built, tmp_path, name):
     path = copy(built, name, tmp_path, "b")
     z = Z(path)
     z.set("index_size", z.get("index_size") + 2).save()
-    assert_bad(path, f"zfile {where} index_offset")
+    # a header with the jump table running past the end contradicts its own
+    # original_file_size (so it is damaged, not cut short)
+    assert_bad(path, f"zfile {where} original_file_size" if name == "zlz4" else f"zfile {where} index_offset")
 
 
 @pytest.mark.parametrize("value", [0, 100, 2**63])

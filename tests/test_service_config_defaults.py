@@ -9,7 +9,7 @@ import warnings
 import pytest
 
 from tcmu_obd import service_config as sc
-from tcmu_obd.errors import ConfigError
+from tcmu_obd.errors import ConfigError, UnsupportedError
 
 # Key path -> default, transcribed from the spec tables (§b, and §a for download.*).
 SPEC_DEFAULTS = {
@@ -92,7 +92,7 @@ def no_warnings():
 
 # ------------------------------------------------------------------ defaults
 @pytest.mark.parametrize("make", [lambda tmp: sc.load(None),
-                                  lambda tmp: sc.load(tmp / "absent.json"),
+                                  lambda tmp: sc.load_given(None, tmp / "absent.json"),
                                   lambda tmp: sc.from_dict({}, "x"),
                                   lambda tmp: sc.load(write(tmp, {}))],
                          ids=["None", "absent file", "from_dict {}", "empty object"])
@@ -134,8 +134,9 @@ def test_service_config_defaults_roundtrip_and_overlaybd_example(tmp_path):
         "registryFsVersion": "v2",
         "tcmuObd": {"registryTimeoutSec": 2.5, "registryRetries": 0, "readDeadlineSec": 0},
     }
-    with no_warnings():
+    with pytest.warns(sc.ConfigWarning) as got:
         cfg = sc.load(write(tmp_path, example))
+    assert [str(w.message).split(": ")[1] for w in got] == ["gzipCacheConfig.enable = true"]
     assert cfg.download.delay == 600
     assert cfg.tcmu_obd == sc.TcmuObdConfig(2.5, 0, 0)
     assert cfg.source.endswith("overlaybd.json")
@@ -304,7 +305,45 @@ def test_service_config_defaults_enable_thread_with_file_cache_rejected():
 
 @pytest.mark.parametrize("engine", [0, 1, 2])
 def test_service_config_defaults_io_engine_range_ok(engine):
-    assert sc.from_dict({"ioEngine": engine}).io_engine == engine
+    if engine == 0:
+        with no_warnings():
+            assert sc.from_dict({"ioEngine": engine}).io_engine == engine
+        return
+    with pytest.warns(sc.ConfigWarning, match=f"^<dict>: ioEngine = {engine} .*psync"):
+        assert sc.from_dict({"ioEngine": engine}).io_engine == engine
+
+
+# ------------------------------------------------------------------ unimplemented features
+UNSUPPORTED = [({"exporterConfig": {"enable": True}}, "exporterConfig.enable = true: Prometheus metrics"),
+               ({"p2pConfig": {"enable": True}}, "p2pConfig.enable = true: P2P"),
+               ({"serviceConfig": {"enable": True}}, "serviceConfig.enable = true: the live-snapshot")]
+
+
+@pytest.mark.parametrize("obj,msg", UNSUPPORTED, ids=["exporter", "p2p", "snapshot-api"])
+def test_service_config_defaults_unimplemented_feature_refused(tmp_path, obj, msg):
+    path = write(tmp_path, obj)
+    with pytest.raises(UnsupportedError) as info:
+        sc.load(path)
+    assert str(info.value).startswith(f"{path}: {msg}")
+    assert "not supported yet" in str(info.value)
+    key = next(iter(obj))
+    with no_warnings():
+        sc.from_dict({key: {"enable": False}})        # off (the default) is fine
+
+
+def test_service_config_defaults_gzip_cache_enable_warns():
+    with pytest.warns(sc.ConfigWarning, match="^g: gzipCacheConfig.enable = true: .*TurboOCI"):
+        assert sc.from_dict({"gzipCacheConfig": {"enable": True}}, "g").gzip_cache_config.enable
+
+
+def test_service_config_defaults_given_path_must_exist(tmp_path):
+    absent = tmp_path / "absent.json"
+    for load in (sc.load, sc.load_given):
+        with pytest.raises(ConfigError, match=f"^{absent}: cannot read: No such file"):
+            load(absent)
+    assert sc.load_given(None, absent) == sc.ServiceConfig()      # nothing given: defaults
+    present = write(tmp_path, {"ioEngine": 0, "download": {"delay": 7}})
+    assert sc.load_given(None, present).download.delay == 7       # the default path is read
 
 
 @pytest.mark.parametrize("engine", [3, 7, 2**32 - 1])

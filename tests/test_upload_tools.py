@@ -153,7 +153,8 @@ def _merge_config(env, tmp_path, extra_lower=None):
 
 def test_merge_upload_plain_and_tar(reg, env, tmp_path):
     cfg, extents = _merge_config(env, tmp_path)
-    svc = ["--service_config_path", str(tmp_path / "none.json")]
+    (tmp_path / "defaults.json").write_text("{}")          # hermetic: every key at its default
+    svc = ["--service_config_path", str(tmp_path / "defaults.json")]
     r = tool(env, "overlaybd-merge", *svc, "--upload", uploads(reg, "obd/merge"), cfg,
              tmp_path / "m")
     merged = (tmp_path / "m").read_bytes()
@@ -203,7 +204,8 @@ def test_failed_run_cancels_the_upload(reg, env, tmp_path, which):
                      "--upload_bs", "64", bad, tmp_path / "out", check=False)
         else:
             cfg, _ = _merge_config(env, tmp_path, extra_lower=bad)
-            r = tool(env, "overlaybd-merge", "--service_config_path", str(tmp_path / "none.json"),
+            (tmp_path / "defaults.json").write_text("{}")
+            r = tool(env, "overlaybd-merge", "--service_config_path", str(tmp_path / "defaults.json"),
                      "--upload", up, "--upload_bs", "64", cfg, tmp_path / "out", check=False)
         seen = [(m, p) for m, p, _r, _f in proxy.seen]
     assert r.returncode != 0 and b"crc" in r.stderr, r.stderr

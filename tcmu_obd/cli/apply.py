@@ -17,8 +17,9 @@ def parser():
     p.add_argument("--checksum", default="", metavar="sha256:HEX",
                    help="sha256 of the uncompressed tar; a mismatch is an error")
     p.add_argument("--service_config_path", "--service-config", dest="service_config",
-                   default=service_config.DEFAULT_PATH,
-                   help="global overlaybd.json (for remote lowers; defaults when absent)")
+                   default=None,
+                   help="global overlaybd.json for remote lowers; a path given must exist (without "
+                        "the option: the default path when present, else built-in defaults)")
     p.add_argument("--gz_index_path", default="", help="(TurboOCI; not supported)")
     p.add_argument("--from_qcow2", action="store_true", help="(not supported)")
     p.add_argument("--no-extract-rootfs", action="store_true", help=argparse.SUPPRESS)
@@ -40,7 +41,9 @@ def body(argv):
     if args.from_qcow2:
         raise UnsupportedError("--from_qcow2: qcow2 input is not supported")
     checksum = apply.check_checksum(args.checksum)
-    svc = None if args.raw else service_config.load(args.service_config)
+    svc = service_config.load_given(args.service_config)     # checked even with --raw
+    if args.raw:
+        svc = None
     res = apply.apply_layer(args.input, args.image_config, mkfs_first=args.mkfs, checksum=checksum,
                             raw=args.raw, service_cfg=svc, frontend=args.frontend)
     if not args.quiet:

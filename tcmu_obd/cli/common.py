@@ -72,8 +72,9 @@ def common_parent():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true")
     common.add_argument("--service-config", "--service_config_path", dest="service_config",
-                        default=service_config.DEFAULT_PATH,
-                        help="global overlaybd.json (built-in defaults when the file is absent)")
+                        default=None, metavar="PATH",
+                        help=f"global overlaybd.json; a path given must exist (without the option: "
+                             f"{service_config.DEFAULT_PATH}, or built-in defaults when that is absent)")
     return common
 
 

@@ -34,7 +34,7 @@ def _size(text):
 
 
 def cmd_convert(args):
-    svc = service_config.load(args.service_config)
+    svc = service_config.load_given(args.service_config)
     opts = convert.Options(
         mkfs=args.mkfs, vsize_bytes=args.vsize, algorithm=args.algorithm, bs_kb=args.bs,
         oci=args.oci, plain_http=args.plain_http, platform=tuple(imageref.parse_platform(args.platform)),
@@ -66,7 +66,7 @@ def _line(rel, st, path):
 
 
 def cmd_run(args):
-    svc = service_config.load(args.service_config)
+    svc = service_config.load_given(args.service_config)
     if args.mount and not os.path.isdir(args.mount):
         raise UsageError(f"--mount {args.mount}: not a directory")
     img = run.RunningImage(args.ref, args.mount, args.plain_http,

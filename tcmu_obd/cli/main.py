@@ -20,11 +20,14 @@ EXPORT_CHUNK = 4 << 20
 
 
 def open_target(path, service_config_path=None):
-    """An Image from a config.v1.json, or from one layer file."""
+    """An Image from a config.v1.json, or from one layer file.  The global
+    config is loaded either way, so a bad or missing one given explicitly is
+    an error even where a lone layer file does not need it."""
+    svc = service_config.load_given(service_config_path)
     with open(path, "rb") as f:
         head = f.read(64).lstrip()
     if head.startswith(b"{"):
-        return config.open_image(path, service_config.load(service_config_path))
+        return config.open_image(path, svc)
     return Image([open_layer(path)])
 
 
@@ -140,7 +143,7 @@ def cmd_demo(args):
 
 def registry_client(args):
     """A RegistryClient per the global config, or --cred-file's cred.json."""
-    return imageref.client_from_service_config(service_config.load(args.service_config),
+    return imageref.client_from_service_config(service_config.load_given(args.service_config),
                                                args.cred_file)
 
 

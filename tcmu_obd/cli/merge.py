@@ -28,7 +28,9 @@ def _bool(text):
 
 def parser():
     p = argparse.ArgumentParser(prog="overlaybd-merge", description="Merge an image's layers into one.")
-    p.add_argument("--service_config_path", default="/etc/overlaybd/overlaybd.json")
+    p.add_argument("--service_config_path", "--service-config", default=None,
+                   help="global overlaybd.json; a path given must exist (default: "
+                        f"{service_config.DEFAULT_PATH} when present, else built-in defaults)")
     p.add_argument("--compress", type=_bool, nargs="?", const=True, default=True,
                    help="ZFile output (default true; --compress false for plain LSMT)")
     p.add_argument("-t", "--tar", action="store_true",
@@ -45,7 +47,7 @@ def body(argv):
     setup_logging(args.verbose)
     if args.tar and not args.upload:
         print("warning: -t has no effect without --upload (as in overlaybd)", file=sys.stderr)
-    image = config.open_image(args.image_config, service_config.load(args.service_config_path))
+    image = config.open_image(args.image_config, service_config.load_given(args.service_config_path))
     try:
         files = image.files()
         if not files:

@@ -11,12 +11,16 @@ import sys
 
 from .. import attach as attach_mod
 from .. import service_config
+from ..errors import UsageError
 from .common import run
 
 
 def cmd_serve(args):
     from .. import daemon
-    return daemon.serve(args.config or args.service_config or service_config.DEFAULT_PATH,
+    if args.config and args.service_config and args.config != args.service_config:
+        raise UsageError(f"two global configs given: {args.config} and --service-config "
+                         f"{args.service_config}")
+    return daemon.serve(args.config or args.service_config,
                         workers=args.workers, dbus=args.dbus, pid_file=args.pid_file,
                         log_stderr=args.log_stderr, verbose=args.verbose,
                         write_cache=not args.no_write_cache)
@@ -141,7 +145,9 @@ def main_overlaybd_tcmu(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="overlaybd-tcmu",
                                 description="overlaybd TCMU daemon (tcmu-obd implementation)")
-    p.add_argument("config", nargs="?", default=service_config.DEFAULT_PATH)
+    p.add_argument("config", nargs="?", default=None,
+                   help=f"a path given must exist (default: {service_config.DEFAULT_PATH} "
+                        "when present, else built-in defaults)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     from .. import daemon
