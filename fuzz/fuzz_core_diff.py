@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Differential fuzzing of the read core: tcmu_obd._lsmt against tcmu_obd.reference.
 
 Run: python fuzz/fuzz_core_diff.py -max_total_time=20   (or -runs=N, or a corpus dir)
