@@ -1,8 +1,18 @@
-"""Build script: the Cython core (_lsmt) links liblz4, libzstd and our CRC32C."""
+"""Build script: the Cython core (_lsmt) links liblz4, libzstd and our CRC32C.
+
+TCMU_OBD_ASAN=1 compiles the extensions with AddressSanitizer but does not
+link its runtime: the fuzz harnesses preload atheris's ASan+libFuzzer
+runtime (fuzz/asan.sh builds into build/asan, leaving the in-place build alone).
+"""
+import os
 import sys
 
 from setuptools import Extension, setup
 from Cython.Build import cythonize
+
+CFLAGS = ["-O2"]
+if os.environ.get("TCMU_OBD_ASAN") == "1":
+    CFLAGS = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
 
 ext = Extension(
     "tcmu_obd._lsmt",
@@ -10,7 +20,7 @@ ext = Extension(
              "native/mapguard.c"],
     include_dirs=["native"],
     libraries=["lz4", "zstd", "pthread"],
-    extra_compile_args=["-O2"],
+    extra_compile_args=CFLAGS,
 )
 
 
@@ -28,13 +38,15 @@ def _have_libtcmu():
 
 
 exts = [ext]
-if _have_libtcmu():
+if os.environ.get("TCMU_OBD_ASAN") == "1":
+    pass        # the fuzz harnesses need only the core
+elif _have_libtcmu():
     exts.append(Extension(
         "tcmu_obd._tcmu",
         sources=["tcmu_obd/_tcmu.pyx"],
         include_dirs=["native"],
         libraries=[":libtcmu.so.2", "pthread"],
-        extra_compile_args=["-O2"],
+        extra_compile_args=CFLAGS,
     ))
 
 setup(ext_modules=cythonize(exts, compiler_directives={"language_level": 3}))

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Differential fuzzing of the read core: tcmu_obd._lsmt against tcmu_obd.reference.
 
 Run: python fuzz/fuzz_core_diff.py -max_total_time=20   (or -runs=N, or a corpus dir)
@@ -8,8 +9,11 @@ backings over memfds, stacks, reads), which runs on both modules side by
 side.  After every step the two must agree: the same result, or the same
 exception class with the same fields (see `fields`: a ReadError for a short
 file must name the same file end, not the same pread span, since _lsmt skips
-ZFile blocks it has cached).  A disagreement raises
-AssertionError, which atheris reports as a finding.  Lookups, inserts and
+ZFile blocks it has cached).  Where the program made the input bad on
+purpose (a malformed record, a broken jump table, a flipped byte under a
+CRC, a bad descriptor, an unaligned read, an unknown codec), both must also
+raise: agreeing that bad input is fine is a finding too.  A disagreement
+raises AssertionError, which atheris reports as a finding.  Lookups, inserts and
 merges only run on indexes that are sorted and non-overlapping (elsewhere the
 result is unspecified, see tcmu_obd.reference).
 
@@ -74,9 +78,10 @@ def is_decode_error(out):
             and not out[2][1].endswith("crc"))
 
 
-def both(what, fn, lenient=False):
+def both(what, fn, lenient=False, must_fail=False):
     """Run fn on both modules; they must agree.  Returns (ok, C result, R result).
-    lenient: a decode error on either side is accepted (see the module docstring)."""
+    lenient: a decode error on either side is accepted (see the module docstring).
+    must_fail: the input is bad, so both must raise."""
     res = {}
     outs = []
     for M in (C, R):
@@ -88,6 +93,8 @@ def both(what, fn, lenient=False):
     if outs[0] != outs[1] and not (lenient and (is_decode_error(outs[0]) or is_decode_error(outs[1]))):
         raise AssertionError(f"{what}: the implementations disagree\n  _lsmt:     {outs[0]!r}\n"
                              f"  reference: {outs[1]!r}")
+    if must_fail and (outs[0][0] == "ok" or outs[1][0] == "ok"):
+        raise AssertionError(f"{what}: bad input accepted\n  _lsmt:     {outs[0]!r}\n  reference: {outs[1]!r}")
     return outs[0][0] == "ok", res.get(C), res.get(R)
 
 
@@ -162,8 +169,8 @@ class State:
             os.close(fd)
 
 
-def add_index(st, name, fn):
-    ok, a, b = both(name, fn)
+def add_index(st, name, fn, must_fail=False):
+    ok, a, b = both(name, fn, must_fail=must_fail)
     if ok:
         assert a.records() == b.records(), name
         assert a.check_sorted() == b.check_sorted(), name
@@ -188,15 +195,17 @@ def op_from_raw(prog, st):
 def op_from_records(prog, st):
     recs, pos = [], 0
     seq = prog.bool()
+    bad = False
     for _ in range(prog.int(0, 20)):
         off, ln, mo, z, tag = prog.record(pos if seq else None)
         if prog.int(0, 15) == 0:          # a C-typed field out of range, or a bad shape
+            bad = True
             recs.append(prog.pick([(off, -1, mo, z, tag), (off, 2**32, mo, z, tag), (off, ln, mo, 256, tag),
                                    (off, ln, mo), (off, ln, mo, z, tag, 0), None]))
         else:
             recs.append((off, ln, mo, prog.pick([z, z, 2]), tag))
         pos = off + ln
-    add_index(st, "from_records", lambda M: M.Index.from_records(recs))
+    add_index(st, "from_records", lambda M: M.Index.from_records(recs), must_fail=bad)
 
 
 def op_insert(prog, st):
@@ -252,7 +261,7 @@ def op_merge(prog, st):
     if any(c is None for c in chosen):
         return
     if prog.int(0, 15) == 0:
-        add_index(st, "merge", lambda M: M.merge([ix[M] for ix in chosen] + [None]))
+        add_index(st, "merge", lambda M: M.merge([ix[M] for ix in chosen] + [None]), must_fail=True)
     add_index(st, "merge", lambda M: M.merge([ix[M] for ix in chosen]))
 
 
@@ -273,7 +282,8 @@ def op_raw_backing(prog, st):
     name = prog.pick(["raw", "raw", None])
     ok, a, b = both("RawBacking", lambda M: M.RawBacking(fd, base, size, name))
     if ok:
-        st.files.append({C: a, R: b, "lenient": False})
+        # reads of [off, end) must fail when they reach past the bytes there are, or fd is bad
+        st.files.append({C: a, R: b, "lenient": False, "avail": 0 if fd < 0 else len(body)})
 
 
 def op_zfile_backing(prog, st):
@@ -288,29 +298,40 @@ def op_zfile_backing(prog, st):
     size = len(data)
     data_end = 512 + len(stored)
     lenient = False
+    bad_table = False           # the constructor must refuse it
+    bad_blocks = False          # with CRCs, verify_all must fail
+    lens_changed = False
     for _ in range(prog.int(0, 2)):       # damage
         how = prog.int(0, 5)
         if how == 0 and stored:
             stored[prog.int(0, len(stored) - 1)] ^= prog.int(1, 255)
             lenient |= algo == 2 and not verify
+            bad_blocks |= verify
         elif how == 1 and lens:
-            lens[prog.int(0, len(lens) - 1)] = prog.pick([0, 4, 5, 70000, prog.int(0, 5000)])
+            new = prog.pick([0, 4, 5, 70000, prog.int(0, 5000)])
+            i = prog.int(0, len(lens) - 1)
+            lens_changed |= new != lens[i]
+            lens[i] = new
             lenient |= algo == 2 and not verify
+            bad_table |= new == 0 or new == 70000 or (verify and new == 4)
         elif how == 2:
             size = prog.pick([size + 1, max(0, size - 1), size + bs, prog.u64(100000)])
+            bad_table |= -(-size // bs) != len(lens)
         elif how == 3:
             data_end = prog.pick([data_end - 1, data_end + 1000, prog.u64(5000)])
+            bad_table |= not lens_changed and data_end < 512 + sum(lens)
         elif how == 4 and stored:
             stored = stored[:prog.int(0, len(stored) - 1)]
+            bad_blocks |= verify
     image = bytes(base) + b"H" * 512 + bytes(stored) + array.array("I", lens).tobytes()
     fd = new_fd(st, image)
     table = array.array("I", lens).tobytes() + (b"\1" if prog.int(0, 7) == 0 else b"")
     ok, a, b = both("ZFileBacking", lambda M: M.ZFileBacking(fd, base, 512, data_end, table, bs, algo,
-                                                              verify, size, "zf"))
+                                                              verify, size, "zf"), must_fail=bad_table)
     if ok:
         if prog.int(0, 1):
             a.map_blocks()      # the core's mapped decode path against the reference's preads
-        f = {C: a, R: b, "lenient": lenient}
+        f = {C: a, R: b, "lenient": lenient, "bad_blocks": bad_blocks and not lens_changed and size > 0}
         both("nblocks", lambda M: f[M].nblocks)
         st.files.append(f)
 
@@ -323,11 +344,12 @@ def op_backing(prog, st):
         off, n = prog.u64(20000), prog.u64(9000)
         if (1 << 20) <= min(n, f[C].size - off) < (1 << 63):
             n = 1 << 20                   # keep allocations small (2^63 and up: MemoryError)
-        both(f"pread({off}, {n})", lambda M: f[M].pread(off, n), f["lenient"])
+        short = "avail" in f and off < f[C].size and min(off + n, f[C].size) > f["avail"] and n > 0
+        both(f"pread({off}, {n})", lambda M: f[M].pread(off, n), f["lenient"], must_fail=short)
     both("size", lambda M: (f[M].size, f[M].name))
     if isinstance(f[C], C.ZFileBacking):
         if prog.bool():
-            both("verify_all", lambda M: f[M].verify_all(), f["lenient"])
+            both("verify_all", lambda M: f[M].verify_all(), f["lenient"], must_fail=f["bad_blocks"])
         i = prog.u64(12)
         both("block_extent", lambda M: f[M].block_extent(i))
 
@@ -353,10 +375,11 @@ def op_read(prog, st):
             off, n = SECTOR * prog.int(0, 300), SECTOR * prog.int(0, 64)
         else:
             off, n = prog.u64(), prog.pick([0, 1, 511, 512, 1024])
-        both(f"Stack.read({off}, {n})", lambda M: s[M].read(off, n), s["lenient"])
+        unaligned = bool(off % SECTOR or n % SECTOR)
+        both(f"Stack.read({off}, {n})", lambda M: s[M].read(off, n), s["lenient"], must_fail=unaligned)
         if prog.int(0, 3) == 0:
             both("Stack.read_into", lambda M: s[M].read_into(memoryview(bytearray(n + 1024))[1024:], off),
-                 s["lenient"])
+                 s["lenient"], must_fail=unaligned)
         x, k = prog.u64(), prog.u64(80)
         both(f"Stack.lookup({x}, {k})", lambda M: s[M].lookup(x, k))
 
@@ -367,7 +390,8 @@ def op_codec(prog, st):
     both("crc32c", lambda M: M.crc32c(data, seed))
     algo, bs, verify = prog.pick([1, 2, 3]), prog.pick([0, 512, 1000, 4096]), prog.bool()
     data = plain(prog, prog.int(0, 3 * 4096))
-    ok, a, b = both("compress_blocks", lambda M: len(M.compress_blocks(algo, data, bs, verify)[1]))
+    ok, a, b = both("compress_blocks", lambda M: len(M.compress_blocks(algo, data, bs, verify)[1]),
+                    must_fail=algo == 3 or bs == 0)
     if not ok or bs not in (512, 4096):
         return
     # whichever encoder: both decoders read the blocks back to the same data

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the read-only ext4 reader (tcmu_obd.ext4.Ext4) with damaged disks.
 
 Run: python fuzz/fuzz_ext4.py -max_total_time=20   (or -runs=N, or a corpus dir)

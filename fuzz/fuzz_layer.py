@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz opening and reading one layer file (tcmu_obd.layer.open_layer) and
 reopening an append-only RW pair (tcmu_obd.rw.RWLayer.open).
 

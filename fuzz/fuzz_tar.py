@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz tcmu_obd.tar.detect with arbitrary blobs.
 
 Run: python fuzz/fuzz_tar.py -max_total_time=20   (or -runs=N, or a corpus dir)

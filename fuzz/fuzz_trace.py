@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz tcmu_obd.trace.decode and parse_file_list with arbitrary bytes.
 
 Run: python fuzz/fuzz_trace.py -max_total_time=20   (or -runs=N, or a corpus dir)

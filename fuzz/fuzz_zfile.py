@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the ZFile reader: tcmu_obd.zfile.open_backing and reads of the
 decompressed view (the core ZFileBacking: jump table, CRCs, LZ4/ZSTD decode).
 

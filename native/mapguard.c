@@ -9,17 +9,24 @@
 #include <unistd.h>
 
 static __thread sigjmp_buf *armed __attribute__((tls_model("initial-exec")));
+static __thread uintptr_t armed_lo __attribute__((tls_model("initial-exec")));
+static __thread uintptr_t armed_hi __attribute__((tls_model("initial-exec")));
+static uint64_t recovered;
 static struct sigaction previous;
 static pthread_mutex_t install_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static void on_sigbus(int sig, siginfo_t *info, void *uc)
 {
     sigjmp_buf *jb = armed;
-    if (jb != NULL) {
+    uintptr_t addr = (uintptr_t)info->si_addr;
+    /* only a fault the kernel raised (si_code > 0: not kill/sigqueue) at an
+     * address inside the armed mapping is ours to recover */
+    if (jb != NULL && info->si_code > 0 && addr >= armed_lo && addr < armed_hi) {
         armed = NULL;
+        __atomic_add_fetch(&recovered, 1, __ATOMIC_RELAXED);
         siglongjmp(*jb, 1);
     }
-    /* not a guarded read: behave as if we were not here */
+    /* not a guarded read of the armed mapping: behave as if we were not here */
     if ((previous.sa_flags & SA_SIGINFO) && previous.sa_sigaction != NULL) {
         previous.sa_sigaction(sig, info, uc);
         return;
@@ -53,16 +60,28 @@ int obd_mapguard_install(void)
     return rc;
 }
 
-int obd_guarded(int (*fn)(void *), void *arg)
+int obd_guarded(int (*fn)(void *), void *arg, const void *lo, size_t len)
 {
     sigjmp_buf jb;
     volatile int rc = OBD_GUARD_FAULT;
     if (sigsetjmp(jb, 0) == 0) {
+        armed_lo = (uintptr_t)lo;
+        armed_hi = (uintptr_t)lo + len;
         armed = &jb;
         rc = fn(arg);
     }
     armed = NULL;
     return rc;
+}
+
+int obd_mapguard_armed(void)
+{
+    return armed != NULL;
+}
+
+uint64_t obd_mapguard_recovered(void)
+{
+    return __atomic_load_n(&recovered, __ATOMIC_RELAXED);
 }
 
 int obd_map(int fd, uint64_t off, uint64_t len, const char **base, void **map, size_t *maplen)

@@ -69,13 +69,16 @@ cdef extern from * nogil:
     void *OBD_PRESENCE_LOCK(obd_presence *p)
 
 cdef extern from "codec.h" nogil:
+    int obd_codec_prepare()
+    uint64_t obd_codec_armed_allocs()
     size_t obd_zstd_decompress(void *dst, size_t cap, const void *src, size_t csize)
     size_t obd_zstd_compress(void *dst, size_t cap, const void *src, size_t size, int level)
 
 cdef extern from "mapguard.h" nogil:
     int OBD_GUARD_FAULT
     int obd_mapguard_install()
-    int obd_guarded(int (*fn)(void *) noexcept nogil, void *arg)
+    int obd_guarded(int (*fn)(void *) noexcept nogil, void *arg, const void *lo, size_t length)
+    uint64_t obd_mapguard_recovered()
     int obd_map(int fd, uint64_t off, uint64_t length, const char **base, void **mapping, size_t *maplen)
     void obd_unmap(void *mapping, size_t maplen)
 
@@ -675,9 +678,13 @@ cdef int _decode_trampoline(void *p) noexcept nogil:
 
 cdef inline int decode_mapped(const BackingC *b, uint64_t blk, char *out, uint64_t want,
                               Err *err) noexcept nogil:
-    """decode_block straight from the mapping, with SIGBUS caught (E_MAPFAULT)."""
+    """decode_block straight from the mapping, with SIGBUS caught (E_MAPFAULT)
+    for faults inside the mapping only (one writing `out` still kills).  The
+    codec context is made before arming: nothing allocates while armed."""
     cdef DecodeArgs a
     cdef int rc
+    if b.algo == ALGO_ZSTD and obd_codec_prepare() != 0:
+        return set_err(err, E_NOMEM, 0, 0, 0)
     a.b = b
     a.blk = blk
     a.src = b.map + (b.boff[blk] - b.boff[0])
@@ -685,7 +692,7 @@ cdef inline int decode_mapped(const BackingC *b, uint64_t blk, char *out, uint64
     a.out = out
     a.want = want
     a.err = err
-    rc = obd_guarded(_decode_trampoline, &a)
+    rc = obd_guarded(_decode_trampoline, &a, b.map, b.boff[b.nblocks] - b.boff[0])
     if rc == OBD_GUARD_FAULT:
         return set_err(err, E_MAPFAULT, blk, 0, 0)
     return rc
@@ -1010,6 +1017,36 @@ cdef class ZFileBacking(Backing):
                 off += n
         finally:
             free(buf)
+
+
+def mapguard_counters():
+    """{"recovered": SIGBUS faults caught in guarded decodes, "armed_allocs":
+    codec allocations refused inside one (always 0 unless a decode arms the
+    guard before making its codec context)}, over all threads."""
+    return {"recovered": obd_mapguard_recovered(), "armed_allocs": obd_codec_armed_allocs()}
+
+
+def _decode_mapped_into(ZFileBacking b, uint64_t blk, buf):
+    """For tests: decode stored block `blk` of a mapped ZFile into the
+    writable buffer `buf` through decode_mapped (the guarded decode reads
+    use), with no pread fallback.  0, or the Err code (E_MAPFAULT: 9)."""
+    cdef Py_buffer view
+    cdef Err err
+    cdef int rc
+    cdef uint64_t want
+    if b.c.map == NULL or blk >= b.c.nblocks:
+        raise UsageError(f"{b.name}: not mapped, or no block {blk}")
+    want = b.c.block_size if (blk + 1) * b.c.block_size <= b.c.size else b.c.size - blk * b.c.block_size
+    PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+    try:
+        if <uint64_t>view.len < want:
+            raise UsageError(f"buffer of {view.len} bytes, block {blk} decodes to {want}")
+        err.code = 0
+        with nogil:
+            rc = decode_mapped(&b.c, blk, <char *>view.buf, want, &err)
+    finally:
+        PyBuffer_Release(&view)
+    return err.code if rc else 0
 
 
 cdef class Presence:

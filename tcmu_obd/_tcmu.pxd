@@ -48,6 +48,7 @@ cdef extern from "libtcmu.h" nogil:
         TCMU_STS_INVALID_CMD
         TCMU_STS_INVALID_CDB
         TCMU_STS_INVALID_PARAM_LIST
+        TCMU_STS_INVALID_PARAM_LIST_LEN
         TCMU_STS_HW_ERR
         TCMU_STS_RANGE
 

@@ -6,10 +6,11 @@ Threads:
   and runs Context.master_ready(); libtcmu calls added()/removed() from
   there, and they call the Python handler (tcmu_obd.handler).
 - one owner thread per device ring: it polls the UIO fd and an eventfd,
-  pulls commands (tcmulib_processing_start / get_next_command), checks
-  READ/WRITE (6/10/12/16) CDBs in C and queues them to the worker pool,
-  answers the other commands through the backend's emulate() (with the
-  GIL), and completes every command itself (tcmulib_command_complete, then
+  pulls commands (tcmulib_processing_start / get_next_command), looks
+  each CDB up in the opcode table below (Device.dispatch: the one place
+  that knows SCSI opcodes), checks READ/WRITE (6/10/12/16) in C and queues
+  them to the worker pool, answers the other commands through the
+  backend's emulate() (with the GIL), and completes every command itself (tcmulib_command_complete, then
   one tcmulib_processing_complete per batch).  libtcmu has no locks, so
   nothing else touches the ring.
 - a shared pool of worker threads: one Python call per READ/WRITE
@@ -19,6 +20,9 @@ Threads:
   lives in the command's hm_private area (no malloc per command); the
   worker queues it on its device's done list and wakes the owner through
   the eventfd.
+run_cdb() runs one CDB through the same dispatch and worker code without a
+kernel, for the host tests.  Not here: the data of emulated commands
+(tcmu_obd.scsi), opening images (tcmu_obd.handler).
 """
 import logging
 import threading
@@ -81,14 +85,109 @@ cdef enum:
     SOL_NETLINK = 270
     NETLINK_NO_ENOBUFS = 5
 
-# job kinds (the same numbers as tcmu_obd.scsi.KIND_*)
-cdef enum:
-    K_EMULATE = 0
-    K_READ = 1
-    K_WRITE = 2
-    K_SYNC = 3
-    K_UNMAP = 4
-    K_WRITE_SAME = 5
+# ------------------------------------------------------------------ the opcode table
+# Every SCSI opcode the device answers, and how: the one place that knows
+# opcodes (tcmu_obd.scsi builds the data of the emulated commands by name).
+# kind: read/write (CDB checked in C, I/O in the core), a slow command
+# (backend.slow(name, cdb, data_out, lba, blocks): SYNCHRONIZE CACHE, UNMAP,
+# WRITE SAME), or emulated (backend.emulate(name, cdb, data_out)).  form:
+# where the LBA and block count are.  xfer_at/xfer_size: the allocation
+# length (data in, cut to it) or parameter list length (data out, must all
+# be there).  sa >= 0: the service action in CDB byte 1 must match.  Sorted
+# by opcode.  Anything not here is INVALID COMMAND OPERATION CODE, in C.
+cdef extern from *:
+    """
+    enum { OBD_K_EMULATE, OBD_K_READ, OBD_K_WRITE, OBD_K_SYNC, OBD_K_UNMAP, OBD_K_WRITE_SAME };
+    enum { OBD_F_NONE, OBD_F_6, OBD_F_10, OBD_F_12, OBD_F_16 };
+    enum { OBD_D_NONE, OBD_D_IN, OBD_D_OUT };
+    typedef struct {
+        int op, sa, kind, form, dir, xfer_at, xfer_size;
+        const char *name;
+    } obd_scsi_op;
+    static const obd_scsi_op obd_scsi_ops[] = {
+        {0x00, -1, OBD_K_EMULATE,    OBD_F_NONE, OBD_D_NONE, 0, 0,  "test_unit_ready"},
+        {0x03, -1, OBD_K_EMULATE,    OBD_F_NONE, OBD_D_IN,   4, 1,  "request_sense"},
+        {0x08, -1, OBD_K_READ,       OBD_F_6,    OBD_D_IN,   0, 0,  "read_6"},
+        {0x0A, -1, OBD_K_WRITE,      OBD_F_6,    OBD_D_OUT,  0, 0,  "write_6"},
+        {0x12, -1, OBD_K_EMULATE,    OBD_F_NONE, OBD_D_IN,   3, 2,  "inquiry"},
+        {0x15, -1, OBD_K_EMULATE,    OBD_F_NONE, OBD_D_OUT,  4, 1,  "mode_select_6"},
+        {0x1A, -1, OBD_K_EMULATE,    OBD_F_NONE, OBD_D_IN,   4, 1,  "mode_sense_6"},
+        {0x1B, -1, OBD_K_EMULATE,    OBD_F_NONE, OBD_D_NONE, 0, 0,  "start_stop_unit"},
+        {0x25, -1, OBD_K_EMULATE,    OBD_F_NONE, OBD_D_IN,   0, 0,  "read_capacity_10"},
+        {0x28, -1, OBD_K_READ,       OBD_F_10,   OBD_D_IN,   0, 0,  "read_10"},
+        {0x2A, -1, OBD_K_WRITE,      OBD_F_10,   OBD_D_OUT,  0, 0,  "write_10"},
+        {0x35, -1, OBD_K_SYNC,       OBD_F_10,   OBD_D_NONE, 0, 0,  "synchronize_cache"},
+        {0x41, -1, OBD_K_WRITE_SAME, OBD_F_10,   OBD_D_OUT,  0, 0,  "write_same"},
+        {0x42, -1, OBD_K_UNMAP,      OBD_F_NONE, OBD_D_OUT,  7, 2,  "unmap"},
+        {0x55, -1, OBD_K_EMULATE,    OBD_F_NONE, OBD_D_OUT,  7, 2,  "mode_select_10"},
+        {0x5A, -1, OBD_K_EMULATE,    OBD_F_NONE, OBD_D_IN,   7, 2,  "mode_sense_10"},
+        {0x88, -1, OBD_K_READ,       OBD_F_16,   OBD_D_IN,   0, 0,  "read_16"},
+        {0x8A, -1, OBD_K_WRITE,      OBD_F_16,   OBD_D_OUT,  0, 0,  "write_16"},
+        {0x91, -1, OBD_K_SYNC,       OBD_F_16,   OBD_D_NONE, 0, 0,  "synchronize_cache"},
+        {0x93, -1, OBD_K_WRITE_SAME, OBD_F_16,   OBD_D_OUT,  0, 0,  "write_same"},
+        {0x9E, 0x10, OBD_K_EMULATE,  OBD_F_NONE, OBD_D_IN,  10, 4,  "read_capacity_16"},
+        {0xA8, -1, OBD_K_READ,       OBD_F_12,   OBD_D_IN,   0, 0,  "read_12"},
+        {0xAA, -1, OBD_K_WRITE,      OBD_F_12,   OBD_D_OUT,  0, 0,  "write_12"},
+    };
+    #define OBD_SCSI_NOPS ((int)(sizeof obd_scsi_ops / sizeof obd_scsi_ops[0]))
+    """
+    ctypedef struct obd_scsi_op:
+        int op, sa, kind, form, dir, xfer_at, xfer_size
+        const char *name
+    const obd_scsi_op obd_scsi_ops[]
+    int OBD_SCSI_NOPS
+    enum:
+        K_EMULATE "OBD_K_EMULATE"
+        K_READ "OBD_K_READ"
+        K_WRITE "OBD_K_WRITE"
+        K_SYNC "OBD_K_SYNC"
+        K_UNMAP "OBD_K_UNMAP"
+        K_WRITE_SAME "OBD_K_WRITE_SAME"
+        F_NONE "OBD_F_NONE"
+        F_6 "OBD_F_6"
+        F_10 "OBD_F_10"
+        F_12 "OBD_F_12"
+        F_16 "OBD_F_16"
+        D_NONE "OBD_D_NONE"
+        D_IN "OBD_D_IN"
+        D_OUT "OBD_D_OUT"
+
+cdef short _op_first[256]          # index of an opcode's first table entry, or -1
+
+
+cdef _index_ops():
+    cdef int i
+    for i in range(256):
+        _op_first[i] = -1
+    for i in range(OBD_SCSI_NOPS):
+        if i and obd_scsi_ops[i].op < obd_scsi_ops[i - 1].op:
+            raise ImportError(f"the SCSI opcode table is not sorted at entry {i}")
+        if _op_first[obd_scsi_ops[i].op] < 0:
+            _op_first[obd_scsi_ops[i].op] = i
+
+_index_ops()
+
+
+cdef const obd_scsi_op *op_lookup(const uint8_t *cdb) noexcept nogil:
+    """The table entry of a CDB, or NULL (not supported)."""
+    cdef int i = _op_first[cdb[0]]
+    if i < 0:
+        return NULL
+    while i < OBD_SCSI_NOPS and obd_scsi_ops[i].op == cdb[0]:
+        if obd_scsi_ops[i].sa < 0 or obd_scsi_ops[i].sa == (cdb[1] & 0x1F):
+            return &obd_scsi_ops[i]
+        i += 1
+    return NULL
+
+
+def opcode_table():
+    """The table, for tests and docs: [(opcode, service action or None, kind,
+    name)], kind one of 'read', 'write', 'sync', 'unmap', 'write_same', 'emulate'."""
+    names = {K_EMULATE: "emulate", K_READ: "read", K_WRITE: "write", K_SYNC: "sync",
+             K_UNMAP: "unmap", K_WRITE_SAME: "write_same"}
+    return [(obd_scsi_ops[i].op, None if obd_scsi_ops[i].sa < 0 else obd_scsi_ops[i].sa,
+             names[obd_scsi_ops[i].kind], obd_scsi_ops[i].name.decode()) for i in range(OBD_SCSI_NOPS)]
+
 
 STS_OK = TCMU_STS_OK
 STS_RD_ERR = TCMU_STS_RD_ERR
@@ -103,6 +202,7 @@ cdef struct Job:
     tcmulib_cmd *cmd
     void *owner            # the Device (borrowed: it outlives its jobs)
     Job *next
+    const obd_scsi_op *op  # the command's table entry
     int kind
     int result
     uint64_t offset        # bytes
@@ -150,35 +250,33 @@ cdef inline uint64_t _be64(const uint8_t *p) noexcept nogil:
     return (<uint64_t>_be32(p) << 32) | _be32(p + 4)
 
 
-cdef int cdb_kind(const uint8_t *cdb) noexcept nogil:
-    cdef uint8_t op = cdb[0]
-    if op == 0x08 or op == 0x28 or op == 0xA8 or op == 0x88:
-        return K_READ
-    if op == 0x0A or op == 0x2A or op == 0xAA or op == 0x8A:
-        return K_WRITE
-    if op == 0x35 or op == 0x91:
-        return K_SYNC
-    if op == 0x42:
-        return K_UNMAP
-    if op == 0x41 or op == 0x93:
-        return K_WRITE_SAME
-    return K_EMULATE
-
-
-cdef void cdb_rw(const uint8_t *cdb, uint64_t *lba, uint64_t *blocks) noexcept nogil:
-    cdef uint8_t op = cdb[0]
-    if op == 0x08 or op == 0x0A:
+cdef void cdb_lba(const obd_scsi_op *op, const uint8_t *cdb, uint64_t *lba, uint64_t *blocks) noexcept nogil:
+    """The LBA and block count of a CDB whose table entry has a form (0, 0 without)."""
+    if op.form == F_6:
         lba[0] = ((<uint64_t>(cdb[1] & 0x1F)) << 16) | _be16(cdb + 2)
         blocks[0] = cdb[4] if cdb[4] else 256
-    elif op == 0x28 or op == 0x2A:
+    elif op.form == F_10:
         lba[0] = _be32(cdb + 2)
         blocks[0] = _be16(cdb + 7)
-    elif op == 0xA8 or op == 0xAA:
+    elif op.form == F_12:
         lba[0] = _be32(cdb + 2)
         blocks[0] = _be32(cdb + 6)
-    else:
+    elif op.form == F_16:
         lba[0] = _be64(cdb + 2)
         blocks[0] = _be32(cdb + 10)
+    else:
+        lba[0] = blocks[0] = 0
+
+
+cdef uint64_t cdb_xfer(const obd_scsi_op *op, const uint8_t *cdb) noexcept nogil:
+    """The allocation / parameter list length field (bytes), or -1 without one."""
+    cdef uint64_t n = 0
+    cdef int i
+    if op.xfer_size == 0:
+        return <uint64_t>-1
+    for i in range(op.xfer_size):
+        n = (n << 8) | cdb[op.xfer_at + i]
+    return n
 
 
 cdef int cdb_len(uint8_t op) noexcept nogil:
@@ -324,9 +422,7 @@ def _worker():
                 j = queue_take()
                 if j == NULL:
                     break
-                if not (<Device>j.owner).try_fast(j, &scratch, &cap):
-                    with gil:
-                        j.result = (<Device>j.owner).run_job(j, &scratch, &cap)
+                (<Device>j.owner).work(j, &scratch, &cap)
                 (<Device>j.owner).done(j)
     finally:
         free(scratch)
@@ -337,8 +433,9 @@ cdef class Device:
     """One TCMU device: its ring's owner thread and its backend.
 
     backend: an object with `stack` (read_into), write(buf, offset),
-    emulate(cdb, data_out) -> (status | Sense, data), slow(kind, cdb, data_out)
-    -> status | Sense (SYNC / UNMAP / WRITE SAME), and `writable`."""
+    emulate(name, cdb, data_out) -> (status | Sense, data), slow(name, cdb,
+    data_out, lba, blocks) -> status | Sense (SYNC / UNMAP / WRITE SAME), and
+    `writable`; `name` is the command's name in the opcode table."""
     cdef tcmu_device *dev
     cdef int uio_fd
     cdef int efd
@@ -412,6 +509,14 @@ cdef class Device:
         """Start serving the ring with `backend`.  Reads of at most
         `inline_max` bytes arriving when nothing is in flight are done by the
         owner thread itself (no hand-off to a worker: lower latency)."""
+        self.use_backend(backend, inline_max)
+        self.efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+        if self.efd < 0:
+            raise OSError(errno, "eventfd failed")
+        self.thread = threading.Thread(target=self._owner, name=f"tcmu-{self.uio_name}", daemon=True)
+        self.thread.start()
+
+    cdef use_backend(self, backend, uint64_t inline_max):
         self.backend = backend
         self.inline_max = inline_max
         self.stack = backend.stack
@@ -423,11 +528,6 @@ cdef class Device:
                                                                  b"tcmu_obd._lsmt.stack_read_nogil")
             self.stack_ptr = <void *>self.stack
         self.write_fn = backend.write
-        self.efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
-        if self.efd < 0:
-            raise OSError(errno, "eventfd failed")
-        self.thread = threading.Thread(target=self._owner, name=f"tcmu-{self.uio_name}", daemon=True)
-        self.thread.start()
 
     def stop(self):
         """Stop the owner thread once every queued command is completed."""
@@ -518,16 +618,32 @@ cdef class Device:
 
     cdef int submit(self, tcmulib_cmd *cmd) noexcept nogil:
         """Check a command; queue it (QUEUED) or return its status now."""
+        cdef int rc = self.dispatch(cmd)
+        if rc == QUEUED:
+            self.inflight += 1
+            queue_put(<Job *>cmd.hm_private)
+        return rc
+
+    cdef int dispatch(self, tcmulib_cmd *cmd) noexcept nogil:
+        """Look the CDB up in the opcode table and check it: its status now,
+        or QUEUED when the job in cmd.hm_private must go to a worker (work())."""
         cdef const uint8_t *cdb = cmd.cdb
         cdef Job *j = <Job *>cmd.hm_private
-        cdef int kind = cdb_kind(cdb)
+        cdef const obd_scsi_op *op = op_lookup(cdb)
+        cdef int kind
         cdef uint64_t lba = 0, blocks = 0
+        if op == NULL:
+            self.n_other += 1
+            return TCMU_STS_INVALID_CMD
+        kind = op.kind
         j.cmd = cmd
         j.owner = <void *>self
+        j.op = op
         j.kind = kind
         j.result = TCMU_STS_OK
+        j.offset = j.length = 0
         if kind == K_READ or kind == K_WRITE:
-            cdb_rw(cdb, &lba, &blocks)
+            cdb_lba(op, cdb, &lba, &blocks)
             if lba > self.num_lbas or blocks > self.num_lbas - lba:
                 return TCMU_STS_RANGE
             if kind == K_WRITE and not self.writable:
@@ -558,22 +674,35 @@ cdef class Device:
         elif kind == K_EMULATE:
             self.n_other += 1
             with gil:
-                return self.run_emulate(cmd)
+                return self.run_emulate(cmd, op)
         else:
             self.n_other += 1
             if kind == K_SYNC and not self.writable:
                 return TCMU_STS_OK
             if (kind == K_UNMAP or kind == K_WRITE_SAME) and not self.writable:
                 return tcmu_sense_set_data(cmd.sense_buf, 0x07, 0x2700)
-        self.inflight += 1
-        queue_put(j)
         return QUEUED
 
+    cdef void work(self, Job *j, char **scratch, size_t *cap) noexcept nogil:
+        """In a worker thread: run a queued job, leaving its status in j.result."""
+        if not self.try_fast(j, scratch, cap):
+            with gil:
+                j.result = self.run_job(j, scratch, cap)
+
     # -------------------------------------------------------------- with the GIL
-    cdef bytes data_out(self, tcmulib_cmd *cmd, uint64_t limit):
+    cdef object data_out(self, tcmulib_cmd *cmd, const obd_scsi_op *op):
+        """The command's data-out bytes: the parameter list when the CDB gives
+        its length (None when the buffer holds less), else up to 1 MiB."""
         cdef uint64_t n = iov_total(cmd)
-        if n > limit:
-            n = limit
+        cdef uint64_t want = cdb_xfer(op, cmd.cdb)
+        if op.dir != D_OUT:
+            return b""
+        if want != <uint64_t>-1:
+            if n < want:
+                return None
+            n = want
+        elif n > (1 << 20):
+            n = 1 << 20
         out = PyBytes_FromStringAndSize(NULL, n)
         iov_gather(cmd, PyBytes_AS_STRING(out), n)
         return out
@@ -584,14 +713,22 @@ cdef class Device:
             return tcmu_sense_set_data(cmd.sense_buf, st[0], (st[1] << 8) | st[2])
         return st
 
-    cdef int run_emulate(self, tcmulib_cmd *cmd) noexcept:
+    cdef int run_emulate(self, tcmulib_cmd *cmd, const obd_scsi_op *op) noexcept:
         cdef bytes data
         cdef int n = cdb_len(cmd.cdb[0])
+        cdef uint64_t limit = iov_total(cmd)
         try:
             cdb = PyBytes_FromStringAndSize(<char *>cmd.cdb, n)
-            st, data = self.backend.emulate(cdb, self.data_out(cmd, 1 << 20))
-            if data:
-                iov_scatter(cmd, PyBytes_AS_STRING(data), min(<uint64_t>len(data), iov_total(cmd)))
+            out = self.data_out(cmd, op)
+            if out is None:
+                return TCMU_STS_INVALID_PARAM_LIST_LEN
+            st, data = self.backend.emulate(op.name.decode(), cdb, out)
+            if op.dir == D_IN and cdb_xfer(op, cmd.cdb) < limit:
+                limit = cdb_xfer(op, cmd.cdb)             # the allocation length cuts the data
+            if data and limit:
+                limit = min(<uint64_t>len(data), limit)
+                iov_scatter(cmd, PyBytes_AS_STRING(data), limit)
+                (<Job *>cmd.hm_private).length = limit
             return self.status(cmd, st)
         except BaseException:
             log.exception("%s: emulating opcode 0x%02x failed", self.uio_name, cmd.cdb[0])
@@ -620,6 +757,7 @@ cdef class Device:
         cdef tcmulib_cmd *cmd = j.cmd
         cdef char *p
         cdef bint direct
+        cdef uint64_t lba, blocks
         try:
             if j.kind == K_READ or j.kind == K_WRITE:
                 p = io_buf(cmd, j.length, scratch, cap, &direct)
@@ -637,13 +775,76 @@ cdef class Device:
                     self.write_fn(memoryview(RawBuf.wrap(p, j.length, True)), j.offset)
                 return TCMU_STS_OK
             cdb = PyBytes_FromStringAndSize(<char *>cmd.cdb, cdb_len(cmd.cdb[0]))
-            data = self.data_out(cmd, 1 << 20) if j.kind != K_SYNC else b""
-            return self.status(cmd, self.backend.slow(j.kind, cdb, data))
+            data = self.data_out(cmd, j.op)
+            if data is None:
+                return TCMU_STS_INVALID_PARAM_LIST_LEN
+            lba = blocks = 0
+            cdb_lba(j.op, cmd.cdb, &lba, &blocks)
+            return self.status(cmd, self.backend.slow(j.op.name.decode(), cdb, data, lba, blocks))
         except BaseException as e:
             log.error("%s: %s at byte %d failed: %s", self.uio_name,
                       {K_READ: "read", K_WRITE: "write"}.get(j.kind, f"opcode 0x{cmd.cdb[0]:02x}"),
                       j.offset, e)
             return TCMU_STS_RD_ERR if j.kind == K_READ else TCMU_STS_WR_ERR
+
+
+def run_cdb(backend, uint64_t num_lbas, bint writable, cdb, data=b"", Py_ssize_t data_in=0,
+            int iovecs=1):
+    """Run one command through the data path without a kernel: the CDB goes
+    through Device.dispatch (what the ring's owner thread calls for every
+    command) and, when queued, Device.work (what a worker runs), against
+    `backend` (a handler.Backend over a real image).  `data`: the data-out
+    bytes; data_in: the size of the data-in buffer; the buffer is cut into
+    `iovecs` iovecs.  Returns (status, data-in bytes, sense bytes): the data
+    is what an emulated command produced, or the whole buffer for a read."""
+    cdef Device d = Device.__new__(Device)
+    cdef tcmulib_cmd cmd
+    cdef Job job
+    cdef iovec iov[16]
+    cdef uint8_t cdbbuf[32]
+    cdef char *scratch = NULL
+    cdef size_t cap = 0
+    cdef int rc, i
+    cdef Py_ssize_t size, per, at
+    cdef char *base
+    if not 1 <= len(cdb) <= 32 or not 1 <= iovecs <= 16:
+        raise ValueError(f"a CDB of {len(cdb)} bytes in {iovecs} iovecs")
+    d.num_lbas = num_lbas
+    d.writable = writable
+    d.uio_name = "run_cdb"
+    d.use_backend(backend, 0)
+    buf = bytearray(data) if data else bytearray(data_in)
+    size = len(buf)
+    base = <char *>buf if size else NULL
+    per = size // iovecs
+    at = 0
+    for i in range(iovecs):
+        iov[i].iov_base = base + at
+        iov[i].iov_len = per if i < iovecs - 1 else size - at
+        at += per
+    memset(cdbbuf, 0, sizeof(cdbbuf))
+    for i in range(len(cdb)):
+        cdbbuf[i] = cdb[i]
+    memset(&cmd, 0, sizeof(cmd))
+    memset(&job, 0, sizeof(job))
+    job.kind = -1
+    cmd.cdb = cdbbuf
+    cmd.iovec = iov
+    cmd.iov_cnt = iovecs
+    cmd.hm_private = &job
+    try:
+        with nogil:
+            rc = d.dispatch(&cmd)
+            if rc == QUEUED:
+                d.work(&job, &scratch, &cap)
+                rc = job.result
+    finally:
+        free(scratch)
+    if rc == TCMU_STS_OK and job.kind == K_EMULATE:
+        out = bytes(buf[:job.length])
+    else:
+        out = bytes(buf) if not data else b""
+    return rc, out, bytes(cmd.sense_buf[:18])
 
 
 # ------------------------------------------------------------------ context + callbacks

@@ -5,8 +5,9 @@ added(dev): parse the cfgstring `overlaybd/<config path>[;<dev_id>]`, open
 the image (config.open_image writes the resultFile), set the geometry (512-byte
 blocks, num_lbas = vsize / 512, write-protected without an upper) and start
 the device's ring (tcmu_obd._tcmu).  removed(dev): stop the ring, flush and
-close the image.  The per-command work is in _tcmu (READ/WRITE) and in
-Backend below (everything else, through tcmu_obd.scsi).
+close the image.  The per-command work is in _tcmu (its opcode table, the
+CDB checks, READ/WRITE) and in Backend below (the other commands, by name,
+through tcmu_obd.scsi).
 """
 import errno
 import logging
@@ -15,6 +16,7 @@ import threading
 import time
 
 from . import config, scsi
+from .errors import UsageError
 
 log = logging.getLogger("tcmu_obd.handler")
 
@@ -39,7 +41,8 @@ def parse_cfgstring(cfgstring):
 class Backend:
     """What a device's ring calls: stack.read_into and write() for READ/WRITE
     (from _tcmu), emulate() for the SCSI commands that need no I/O, slow()
-    for SYNCHRONIZE CACHE, UNMAP and WRITE SAME."""
+    for SYNCHRONIZE CACHE, UNMAP and WRITE SAME.  Commands come by their name
+    in _tcmu's opcode table, with the LBA and block count it decoded."""
 
     def __init__(self, image, info):
         self.image = image
@@ -50,23 +53,23 @@ class Backend:
     def write(self, buf, offset):
         return self.image.write(buf, offset)
 
-    def emulate(self, cdb, data_out):
-        return scsi.emulate(cdb, self.info, data_out)
+    def emulate(self, name, cdb, data_out):
+        return scsi.emulate(name, cdb, self.info, data_out)
 
-    def slow(self, kind, cdb, data):
+    def slow(self, name, cdb, data, lba, n):
         info = self.info
-        if kind == scsi.KIND_SYNC:
+        if name == "synchronize_cache":
             self.image.fsync()
             return scsi.OK
-        if kind == scsi.KIND_UNMAP:
-            st, ranges = scsi.parse_unmap(cdb, data, info)
+        if name == "unmap":
+            st, ranges = scsi.parse_unmap(data, info)
             if st != scsi.OK:
                 return st
             for lba, n in ranges:
                 self.image.discard(lba * info.block_size, n * info.block_size)
             return scsi.OK
-        if kind == scsi.KIND_WRITE_SAME:
-            lba, n, unmap = scsi.write_same_args(cdb)
+        if name == "write_same":
+            unmap = bool(cdb[1] & 0x08)
             if n == 0 or n > scsi.MAX_UNMAP_BLOCKS:      # WSNZ: 0 blocks is not supported
                 return scsi.INVALID_CDB
             if scsi.check_range(info, lba, n) != scsi.OK:
@@ -86,7 +89,7 @@ class Backend:
                 self.image.write(chunk[:k * bs], (lba + pos) * bs)
                 pos += k
             return scsi.OK
-        return scsi.INVALID_CMD
+        raise UsageError(f"no slow path for the SCSI command {name!r} (opcode 0x{cdb[0]:02x})")
 
 
 class OverlaybdHandler:

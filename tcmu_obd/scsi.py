@@ -1,18 +1,23 @@
-"""SCSI command emulation for the TCMU handler (libtcmu has none).
+"""The data of the SCSI commands the TCMU handler emulates (libtcmu has no
+emulation we can call without a kernel device), written from SPC-4/SBC-3.
 
-Pure functions over bytes, written from SPC-4/SBC-3: the handler's data path
-(tcmu_obd._tcmu) parses READ/WRITE itself and hands everything else here.
-`emulate(cdb, info, data_out)` answers INQUIRY (standard, VPD 00 80 83 B0 B1
-B2), MODE SENSE/SELECT (6/10), READ CAPACITY (10/16), TEST UNIT READY,
-REQUEST SENSE and START STOP UNIT; `classify(cdb)` tells the data path which
-commands need the image (I/O, flush, unmap) and `parse_unmap` /
-`write_same_args` decode those.  No I/O happens in this module.
+Which opcode is which command, where a CDB's LBA, block count, allocation
+or parameter list length are, and which commands are not supported: that is
+the opcode table in tcmu_obd._tcmu, and only there.  The data path looks a
+CDB up there and calls `emulate(name, cdb, info, data_out)` with the table's
+name for it: INQUIRY (standard, VPD 00 80 83 B0 B1 B2), MODE SENSE/SELECT
+(6/10), READ CAPACITY (10/16), TEST UNIT READY, REQUEST SENSE and START STOP
+UNIT; `parse_unmap` decodes an UNMAP parameter list for the handler.  The
+data path cuts data-in to the allocation length and hands over exactly the
+parameter list.  No I/O happens in this module.
 
 Results are a status (TCMU_STS_* below) or a Sense(key, asc, ascq) the
 caller turns into CHECK CONDITION, plus the data-in bytes.
 """
 import struct
 from collections import namedtuple
+
+from .errors import UsageError
 
 # TCMU_STS_* (libtcmu 1.5.4; native/libtcmu.h)
 OK = 0
@@ -34,34 +39,6 @@ NO_SENSE, ILLEGAL_REQUEST, DATA_PROTECT = 0x00, 0x05, 0x07
 
 Sense = namedtuple("Sense", "key asc ascq")
 WRITE_PROTECTED = Sense(DATA_PROTECT, 0x27, 0x00)
-
-# opcodes
-TEST_UNIT_READY = 0x00
-REQUEST_SENSE = 0x03
-READ_6, WRITE_6 = 0x08, 0x0A
-INQUIRY = 0x12
-MODE_SELECT_6 = 0x15
-MODE_SENSE_6 = 0x1A
-START_STOP_UNIT = 0x1B
-READ_CAPACITY_10 = 0x25
-READ_10, WRITE_10 = 0x28, 0x2A
-SYNCHRONIZE_CACHE_10 = 0x35
-WRITE_SAME_10 = 0x41
-UNMAP = 0x42
-MODE_SELECT_10 = 0x55
-MODE_SENSE_10 = 0x5A
-READ_16, WRITE_16 = 0x88, 0x8A
-SYNCHRONIZE_CACHE_16 = 0x91
-WRITE_SAME_16 = 0x93
-SERVICE_ACTION_IN_16 = 0x9E
-SAI_READ_CAPACITY_16 = 0x10
-READ_12, WRITE_12 = 0xA8, 0xAA
-
-READS = (READ_6, READ_10, READ_12, READ_16)
-WRITES = (WRITE_6, WRITE_10, WRITE_12, WRITE_16)
-
-# what the data path does with a command
-KIND_EMULATE, KIND_READ, KIND_WRITE, KIND_SYNC, KIND_UNMAP, KIND_WRITE_SAME = range(6)
 
 VENDOR = b"LIO-ORG"
 PRODUCT = b"TCMU device"
@@ -107,51 +84,17 @@ def be64(b, i):
     return struct.unpack_from(">Q", b, i)[0]
 
 
-def classify(cdb):
-    op = cdb[0]
-    if op in READS:
-        return KIND_READ
-    if op in WRITES:
-        return KIND_WRITE
-    if op in (SYNCHRONIZE_CACHE_10, SYNCHRONIZE_CACHE_16):
-        return KIND_SYNC
-    if op == UNMAP:
-        return KIND_UNMAP
-    if op in (WRITE_SAME_10, WRITE_SAME_16):
-        return KIND_WRITE_SAME
-    return KIND_EMULATE
-
-
-def rw_args(cdb):
-    """(lba, blocks) of a READ/WRITE 6/10/12/16 CDB."""
-    op = cdb[0]
-    if op in (READ_6, WRITE_6):
-        return ((cdb[1] & 0x1F) << 16) | be16(cdb, 2), cdb[4] or 256
-    if op in (READ_10, WRITE_10):
-        return be32(cdb, 2), be16(cdb, 7)
-    if op in (READ_12, WRITE_12):
-        return be32(cdb, 2), be32(cdb, 6)
-    return be64(cdb, 2), be32(cdb, 10)
-
-
-def write_same_args(cdb):
-    """(lba, blocks, unmap bit) of WRITE SAME (10)/(16)."""
-    if cdb[0] == WRITE_SAME_10:
-        return be32(cdb, 2), be16(cdb, 7), bool(cdb[1] & 0x08)
-    return be64(cdb, 2), be32(cdb, 10), bool(cdb[1] & 0x08)
-
-
 def check_range(info, lba, blocks):
     return RANGE if lba + blocks > info.num_lbas else OK
 
 
-def parse_unmap(cdb, data, info):
-    """UNMAP parameter list -> (status, [(lba, blocks), ...])."""
-    plen = be16(cdb, 7)
-    if plen == 0:
+def parse_unmap(data, info):
+    """UNMAP parameter list (all of it, as the CDB's length gives it) ->
+    (status, [(lba, blocks), ...])."""
+    data = bytes(data)
+    if len(data) == 0:
         return OK, []
-    data = bytes(data[:plen])
-    if plen < 8 or len(data) < 8:
+    if len(data) < 8:
         return INVALID_PARAM_LIST_LEN, []
     desc_len = be16(data, 2)
     if desc_len % 16 or 8 + desc_len > len(data):
@@ -298,8 +241,7 @@ def mode_page(page, info, changeable=False):
     return None
 
 
-def mode_sense(cdb, info):
-    ten = cdb[0] == MODE_SENSE_10
+def mode_sense(cdb, info, ten):
     dbd = bool(cdb[1] & 0x08)
     llbaa = ten and bool(cdb[1] & 0x10)
     pc, page, subpage = cdb[2] >> 6, cdb[2] & 0x3F, cdb[3]
@@ -332,15 +274,13 @@ def mode_sense(cdb, info):
     return OK, bytes([len(body)]) + body
 
 
-def mode_select(cdb, info, data):
-    """Accept a parameter list that changes nothing (no page is changeable)."""
-    ten = cdb[0] == MODE_SELECT_10
-    plen = be16(cdb, 7) if ten else cdb[4]
+def mode_select(cdb, info, data, ten):
+    """Accept a parameter list (all of it) that changes nothing (no page is changeable)."""
     if cdb[1] & 0x01:                  # SP
         return NOTSUPP_SAVE_PARAMS
-    if plen == 0:
+    data = bytes(data)
+    if not data:
         return OK
-    data = bytes(data[:plen])
     hdr = 8 if ten else 4
     if len(data) < hdr:
         return INVALID_PARAM_LIST_LEN
@@ -373,44 +313,25 @@ def request_sense(cdb):
     return OK, bytes(buf)
 
 
-def alloc_len(cdb):
-    op = cdb[0]
-    if op in (INQUIRY,):
-        return be16(cdb, 3)
-    if op in (MODE_SENSE_6, REQUEST_SENSE):
-        return cdb[4]
-    if op == MODE_SENSE_10:
-        return be16(cdb, 7)
-    if op == SERVICE_ACTION_IN_16:
-        return be32(cdb, 10)
-    return None
+EMULATIONS = {
+    "test_unit_ready": lambda cdb, info, data: (OK, b""),
+    "start_stop_unit": lambda cdb, info, data: (OK, b""),
+    "request_sense": lambda cdb, info, data: request_sense(cdb),
+    "inquiry": lambda cdb, info, data: inquiry(cdb, info),
+    "read_capacity_10": lambda cdb, info, data: read_capacity_10(info),
+    "read_capacity_16": lambda cdb, info, data: read_capacity_16(info),
+    "mode_sense_6": lambda cdb, info, data: mode_sense(cdb, info, False),
+    "mode_sense_10": lambda cdb, info, data: mode_sense(cdb, info, True),
+    "mode_select_6": lambda cdb, info, data: (mode_select(cdb, info, data, False), b""),
+    "mode_select_10": lambda cdb, info, data: (mode_select(cdb, info, data, True), b""),
+}
 
 
-def emulate(cdb, info, data_out=b""):
-    """Answer a non-I/O command: (status or Sense, data-in bytes).  The
-    data is cut to the CDB's allocation length here; the caller copies at
-    most the command's buffer size."""
-    cdb = bytes(cdb)
-    op = cdb[0]
-    status, data = INVALID_CMD, b""
-    if op == TEST_UNIT_READY:
-        status = OK
-    elif op == INQUIRY:
-        status, data = inquiry(cdb, info)
-    elif op == READ_CAPACITY_10:
-        status, data = read_capacity_10(info)
-    elif op == SERVICE_ACTION_IN_16:
-        if cdb[1] & 0x1F == SAI_READ_CAPACITY_16:
-            status, data = read_capacity_16(info)
-    elif op in (MODE_SENSE_6, MODE_SENSE_10):
-        status, data = mode_sense(cdb, info)
-    elif op in (MODE_SELECT_6, MODE_SELECT_10):
-        status = mode_select(cdb, info, data_out)
-    elif op == REQUEST_SENSE:
-        status, data = request_sense(cdb)
-    elif op == START_STOP_UNIT:
-        status = OK
-    n = alloc_len(cdb)
-    if n is not None:
-        data = data[:n]
-    return status, data
+def emulate(name, cdb, info, data_out=b""):
+    """Answer the non-I/O command the opcode table calls `name`: (status or
+    Sense, data-in bytes, not yet cut to the allocation length)."""
+    try:
+        fn = EMULATIONS[name]
+    except KeyError:
+        raise UsageError(f"SCSI emulation: no command named {name!r} (opcode 0x{cdb[0]:02x})") from None
+    return fn(bytes(cdb), info, data_out)

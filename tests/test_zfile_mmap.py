@@ -1,7 +1,10 @@
 """Local ZFile layers read through a mapping (native/mapguard.c): the same
 bytes as the pread path, and a file that shrinks under the mapping gives a
 clear ReadError (the SIGBUS is caught and the read redone with pread), never
-a dead process.  A SIGBUS that is not ours still kills as before."""
+a dead process.  A SIGBUS that is not ours still kills as before: outside a
+guarded decode, and inside one when the fault is not in the armed mapping
+(the destination buffer is a mapping that faults).  Nothing allocates while
+a decode is armed (per-thread codec contexts are made before)."""
 import os
 import random
 import signal
@@ -11,7 +14,7 @@ import threading
 
 import pytest
 
-from tcmu_obd import zfile
+from tcmu_obd import _lsmt, zfile
 from tcmu_obd.errors import ReadError
 
 pytestmark = pytest.mark.skipif(os.environ.get("TCMU_OBD_PURE") == "1",
@@ -73,6 +76,7 @@ def test_zfile_mmap_truncated_file_is_a_read_error(tmp_path):
     fd, mapped, _ = open_pair(path)
     try:
         assert mapped.pread(0, BS) == data[:BS]
+        recovered = _lsmt.mapguard_counters()["recovered"]
         first, _ = mapped.block_extent(0)
         os.truncate(path, first + 8192)      # the blocks after the first two pages are gone
         errors = []
@@ -92,6 +96,8 @@ def test_zfile_mmap_truncated_file_is_a_read_error(tmp_path):
             t.join()
         assert len(errors) == 160
         assert all("truncated?" in e and path in e for e in errors), errors[:3]
+        # the mapped decodes faulted and the guard caught them (not a pread-only path)
+        assert _lsmt.mapguard_counters()["recovered"] >= recovered + 160
         assert mapped.pread(0, 100) == data[:100]        # what is still there reads fine
     finally:
         os.close(fd)
@@ -117,6 +123,62 @@ print(m[4096])
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
     assert p.returncode == -signal.SIGBUS, (p.returncode, p.stderr.decode()[-500:])
+
+
+FAULTING_DESTINATION = """
+import mmap, os, sys
+from tcmu_obd import _lsmt, zfile
+path, victim, how = sys.argv[1:]
+fd = os.open(path, os.O_RDONLY)
+b, _ = zfile.open_backing(fd, 0, os.fstat(fd).st_size, path)
+assert b.map_blocks()
+f = open(victim, "r+b")
+dst = mmap.mmap(f.fileno(), 2 * {BS})
+f.truncate(0)                          # writing dst now raises SIGBUS
+if how == "guarded":                   # straight into the guarded decode, no pread fallback
+    print("swallowed: error code", _lsmt._decode_mapped_into(b, 3, dst), flush=True)
+else:                                  # the read path a device uses
+    stack = _lsmt.Stack([b], _lsmt.Index.from_records([(0, 2 * {BS} // 512, 8, 0, 0)]))
+    stack.read_into(dst, 0)
+    print("swallowed: read returned", flush=True)
+""".replace("{BS}", str(BS))
+
+
+@pytest.mark.parametrize("how", ["guarded", "stack"])
+def test_zfile_mmap_fault_outside_the_armed_mapping_kills(tmp_path, how):
+    """A SIGBUS while a decode is armed, at an address outside the mapping it
+    reads (here: the destination is a mapping of a truncated file), is not
+    the guard's to recover: the process dies of it, as without the guard."""
+    path = str(tmp_path / "z")
+    write(path, data_of(), zfile.ALGO_LZ4)
+    victim = str(tmp_path / "victim")
+    with open(victim, "wb") as f:
+        f.write(b"x" * 2 * BS)
+    p = subprocess.run([sys.executable, "-c", FAULTING_DESTINATION, path, victim, how],
+                       capture_output=True, timeout=60)
+    assert p.returncode == -signal.SIGBUS, (p.returncode, p.stdout.decode(), p.stderr.decode()[-500:])
+    assert b"swallowed" not in p.stdout
+
+
+@pytest.mark.parametrize("algo", [zfile.ALGO_ZSTD, zfile.ALGO_LZ4])
+def test_zfile_mmap_guarded_decode_never_allocates(tmp_path, algo):
+    """A thread whose first decode is a mapped one: its zstd context is made
+    before the guard is armed (an allocation inside would be refused and
+    counted: a jump out of malloc would break the heap)."""
+    data = data_of()
+    path = str(tmp_path / "z")
+    write(path, data, algo)
+    fd, mapped, _ = open_pair(path)
+    try:
+        before = _lsmt.mapguard_counters()["armed_allocs"]
+        got = []
+        t = threading.Thread(target=lambda: got.append(mapped.pread(5 * BS, 4 * BS)))
+        t.start()
+        t.join()
+        assert got == [data[5 * BS:9 * BS]]
+        assert _lsmt.mapguard_counters()["armed_allocs"] == before
+    finally:
+        os.close(fd)
 
 
 def test_zfile_mmap_refused_without_crc_or_when_short(tmp_path):

@@ -12,7 +12,9 @@ PATH, HOME and TCMUVM_PYTHON (this interpreter's sys.executable) come from the
 host, as do all TCMUVM_* variables; TCMUVM_GUEST=1 is set.
 
 The guest console streams to stdout; the exit status is the command's, or 255
-when the guest died or timed out (qemu is killed then).
+when the guest died or timed out (qemu is killed then).  TCMU_OBD_VM_TIMEOUT
+(or the older VM_TIMEOUT) sets the default time limit.  progress_report()
+reads the guest test suite's progress lines from a console log.
 
 From Python:  rc, console = run_in_vm("cmd", timeout=300, mem=1024)
 """
@@ -21,6 +23,7 @@ import codecs
 import ctypes
 import importlib.util
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -227,12 +230,55 @@ def run_in_vm(cmd, timeout=300, mem=1024, workdir=None, env=None, stream=True, s
         shutil.rmtree(ctl, ignore_errors=True)
 
 
+# anywhere in a line: kernel messages on the same console may precede one
+PROGRESS = re.compile(r"@@tcmuvm (start|done) (\S+)(?: ([0-9.]+)s)?[ \t]*$", re.M)
+
+
+def progress_report(console):
+    """What the guest's progress lines (tests/vm/guest/conftest.py) say: the
+    test that started and never finished, if any, and each finished test's
+    duration, slowest first.  '' when the console has no progress lines."""
+    running, done = [], []
+    for kind, nodeid, secs in PROGRESS.findall(console):
+        if kind == "start":
+            running.append(nodeid)
+        else:
+            done.append((float(secs), nodeid))
+            if nodeid in running:
+                running.remove(nodeid)
+    if not running and not done:
+        return ""
+    lines = [f"running when the guest stopped: {', '.join(running)}" if running
+             else "no test was running when the guest stopped"]
+    if done:
+        lines.append(f"{len(done)} finished, {sum(s for s, _ in done):.1f} s in all (slowest first):")
+        lines += [f"  {s:7.1f} s  {n}" for s, n in sorted(done, key=lambda d: -d[0])]
+    return "\n".join(lines)
+
+
+def timeout_from_env(default):
+    """Seconds from TCMU_OBD_VM_TIMEOUT (or the older VM_TIMEOUT), else
+    `default`; a value that is not a positive number is an error naming it."""
+    for name in ("TCMU_OBD_VM_TIMEOUT", "VM_TIMEOUT"):
+        text = os.environ.get(name)
+        if text is None:
+            continue
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or value == float("inf"):
+            raise ValueError(f"{name}={text!r}: the guest time limit must be a positive number of seconds")
+        return value
+    return default
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(
         usage="%(prog)s [--timeout S] [--mem MB] [--workdir DIR] -- CMD...",
         description="Run a shell command line in a fresh qemu guest (see tests/vm/README.md).")
-    ap.add_argument("--timeout", type=float, default=float(os.environ.get("VM_TIMEOUT", 300)),
-                    help="seconds before qemu is killed (default $VM_TIMEOUT or 300)")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds before qemu is killed (default $TCMU_OBD_VM_TIMEOUT or 300)")
     ap.add_argument("--mem", type=int, default=1024, help="guest memory in MiB (default 1024)")
     ap.add_argument("--smp", type=int, default=2, help="vCPUs (default 2)")
     ap.add_argument("--workdir", help="shared read-write and the cwd (default: the repo root)")
@@ -243,6 +289,11 @@ def main(argv=None):
     if not cmd:
         ap.error("no command given (put it after --)")
     cmd = cmd[0] if len(cmd) == 1 else " ".join(cmd)
+    if args.timeout is None:
+        try:
+            args.timeout = timeout_from_env(300)
+        except ValueError as e:
+            ap.error(str(e))
 
     def on_term(signum, frame):
         raise SystemExit(GUEST_DIED)      # unwinds run_in_vm's finally: qemu is killed

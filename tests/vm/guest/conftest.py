@@ -54,6 +54,13 @@ tcmu_lun
     tcmu_lun(subtype, cfgstring, size, *, timeout=60.0, **backstore_kwargs)
     -> Lun: both of the above.
 
+Progress lines
+--------------
+Each test's start and end go to the console as `@@tcmuvm start <nodeid>` and
+`@@tcmuvm done <nodeid> <seconds>s`, so that when the host kills a guest that
+ran out of time, tests/vm/run.py (progress_report) can say which test was
+running and how long each finished one took.
+
 Rules the kernel imposes (see also tests/vm/README.md, pitfalls):
 * Start the user-space handler and wait until it is READY before creating the
   backstore: `enable` = 1 blocks until the handler answers the netlink "add"
@@ -84,6 +91,36 @@ if not IN_GUEST:
 
 CONFIGFS = Path("/sys/kernel/config/target")
 HERE = Path(__file__).resolve().parent
+
+
+_started = {}
+_config = None
+
+
+def pytest_configure(config):
+    global _config
+    _config = config
+
+
+def _progress(text):
+    """One progress line on the console, flushed at once (the guest may be killed next)."""
+    reporter = _config.pluginmanager.get_plugin("terminalreporter") if _config else None
+    if reporter is None:
+        raise RuntimeError("tcmuvm progress lines need pytest's terminal reporter")
+    tw = reporter._tw
+    if tw.width_of_current_line:            # after -q's progress dots
+        tw.line()
+    tw.line(f"@@tcmuvm {text}")
+    tw.flush()
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _started[nodeid] = time.monotonic()
+    _progress(f"start {nodeid}")
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _progress(f"done {nodeid} {time.monotonic() - _started.pop(nodeid, time.monotonic()):.1f}s")
 
 
 def pytest_collection_modifyitems(config, items):
