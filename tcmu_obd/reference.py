@@ -217,12 +217,13 @@ class Index:
     the record ends; build_search() has nothing to build.
     """
 
-    __slots__ = ("_recs", "_ends", "_lock")
+    __slots__ = ("_recs", "_ends", "_lock", "_tree")
 
     def __init__(self):
         self._recs = []          # (offset, length, moffset, zeroed, tag)
         self._ends = None        # cached record ends for bisect; None = stale
         self._lock = threading.Lock()   # an insert against a Stack reading this as its upper
+        self._tree = False       # _lsmt keeps a written index in a B+tree; here only the flag
 
     # -------------------------------------------------------- construction
     @staticmethod
@@ -256,6 +257,7 @@ class Index:
         records skipped, tags forced to 0, each newer record wins."""
         mv = _rbuf(data)
         cnt = len(mv) // 16
+        self._tree = True
         for w0, w1 in struct.iter_unpack("<QQ", mv[:cnt * 16]):
             offset, length, moffset, zeroed, _tag = _decode(w0, w1)
             if offset == INVALID_OFFSET or length == 0:
@@ -272,7 +274,17 @@ class Index:
             raise UsageError(f"record out of range: offset={offset} length={length} moffset={moffset}")
         self._insert(offset, length, moffset, zeroed, tag)
 
+    @property
+    def is_tree(self):
+        """True once insert() or replay() ran (where _lsmt switches to its B+tree)."""
+        return self._tree
+
+    def check_tree(self):
+        """_lsmt's B+tree self-check; a list has no structure to check."""
+        return 0
+
     def _insert(self, off, length, moff, zeroed, tag):
+        self._tree = True
         with self._lock:
             self._insert_locked(off, length, moff, zeroed, tag)
 
@@ -816,6 +828,8 @@ class Stack:
         self._lower_tags = len(self._files) - 1 if upper is not None else len(self._files)
         if upper is not None and not self._files:
             raise UsageError("an upper index needs its backing file last in `files`")
+        if upper is not None and upper is lower:
+            raise UsageError("the upper index cannot also be the lower one")
         if lower is not None:
             for i, r in enumerate(lower._recs):
                 if r[4] >= len(self._files) or (upper is not None and r[4] == self._upper_tag):
