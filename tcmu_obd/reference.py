@@ -257,7 +257,7 @@ class Index:
         records skipped, tags forced to 0, each newer record wins."""
         mv = _rbuf(data)
         cnt = len(mv) // 16
-        self._tree = True
+        self._to_tree()
         for w0, w1 in struct.iter_unpack("<QQ", mv[:cnt * 16]):
             offset, length, moffset, zeroed, _tag = _decode(w0, w1)
             if offset == INVALID_OFFSET or length == 0:
@@ -283,8 +283,17 @@ class Index:
         """_lsmt's B+tree self-check; a list has no structure to check."""
         return 0
 
+    def _to_tree(self):
+        """Where _lsmt moves the records into its B+tree: zero-length records
+        (from_records keeps them) do not go along."""
+        if not self._tree:
+            with self._lock:
+                self._recs = [r for r in self._recs if r[1]]
+                self._ends = None
+                self._tree = True
+
     def _insert(self, off, length, moff, zeroed, tag):
-        self._tree = True
+        self._to_tree()
         with self._lock:
             self._insert_locked(off, length, moff, zeroed, tag)
 

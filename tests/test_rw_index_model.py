@@ -122,6 +122,10 @@ def test_insert_into_a_flat_index_turns_it_into_a_tree():
         got = idx.records()
         assert got[:4] == [(0, 5, 0, 0, 0), (10, 2, 100, 1, 0), (12, 20, 7, 0, 0), (32, 3, 300, 1, 0)]
         assert got[4:] == recs[4:]
+        # zero-length records (from_records keeps them) do not move into the tree
+        idx = M.Index.from_records([(0, 0, 0, 0, 0), (5, 3, 1, 0, 0), (8, 0, 0, 0, 0), (20, 2, 0, 0, 0)])
+        idx.insert(6, 1, 99)
+        assert idx.records() == [(5, 1, 1, 0, 0), (6, 1, 99, 0, 0), (7, 1, 3, 0, 0), (20, 2, 0, 0, 0)]
 
 
 def test_merge_and_stack_read_a_tree_index():
