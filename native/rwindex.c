@@ -501,3 +501,53 @@ int obd_rwlock_init_wpref(pthread_rwlock_t *l)
     pthread_rwlockattr_destroy(&a);
     return rc;
 }
+
+/* ------------------------------------------------------------ lock probe (tests) */
+#include <errno.h>
+#include <sched.h>
+#include <time.h>
+
+struct probe_arg {
+    pthread_rwlock_t *l;
+    volatile int started;
+};
+
+static void *probe_writer(void *p)
+{
+    struct probe_arg *a = p;
+    __atomic_store_n(&a->started, 1, __ATOMIC_SEQ_CST);
+    pthread_rwlock_wrlock(a->l);
+    pthread_rwlock_unlock(a->l);
+    return NULL;
+}
+
+int obd_rwlock_probe_writer_pref(pthread_rwlock_t *l)
+{
+    struct probe_arg a;
+    pthread_t th;
+    struct timespec nap = {0, 1000000};      /* 1 ms */
+    int i, result = 0;
+    a.l = l;
+    a.started = 0;
+    if (pthread_rwlock_rdlock(l) != 0)
+        return -1;
+    if (pthread_create(&th, NULL, probe_writer, &a) != 0) {
+        pthread_rwlock_unlock(l);
+        return -1;
+    }
+    while (!__atomic_load_n(&a.started, __ATOMIC_SEQ_CST))
+        sched_yield();
+    /* Once the writer is queued, a writer-preferring lock refuses new
+     * readers; a reader-preferring one lets them in for ever. */
+    for (i = 0; i < 5000 && !result; i++) {
+        if (pthread_rwlock_tryrdlock(l) == EBUSY)
+            result = 1;
+        else
+            pthread_rwlock_unlock(l);
+        if (!result)
+            nanosleep(&nap, NULL);
+    }
+    pthread_rwlock_unlock(l);
+    pthread_join(th, NULL);
+    return result;
+}

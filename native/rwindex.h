@@ -49,5 +49,9 @@ int obd_rwidx_check(const obd_rwidx *t);
 /* A rwlock whose waiting writers block new readers (no writer starvation
  * under a constant read load).  Not recursive for readers. */
 int obd_rwlock_init_wpref(pthread_rwlock_t *l);
+/* For tests: hold l shared, queue a writer in another thread, and report
+ * whether new readers are then refused (1), or still let in after 5 s of
+ * trying (0); -1 if a thread could not be started.  l must be free. */
+int obd_rwlock_probe_writer_pref(pthread_rwlock_t *l);
 
 #endif

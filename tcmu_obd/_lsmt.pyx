@@ -140,6 +140,7 @@ cdef extern from "rwindex.h" nogil:
     void obd_rwidx_copy(const obd_rwidx *t, Rec *out)
     int obd_rwidx_check(const obd_rwidx *t)
     int obd_rwlock_init_wpref(pthread_rwlock_t *l)
+    int obd_rwlock_probe_writer_pref(pthread_rwlock_t *l)
 
 DEF REPLAY_CHUNK = 65536        # log records replayed per GIL-free step; signals are checked between steps
 DEF SIGNAL_EVERY = 65536        # records a loop holding the GIL handles between signal checks
@@ -381,6 +382,17 @@ cdef class Index:
         self._rdlock()
         rc = obd_rwidx_check(self.tree)
         self._unlock()
+        return rc
+
+    def probe_writer_preference(self):
+        """For tests: 1 when a queued writer keeps new readers out of this
+        index's lock (so a constant read load cannot starve writes), 0 when
+        readers still got in after 5 s of trying."""
+        cdef int rc
+        with nogil:
+            rc = obd_rwlock_probe_writer_pref(&self.lock)
+        if rc < 0:
+            raise OSError("cannot start the probe thread")
         return rc
 
     cdef Index _flat(self):

@@ -279,6 +279,11 @@ class Index:
         """True once insert() or replay() ran (where _lsmt switches to its B+tree)."""
         return self._tree
 
+    def probe_writer_preference(self):
+        """_lsmt's lock probe: a plain mutex never lets a reader past a
+        waiting writer."""
+        return 1
+
     def check_tree(self):
         """_lsmt's B+tree self-check; a list has no structure to check."""
         return 0
