@@ -1,4 +1,4 @@
-"""Long work in the core gives way to SIGTERM: the tools (tcmu-obd read and
+"""Long work in the core gives way to SIGTERM and Ctrl-C: the tools (tcmu-obd read and
 export, overlaybd-commit) opening an upper whose index log holds millions of
 records are stopped while they replay it, and exit 128+15 at once, with no
 half-written output.  Not about replay correctness (test_rw_index_model.py)."""
@@ -51,10 +51,10 @@ def _holds(pid, path):
         return False
 
 
-def _start_and_terminate(name, args, index_path):
+def _start_and_signal(name, args, index_path, sig):
     """Start the tool; once it holds the index open and has spent half a
     second of CPU since (reading the log takes a few milliseconds: it is
-    replaying; the whole replay takes seconds), send SIGTERM.  Returns
+    replaying; the whole replay takes seconds), send `sig`.  Returns
     (returncode, stdout, stderr, seconds from the signal to the exit)."""
     code = f"import sys; from tcmu_obd.cli.{TOOLS[name]} import main; sys.argv[0] = {name!r}; main()"
     p = subprocess.Popen([sys.executable, "-c", code, *map(str, args)],
@@ -70,12 +70,12 @@ def _start_and_terminate(name, args, index_path):
             assert p.poll() is None, f"{name} exited ({p.returncode}) before it was half a second into the replay"
             assert time.monotonic() < deadline, f"{name} did not get the CPU within 120 s"
             time.sleep(0.01)
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(sig)
         t0 = time.monotonic()
         try:
             out, err = p.communicate(timeout=30)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{name} still running 30 s after SIGTERM (mid-replay)")
+            raise AssertionError(f"{name} still running 30 s after {sig.name} (mid-replay)")
         return p.returncode, out, err, time.monotonic() - t0
     finally:
         if p.poll() is None:
@@ -92,9 +92,18 @@ def test_sigterm_mid_replay_stops_the_tool(big_upper, name, args):
     tmp, d, i, cfg = big_upper
     out = tmp / f"out-{name}-{args[0]}"
     args = [str(a).format(cfg=cfg, out=out, data=d, index=i) for a in args]
-    rc, stdout, stderr, waited = _start_and_terminate(name, args, i)
+    rc, stdout, stderr, waited = _start_and_signal(name, args, i, signal.SIGTERM)
     assert rc == 128 + signal.SIGTERM, (rc, stderr)
     assert b"SIGTERM: stopped, cleaned up" in stderr, stderr
     assert waited < 2.0, f"{name} took {waited:.2f} s to stop after SIGTERM"
     assert stdout == b""                      # stopped before it read anything
     assert not out.exists()                   # no half-written output left behind
+
+
+def test_ctrl_c_mid_replay_stops_the_tool(big_upper):
+    """Ctrl-C (SIGINT) is the KeyboardInterrupt the tools turn into exit 130."""
+    tmp, d, i, cfg = big_upper
+    rc, stdout, stderr, waited = _start_and_signal("tcmu-obd", ["read", str(cfg), "0", "512"], i, signal.SIGINT)
+    assert rc == 128 + signal.SIGINT, (rc, stderr)
+    assert waited < 2.0, f"tcmu-obd took {waited:.2f} s to stop after SIGINT"
+    assert stdout == b""
