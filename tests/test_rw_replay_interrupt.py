@@ -1,6 +1,6 @@
 """Long work in the core gives way to SIGTERM and Ctrl-C: the tools (tcmu-obd read and
 export, overlaybd-commit) opening an upper whose index log holds millions of
-records are stopped while they replay it, and exit 128+15 at once, with no
+records are stopped while they replay it, and exit 128+N at once, with no
 half-written output.  Not about replay correctness (test_rw_index_model.py)."""
 import json
 import os
