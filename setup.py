@@ -17,7 +17,7 @@ if os.environ.get("TCMU_OBD_ASAN") == "1":
 ext = Extension(
     "tcmu_obd._lsmt",
     sources=["tcmu_obd/_lsmt.pyx", "native/crc32c.c", "native/codec.c", "native/blockcache.c", "native/presence.c",
-             "native/mapguard.c"],
+             "native/mapguard.c", "native/rwindex.c"],
     include_dirs=["native"],
     libraries=["lz4", "zstd", "pthread"],
     extra_compile_args=CFLAGS,

@@ -21,6 +21,7 @@ from posix.unistd cimport pread
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.pycapsule cimport PyCapsule_New
+from cpython.exc cimport PyErr_CheckSignals
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from tcmu_obd.errors import CorruptDataError, FormatError, ReadError, UsageError
@@ -135,12 +136,32 @@ def crc32c(data, uint32_t seed=0):
 
 
 # ---------------------------------------------------------------- records
-cdef struct Rec:
-    uint64_t offset
-    uint64_t moffset
-    uint32_t length
-    uint8_t zeroed
-    uint8_t tag
+cdef extern from "rwindex.h" nogil:
+    ctypedef struct Rec "obd_rec":
+        uint64_t offset
+        uint64_t moffset
+        uint32_t length
+        uint8_t zeroed
+        uint8_t tag
+    ctypedef struct obd_rwidx:
+        pass
+    ctypedef struct obd_rwcur:
+        void *leaf
+        int pos
+    obd_rwidx *obd_rwidx_new()
+    void obd_rwidx_free(obd_rwidx *t)
+    uint64_t obd_rwidx_count(const obd_rwidx *t)
+    int obd_rwidx_height(const obd_rwidx *t)
+    int obd_rwidx_insert(obd_rwidx *t, const Rec *r)
+    const Rec *obd_rwidx_seek(const obd_rwidx *t, uint64_t x, obd_rwcur *c)
+    const Rec *obd_rwcur_next(obd_rwcur *c)
+    void obd_rwidx_copy(const obd_rwidx *t, Rec *out)
+    int obd_rwidx_check(const obd_rwidx *t)
+    int obd_rwlock_init_wpref(pthread_rwlock_t *l)
+    int obd_rwlock_probe_writer_pref(pthread_rwlock_t *l)
+
+DEF REPLAY_CHUNK = 65536        # log records replayed per GIL-free step; signals are checked between steps
+DEF SIGNAL_EVERY = 65536        # records a loop holding the GIL handles between signal checks
 
 
 cdef inline uint64_t rend(const Rec *r) noexcept nogil:
@@ -166,12 +187,17 @@ cdef inline void encode_rec(const Rec *r, unsigned char *p) noexcept nogil:
 
 
 cdef class Index:
-    """A sorted, non-overlapping array of records in C memory.
+    """The records of a layer, sorted and non-overlapping, in C memory.
 
-    Built from raw on-disk bytes (from_raw), by replaying an RW log
-    (replay / insert: the newer record wins), or by merge().  Lookups use a
-    bucket table over the record ends once build_search() ran; without it
-    (an RW index that changes per write) a binary search.
+    Two shapes behind one API.  A flat array: built from raw on-disk bytes
+    (from_raw), from_records, or by merge(); lookups use a bucket table over
+    the record ends once build_search() ran, else a binary search.  A B+tree
+    (native/rwindex.c): an index that takes writes (the first insert() or
+    replay() turns it into one), where an insert costs O(log n) and the newer
+    record wins.  Either shape is guarded by a writer-preferring rwlock: the
+    read core takes it shared without the GIL; a writer releases the GIL
+    before it waits for it.  Inspection methods (records, dump, record, find,
+    check_*) work on a copy of the tree taken under the lock.
     """
     cdef Rec *recs
     cdef Py_ssize_t n
@@ -179,6 +205,7 @@ cdef class Index:
     cdef uint32_t *buckets
     cdef int shift
     cdef uint64_t nbuckets
+    cdef obd_rwidx *tree            # non-NULL: records live in the tree; recs/n are unused
     cdef pthread_rwlock_t lock
 
     def __cinit__(self):
@@ -187,11 +214,14 @@ cdef class Index:
         self.cap = 0
         self.buckets = NULL
         self.nbuckets = 0
-        pthread_rwlock_init(&self.lock, NULL)
+        self.tree = NULL
+        if obd_rwlock_init_wpref(&self.lock) != 0:
+            raise MemoryError("cannot initialise the index lock")
 
     def __dealloc__(self):
         free(self.recs)
         free(self.buckets)
+        obd_rwidx_free(self.tree)
         pthread_rwlock_destroy(&self.lock)
 
     cdef int _reserve(self, Py_ssize_t want) except -1:
@@ -215,6 +245,17 @@ cdef class Index:
         self.recs[self.n] = r[0]
         self.n += 1
         return 0
+
+    cdef inline void _wrlock(self) noexcept:
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
+
+    cdef inline void _rdlock(self) noexcept:
+        with nogil:
+            pthread_rwlock_rdlock(&self.lock)
+
+    cdef inline void _unlock(self) noexcept nogil:
+        pthread_rwlock_unlock(&self.lock)
 
     # -------------------------------------------------------- construction
     @staticmethod
@@ -254,95 +295,157 @@ cdef class Index:
             r.offset, r.length, r.moffset, r.zeroed, r.tag = rec
             idx.recs[idx.n] = r
             idx.n += 1
+            if idx.n % SIGNAL_EVERY == 0:
+                PyErr_CheckSignals()
         return idx
+
+    cdef int _to_tree(self) except -1:
+        """Move the flat records into a B+tree (in order: a later record
+        wins over an earlier one it overlaps)."""
+        cdef obd_rwidx *t
+        cdef Py_ssize_t i
+        cdef int rc = 0
+        if self.tree != NULL:
+            return 0
+        t = obd_rwidx_new()
+        if t == NULL:
+            raise MemoryError()
+        self._wrlock()
+        for i in range(self.n):
+            if self.recs[i].length and obd_rwidx_insert(t, &self.recs[i]) != 0:
+                rc = -1
+                break
+        if rc == 0:
+            free(self.recs)
+            free(self.buckets)
+            self.recs = NULL
+            self.buckets = NULL
+            self.n = self.cap = 0
+            self.nbuckets = 0
+            self.tree = t
+        self._unlock()
+        if rc:
+            obd_rwidx_free(t)
+            raise MemoryError()
+        return 0
 
     def replay(self, data):
         """Apply an RW index log in file order: invalid and zero-length
-        records skipped, tags forced to 0, each newer record wins."""
+        records skipped, tags forced to 0, each newer record wins.  Runs
+        without the GIL in steps of REPLAY_CHUNK records; a signal (Ctrl-C,
+        SIGTERM through the tools' handler) raises between steps."""
         cdef Py_buffer view
-        cdef Py_ssize_t i, cnt
+        cdef Py_ssize_t i, k, stop, cnt
         cdef const unsigned char *p
         cdef Rec r
+        cdef int rc = 0
+        self._to_tree()
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             cnt = view.len // 16
             p = <const unsigned char *>view.buf
-            for i in range(cnt):
-                decode_rec(p + 16 * i, &r)
-                if r.offset == INVALID_OFFSET or r.length == 0:
-                    continue
-                self._insert(r.offset, r.length, r.moffset, r.zeroed, 0)
+            i = 0
+            while i < cnt:
+                stop = min(cnt, i + REPLAY_CHUNK)
+                with nogil:
+                    pthread_rwlock_wrlock(&self.lock)
+                    for k in range(i, stop):
+                        decode_rec(p + 16 * k, &r)
+                        if r.offset == INVALID_OFFSET or r.length == 0:
+                            continue
+                        r.tag = 0
+                        if obd_rwidx_insert(self.tree, &r) != 0:
+                            rc = -1
+                            break
+                    pthread_rwlock_unlock(&self.lock)
+                if rc:
+                    raise MemoryError(f"out of memory replaying index record {k}")
+                i = stop
+                PyErr_CheckSignals()
         finally:
             PyBuffer_Release(&view)
 
     def insert(self, uint64_t offset, uint32_t length, uint64_t moffset, bint zeroed=False, uint8_t tag=0):
         """Insert one record; whatever it overlaps is cut away (newer wins)."""
+        cdef Rec r
+        cdef int rc
         if length == 0:
             return
         if length > MAX_LENGTH or offset > INVALID_OFFSET - length or moffset > MAX_MOFFSET:
             raise UsageError(f"record out of range: offset={offset} length={length} moffset={moffset}")
-        self._insert(offset, length, moffset, zeroed, tag)
-
-    cdef int _insert(self, uint64_t off, uint32_t length, uint64_t moff, uint8_t zeroed, uint8_t tag) except -1:
-        cdef uint64_t end = off + length
-        cdef Py_ssize_t i, j, k
-        cdef Rec head, tail, new
-        cdef int has_head = 0, has_tail = 0, nrep
-        pthread_rwlock_wrlock(&self.lock)
-        try:
-            self._reserve(self.n + 2)     # realloc only while no reader holds the lock
-        except BaseException:
+        if self.tree == NULL:
+            self._to_tree()
+        r.offset = offset
+        r.length = length
+        r.moffset = moffset
+        r.zeroed = zeroed
+        r.tag = tag
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
+            rc = obd_rwidx_insert(self.tree, &r)
             pthread_rwlock_unlock(&self.lock)
-            raise
-        i = self._first_end_after(off)
-        j = i
-        while j < self.n and self.recs[j].offset < end:
-            j += 1
-        # records i..j-1 overlap [off, end)
-        if i < j and self.recs[i].offset < off:
-            head = self.recs[i]
-            head.length = <uint32_t>(off - head.offset)
-            has_head = 1
-        if i < j and rend(&self.recs[j - 1]) > end:
-            tail = self.recs[j - 1]
-            k = <Py_ssize_t>(end - tail.offset)
-            tail.offset = end
-            tail.length -= <uint32_t>k
-            if not tail.zeroed:
-                tail.moffset += k
-            has_tail = 1
-        new.offset = off
-        new.length = length
-        new.moffset = moff
-        new.zeroed = zeroed
-        new.tag = tag
-        nrep = has_head + 1 + has_tail
-        if nrep != j - i:
-            memmove(&self.recs[i + nrep], &self.recs[j], (self.n - j) * sizeof(Rec))
-            self.n += nrep - (j - i)
-        k = i
-        if has_head:
-            self.recs[k] = head
-            k += 1
-        self.recs[k] = new
-        k += 1
-        if has_tail:
-            self.recs[k] = tail
-        free(self.buckets)
-        self.buckets = NULL
-        self.nbuckets = 0
-        pthread_rwlock_unlock(&self.lock)
-        return 0
+        if rc:
+            raise MemoryError("out of memory inserting an index record")
+
+    @property
+    def is_tree(self):
+        """True once the records live in the B+tree (a writable index)."""
+        return self.tree != NULL
+
+    def check_tree(self):
+        """The B+tree's structural self-check: 0 when sound (tests)."""
+        cdef int rc
+        if self.tree == NULL:
+            return 0
+        self._rdlock()
+        rc = obd_rwidx_check(self.tree)
+        self._unlock()
+        return rc
+
+    def probe_writer_preference(self):
+        """For tests: 1 when a queued writer keeps new readers out of this
+        index's lock (so a constant read load cannot starve writes), 0 when
+        readers still got in after 5 s of trying."""
+        cdef int rc
+        with nogil:
+            rc = obd_rwlock_probe_writer_pref(&self.lock)
+        if rc < 0:
+            raise OSError("cannot start the probe thread")
+        return rc
+
+    cdef Index _flat(self):
+        """self when flat; else a flat copy of the tree's records."""
+        cdef Index f
+        cdef Py_ssize_t cnt
+        if self.tree == NULL:
+            return self
+        f = Index()
+        while True:
+            cnt = <Py_ssize_t>obd_rwidx_count(self.tree)
+            f._reserve(cnt + 1)
+            self._rdlock()
+            if <Py_ssize_t>obd_rwidx_count(self.tree) <= f.cap:
+                cnt = <Py_ssize_t>obd_rwidx_count(self.tree)
+                with nogil:
+                    obd_rwidx_copy(self.tree, f.recs)
+                self._unlock()
+                break
+            self._unlock()              # it grew meanwhile: make room again
+        f.n = cnt
+        return f
 
     # -------------------------------------------------------- search
     def build_search(self):
         """Build the bucket table that makes lookups O(1) on average.
-        Bucket b holds the first record whose end > b << shift."""
+        Bucket b holds the first record whose end > b << shift.  Nothing
+        to build for a tree."""
         cdef uint64_t maxend, limit, nb, b, key
         cdef int shift = 0
         cdef Py_ssize_t i
         cdef uint32_t *t
-        pthread_rwlock_wrlock(&self.lock)
+        if self.tree != NULL:
+            return
+        self._wrlock()
         try:
             free(self.buckets)
             self.buckets = NULL
@@ -374,10 +477,10 @@ cdef class Index:
             self.nbuckets = nb
             self.shift = shift
         finally:
-            pthread_rwlock_unlock(&self.lock)
+            self._unlock()
 
     cdef inline Py_ssize_t _first_end_after(self, uint64_t x) noexcept nogil:
-        """Index of the first record whose end > x (n if none)."""
+        """Index of the first record whose end > x (n if none).  Flat only."""
         cdef Py_ssize_t lo = 0, hi = self.n, mid
         cdef uint64_t b
         if self.buckets != NULL:
@@ -397,11 +500,12 @@ cdef class Index:
 
     def find(self, uint64_t x):
         """Position of the first record whose end > x (len(self) if none)."""
-        return self._first_end_after(x)
+        return self._flat()._first_end_after(x)
 
     def bench_find(self, keys):
         """Look up every u64 key in `keys` (a buffer); returns (checksum,
         seconds) measured inside the core, GIL released."""
+        cdef Index f = self._flat()
         cdef Py_buffer view
         cdef const uint64_t *k
         cdef Py_ssize_t i, cnt
@@ -414,7 +518,7 @@ cdef class Index:
             with nogil:
                 clock_gettime(CLOCK_MONOTONIC, &t0)
                 for i in range(cnt):
-                    acc += <uint64_t>self._first_end_after(k[i])
+                    acc += <uint64_t>f._first_end_after(k[i])
                 clock_gettime(CLOCK_MONOTONIC, &t1)
         finally:
             PyBuffer_Release(&view)
@@ -422,33 +526,47 @@ cdef class Index:
 
     # -------------------------------------------------------- inspection
     def __len__(self):
+        if self.tree != NULL:
+            return obd_rwidx_count(self.tree)
         return self.n
 
     def record(self, Py_ssize_t i):
-        if i < 0 or i >= self.n:
+        cdef Index f = self._flat()
+        if i < 0 or i >= f.n:
             raise IndexError(i)
-        r = &self.recs[i]
+        r = &f.recs[i]
         return (r.offset, r.length, r.moffset, r.zeroed, r.tag)
 
     def records(self):
-        return [self.record(i) for i in range(self.n)]
+        cdef Index f = self._flat()
+        cdef Py_ssize_t i
+        cdef Rec *r
+        out = []
+        for i in range(f.n):
+            r = &f.recs[i]
+            out.append((r.offset, r.length, r.moffset, r.zeroed, r.tag))
+            if i % SIGNAL_EVERY == SIGNAL_EVERY - 1:
+                PyErr_CheckSignals()
+        return out
 
     def check_sorted(self):
         """-1 when sorted and non-overlapping, else the position of the
         first record that starts before its predecessor ends."""
+        cdef Index f = self._flat()
         cdef Py_ssize_t i
-        for i in range(1, self.n):
-            if self.recs[i].offset < rend(&self.recs[i - 1]):
+        for i in range(1, f.n):
+            if f.recs[i].offset < rend(&f.recs[i - 1]):
                 return i
         return -1
 
     def check_moffset(self, uint64_t lo, uint64_t hi):
         """-1 when every data record lies in [lo, hi) and every zeroed
         record has lo <= moffset <= hi; else the first bad position."""
+        cdef Index f = self._flat()
         cdef Py_ssize_t i
         cdef Rec *r
-        for i in range(self.n):
-            r = &self.recs[i]
+        for i in range(f.n):
+            r = &f.recs[i]
             if r.zeroed:
                 if r.moffset < lo or r.moffset > hi:
                     return i
@@ -458,17 +576,19 @@ cdef class Index:
 
     def data_sectors(self):
         """Sectors held by non-zeroed records (fstat's st_blocks)."""
+        cdef Index f = self._flat()
         cdef uint64_t s = 0
         cdef Py_ssize_t i
-        for i in range(self.n):
-            if not self.recs[i].zeroed:
-                s += self.recs[i].length
+        for i in range(f.n):
+            if not f.recs[i].zeroed:
+                s += f.recs[i].length
         return s
 
     def dump(self, Py_ssize_t pad_to=1):
         """On-disk bytes of the records (tags kept), padded with invalid
         records to a multiple of pad_to records."""
-        cdef Py_ssize_t total = self.n, i
+        cdef Index f = self._flat()
+        cdef Py_ssize_t total = f.n, i
         cdef Rec inv
         if pad_to > 1 and total % pad_to:
             total += pad_to - total % pad_to
@@ -480,32 +600,91 @@ cdef class Index:
         inv.zeroed = 0
         inv.tag = 0
         for i in range(total):
-            encode_rec(&self.recs[i] if i < self.n else &inv, p + 16 * i)
+            encode_rec(&f.recs[i] if i < f.n else &inv, p + 16 * i)
         return out
 
     def lookup(self, uint64_t offset, uint64_t length):
         """Records overlapping [offset, offset+length) in sectors, the first
         and last trimmed to it (moffset advanced unless zeroed)."""
         cdef uint64_t end = offset + length
-        cdef Py_ssize_t i = self._first_end_after(offset)
         cdef Rec r
         cdef uint64_t cut
+        cdef Cur c
+        cdef const Rec *q
+        cdef Rec *got = NULL
+        cdef Rec *grown
+        cdef Py_ssize_t ngot = 0, gcap = 0, i
+        cdef bint nomem = False
         if end < offset:                  # saturate instead of wrapping
             end = <uint64_t>-1
+        # collect under the lock (a tree), without the GIL; build the list after it
+        if self.tree != NULL:
+            self._rdlock()
+        with nogil:
+            q = cur_seek(self, offset, &c)
+            while q != NULL and q.offset < end:
+                if ngot == gcap:
+                    gcap = gcap * 2 if gcap else 16
+                    grown = <Rec *>realloc(got, gcap * sizeof(Rec))
+                    if grown == NULL:
+                        nomem = True
+                        break
+                    got = grown
+                got[ngot] = q[0]
+                ngot += 1
+                q = cur_next(&c)
+            if self.tree != NULL:
+                pthread_rwlock_unlock(&self.lock)
+        if nomem:
+            free(got)
+            raise MemoryError()
         out = []
-        while i < self.n and self.recs[i].offset < end:
-            r = self.recs[i]
-            if r.offset < offset:
-                cut = offset - r.offset
-                r.offset = offset
-                r.length -= <uint32_t>cut
-                if not r.zeroed:
-                    r.moffset += cut
-            if rend(&r) > end:
-                r.length = <uint32_t>(end - r.offset)
-            out.append((r.offset, r.length, r.moffset, r.zeroed, r.tag))
-            i += 1
+        try:
+            for i in range(ngot):
+                r = got[i]
+                if r.offset < offset:
+                    cut = offset - r.offset
+                    r.offset = offset
+                    r.length -= <uint32_t>cut
+                    if not r.zeroed:
+                        r.moffset += cut
+                if rend(&r) > end:
+                    r.length = <uint32_t>(end - r.offset)
+                out.append((r.offset, r.length, r.moffset, r.zeroed, r.tag))
+                if i % SIGNAL_EVERY == SIGNAL_EVERY - 1:
+                    PyErr_CheckSignals()
+        finally:
+            free(got)
         return out
+
+
+# A position in either shape of Index, for loops that must not care which.
+cdef struct Cur:
+    const Rec *flat
+    Py_ssize_t i
+    Py_ssize_t n
+    bint tree
+    obd_rwcur tc
+
+
+cdef inline const Rec *cur_seek(Index idx, uint64_t x, Cur *c) noexcept nogil:
+    """The first record of idx whose end > x, or NULL.  The caller holds
+    idx.lock shared when idx is a tree."""
+    if idx.tree != NULL:
+        c.tree = True
+        return obd_rwidx_seek(idx.tree, x, &c.tc)
+    c.tree = False
+    c.flat = idx.recs
+    c.n = idx.n
+    c.i = idx._first_end_after(x)
+    return &c.flat[c.i] if c.i < c.n else NULL
+
+
+cdef inline const Rec *cur_next(Cur *c) noexcept nogil:
+    if c.tree:
+        return obd_rwcur_next(&c.tc)
+    c.i += 1
+    return &c.flat[c.i] if c.i < c.n else NULL
 
 
 def merge(list layers):
@@ -518,12 +697,14 @@ def merge(list layers):
     if len(layers) > 255:
         raise FormatError("<stack>", "layer count", len(layers), "at most 255 read-only layers")
     for li in range(len(layers)):
-        low = <Index?>layers[li]
+        low = (<Index?>layers[li])._flat()
         nxt = Index()
         nxt._reserve(acc.n + 2 * low.n + 1)
         nr = acc.n
         i = 0
         for j in range(low.n):
+            if j % SIGNAL_EVERY == SIGNAL_EVERY - 1:
+                PyErr_CheckSignals()
             L = low.recs[j]
             L.tag = <uint8_t>li
             e = rend(&L)
@@ -1320,10 +1501,13 @@ cdef class Stack:
         self.lower_tags = self.nfiles - 1 if upper is not None else self.nfiles
         if upper is not None and self.nfiles == 0:
             raise UsageError("an upper index needs its backing file last in `files`")
+        if upper is not None and upper is lower:
+            raise UsageError("the upper index cannot also be the lower one")
         if lower is not None:
-            for i in range(lower.n):
-                if lower.recs[i].tag >= self.nfiles or (upper is not None and lower.recs[i].tag == self.upper_tag):
-                    raise UsageError(f"lower record {i} has tag {lower.recs[i].tag}, no such file")
+            lf = lower._flat()
+            for i in range(lf.n):
+                if lf.recs[i].tag >= self.nfiles or (upper is not None and lf.recs[i].tag == self.upper_tag):
+                    raise UsageError(f"lower record {i} has tag {lf.recs[i].tag}, no such file")
 
     def __dealloc__(self):
         free(self.files)
@@ -1378,32 +1562,40 @@ cdef class Stack:
 
     cdef int _read_lower(self, uint64_t s, uint64_t e, char *dst, uint64_t base,
                          Pending *p, Err *err) noexcept nogil:
-        cdef Py_ssize_t i
         cdef uint64_t pos = s, rs, re
         cdef const Rec *r
+        cdef Cur c
+        cdef int rc = 0
+        cdef bint locked
         if self.lower is None:
             memset(dst + (s - base) * SECTOR, 0, (e - s) * SECTOR)
             return 0
-        i = self.lower._first_end_after(s)
-        while i < self.lower.n and self.lower.recs[i].offset < e:
-            r = &self.lower.recs[i]
+        locked = self.lower.tree != NULL      # a lower that takes writes (tests do that)
+        if locked:
+            pthread_rwlock_rdlock(&self.lower.lock)
+        r = cur_seek(self.lower, s, &c)
+        while r != NULL and r.offset < e:
             if r.tag >= self.lower_tags:     # the lower Index changed after __init__
-                return set_err(err, E_TAG, r.offset, r.tag, 0)
+                rc = set_err(err, E_TAG, r.offset, r.tag, 0)
+                break
             rs = r.offset if r.offset > pos else pos
             if rs > pos:
                 memset(dst + (pos - base) * SECTOR, 0, (rs - pos) * SECTOR)
             re = rend(r) if rend(r) < e else e
             if self._emit(r, r.tag, rs, re, dst, base, p, err):
-                return -1
+                rc = -1
+                break
             pos = re
-            i += 1
-        if pos < e:
+            r = cur_next(&c)
+        if locked:
+            pthread_rwlock_unlock(&self.lower.lock)
+        if rc == 0 and pos < e:
             memset(dst + (pos - base) * SECTOR, 0, (e - pos) * SECTOR)
-        return 0
+        return rc
 
     cdef int _read(self, char *dst, uint64_t s, uint64_t e, Err *err) noexcept nogil:
         cdef Pending p
-        cdef Py_ssize_t i
+        cdef Cur c
         cdef uint64_t pos = s, rs, re
         cdef const Rec *r
         cdef int rc = 0
@@ -1412,9 +1604,8 @@ cdef class Stack:
             rc = self._read_lower(s, e, dst, s, &p, err)
         else:
             pthread_rwlock_rdlock(&self.upper.lock)
-            i = self.upper._first_end_after(s)
-            while i < self.upper.n and self.upper.recs[i].offset < e:
-                r = &self.upper.recs[i]
+            r = cur_seek(self.upper, s, &c)
+            while r != NULL and r.offset < e:
                 rs = r.offset if r.offset > pos else pos
                 if rs > pos:
                     rc = self._read_lower(pos, rs, dst, s, &p, err)
@@ -1425,7 +1616,7 @@ cdef class Stack:
                 if rc:
                     break
                 pos = re
-                i += 1
+                r = cur_next(&c)
             if rc == 0 and pos < e:
                 rc = self._read_lower(pos, e, dst, s, &p, err)
             pthread_rwlock_unlock(&self.upper.lock)
@@ -1491,11 +1682,13 @@ cdef class Stack:
         out = []
         pos = offset
         end = offset + <object>length     # a Python int: must not wrap past 2^64
-        for r in self.upper.lookup(offset, length):
+        for k, r in enumerate(self.upper.lookup(offset, length)):
             if r[0] > pos and self.lower is not None:
                 out.extend(self.lower.lookup(pos, r[0] - pos))
             out.append((r[0], r[1], r[2], r[3], self.upper_tag))
             pos = r[0] + r[1]
+            if k % SIGNAL_EVERY == SIGNAL_EVERY - 1:
+                PyErr_CheckSignals()
         if pos < end and self.lower is not None:
             out.extend(self.lower.lookup(pos, end - pos))
         return out

@@ -218,12 +218,13 @@ class Index:
     the record ends; build_search() has nothing to build.
     """
 
-    __slots__ = ("_recs", "_ends", "_lock")
+    __slots__ = ("_recs", "_ends", "_lock", "_tree")
 
     def __init__(self):
         self._recs = []          # (offset, length, moffset, zeroed, tag)
         self._ends = None        # cached record ends for bisect; None = stale
         self._lock = threading.Lock()   # an insert against a Stack reading this as its upper
+        self._tree = False       # _lsmt keeps a written index in a B+tree; here only the flag
 
     # -------------------------------------------------------- construction
     @staticmethod
@@ -257,6 +258,7 @@ class Index:
         records skipped, tags forced to 0, each newer record wins."""
         mv = _rbuf(data)
         cnt = len(mv) // 16
+        self._to_tree()
         for w0, w1 in struct.iter_unpack("<QQ", mv[:cnt * 16]):
             offset, length, moffset, zeroed, _tag = _decode(w0, w1)
             if offset == INVALID_OFFSET or length == 0:
@@ -273,7 +275,31 @@ class Index:
             raise UsageError(f"record out of range: offset={offset} length={length} moffset={moffset}")
         self._insert(offset, length, moffset, zeroed, tag)
 
+    @property
+    def is_tree(self):
+        """True once insert() or replay() ran (where _lsmt switches to its B+tree)."""
+        return self._tree
+
+    def probe_writer_preference(self):
+        """_lsmt's lock probe: a plain mutex never lets a reader past a
+        waiting writer."""
+        return 1
+
+    def check_tree(self):
+        """_lsmt's B+tree self-check; a list has no structure to check."""
+        return 0
+
+    def _to_tree(self):
+        """Where _lsmt moves the records into its B+tree: zero-length records
+        (from_records keeps them) do not go along."""
+        if not self._tree:
+            with self._lock:
+                self._recs = [r for r in self._recs if r[1]]
+                self._ends = None
+                self._tree = True
+
     def _insert(self, off, length, moff, zeroed, tag):
+        self._to_tree()
         with self._lock:
             self._insert_locked(off, length, moff, zeroed, tag)
 
@@ -911,6 +937,8 @@ class Stack:
         self._lower_tags = len(self._files) - 1 if upper is not None else len(self._files)
         if upper is not None and not self._files:
             raise UsageError("an upper index needs its backing file last in `files`")
+        if upper is not None and upper is lower:
+            raise UsageError("the upper index cannot also be the lower one")
         if lower is not None:
             for i, r in enumerate(lower._recs):
                 if r[4] >= len(self._files) or (upper is not None and r[4] == self._upper_tag):

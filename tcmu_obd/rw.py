@@ -132,11 +132,14 @@ class RWLayer:
         """Write bytes at a 512-aligned offset (split at 4 MiB, one record each)."""
         n = len(data)
         _check_aligned(offset, n)
-        view = memoryview(data)
         with self.lock:
-            for pos in range(0, n, MAX_IO):
-                piece = view[pos:pos + MAX_IO]
-                self._write_piece(piece, offset + pos)
+            if n <= MAX_IO:                 # the common case: no slicing
+                if n:
+                    self._write_piece(data, offset)
+            else:
+                view = memoryview(data)
+                for pos in range(0, n, MAX_IO):
+                    self._write_piece(view[pos:pos + MAX_IO], offset + pos)
             if offset + n > self.vsize:
                 self.vsize = offset + n
         return n
@@ -155,7 +158,7 @@ class RWLayer:
         self._append_record(offset // SECTOR, sectors, at // SECTOR, 0)
 
     def _append_record(self, off, length, moff, zeroed):
-        rec = encode_record(off, length, moff, zeroed)
+        rec = _REC.pack(off | (length << 50), moff | (zeroed << 55))     # encode_record, tag 0
         pwrite_all(self.index_fd, rec, self.index_end)
         self.index_end += 16
         self.index.insert(off, length, moff, bool(zeroed), 0)
@@ -221,7 +224,11 @@ def _check_aligned(offset, length):
 
 
 def pwrite_all(fd, data, offset):
-    view = memoryview(data)
+    n = os.pwrite(fd, data, offset)
+    if n == len(data):                  # nearly always: one call, no memoryview
+        return
+    view = memoryview(data)[n:]
+    offset += n
     while view:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
