@@ -15,8 +15,8 @@ if os.environ.get("TCMU_OBD_ASAN") == "1":
     CFLAGS = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
 
 ext = Extension(
-    "tcmu_obd._lsmt",
-    sources=["tcmu_obd/_lsmt.pyx", "native/crc32c.c", "native/codec.c", "native/blockcache.c", "native/presence.c",
+    "tcmu_obd.core._lsmt",
+    sources=["tcmu_obd/core/_lsmt.pyx", "native/crc32c.c", "native/codec.c", "native/blockcache.c", "native/presence.c",
              "native/mapguard.c", "native/rwindex.c"],
     include_dirs=["native"],
     libraries=["lz4", "zstd", "pthread"],
@@ -33,7 +33,7 @@ def _have_libtcmu():
         return True
     except OSError:
         print("setup.py: libtcmu.so.2 not found (apt-get install libtcmu2): "
-              "building without tcmu_obd._tcmu", file=sys.stderr)
+              "building without tcmu_obd.serve._tcmu", file=sys.stderr)
         return False
 
 
@@ -42,8 +42,8 @@ if os.environ.get("TCMU_OBD_ASAN") == "1":
     pass        # the fuzz harnesses need only the core
 elif _have_libtcmu():
     exts.append(Extension(
-        "tcmu_obd._tcmu",
-        sources=["tcmu_obd/_tcmu.pyx"],
+        "tcmu_obd.serve._tcmu",
+        sources=["tcmu_obd/serve/_tcmu.pyx"],
         include_dirs=["native"],
         libraries=[":libtcmu.so.2", "pthread"],
         extra_compile_args=CFLAGS,

@@ -18,7 +18,8 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tcmu_obd import commit, core  # noqa: E402
+from tcmu_obd.image import commit
+from tcmu_obd import core  # noqa: E402
 
 # A/B runs of a candidate build of the core: OBD_BENCH_CORE=<importable module
 # with the _lsmt API> swaps it in for tcmu_obd.core's classes before anything
@@ -191,14 +192,14 @@ def env_line():
     CRC_HW = "?"
     try:
         import importlib
-        CRC_HW = importlib.import_module(os.environ.get("OBD_BENCH_CORE") or "tcmu_obd._lsmt").CRC_HW
+        CRC_HW = importlib.import_module(os.environ.get("OBD_BENCH_CORE") or "tcmu_obd.core._lsmt").CRC_HW
     except (ImportError, AttributeError):
         pass
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     built = ""
     try:
         import importlib
-        mod = importlib.import_module(os.environ.get("OBD_BENCH_CORE") or "tcmu_obd._lsmt")
+        mod = importlib.import_module(os.environ.get("OBD_BENCH_CORE") or "tcmu_obd.core._lsmt")
         built = ", core built " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(mod.__file__)))
     except (ImportError, OSError):
         pass

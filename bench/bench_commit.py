@@ -27,10 +27,10 @@ import time
 
 from _common import (MiB, TempDir, best, commit_rw, env_line, fmt, interleaved, ratio, rm,
                      semi_compressible, spread, table, warm)
-from tcmu_obd import zfile
-from tcmu_obd.image import Image
-from tcmu_obd.layer import open_layer
-from tcmu_obd.rw import RWLayer
+from tcmu_obd.format import zfile
+from tcmu_obd.image.stack import Image
+from tcmu_obd.image.layer import open_layer
+from tcmu_obd.image.rw import RWLayer
 
 CHUNK = 4 * MiB
 

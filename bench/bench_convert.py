@@ -9,7 +9,7 @@ Data (built once, in memory, then written to the temp dir):
 Cases, per data set:
   tar -x (baseline)     `tar -xf layer.tar -C <fresh dir>` on the temp dir's file system,
                         then sync (the dir is removed untimed afterwards)
-  apply                 tcmu_obd.apply.apply_layer onto a fresh append-only upper over
+  apply                 tcmu_obd.build.apply.apply_layer onto a fresh append-only upper over
                         the bundled base layer: a blockdev device (FUSE + loop here), ext4 mount, untar,
                         unmount, detach, fsync of the upper (overlaybd-apply)
   apply + commit -z -t  the same, then the ZFile (lz4, 4 KiB) commit in the tar wrapper
@@ -33,8 +33,10 @@ import time
 
 from _common import (MiB, ROOT, TempDir, best, env_line, fmt, interleaved, ratio, semi_compressible,
                      spread, table, warm, write_tar)
-from tcmu_obd import apply, baselayer, blockdev, config, convert
-from tcmu_obd.rw import RWLayer
+from tcmu_obd.build import apply, convert
+from tcmu_obd.image import baselayer, config
+from tcmu_obd.serve import blockdev
+from tcmu_obd.image.rw import RWLayer
 
 
 def build_tar(path, files):

@@ -33,10 +33,10 @@ import time
 
 from _common import (KiB, MiB, ROOT, TempDir, best, commit_rw, env_line, export_raw, fmt, fsync_path, interleaved,
                      ratio, spread, table, warm)
-from tcmu_obd import fuse
-from tcmu_obd.image import Image
-from tcmu_obd.layer import open_layer
-from tcmu_obd.rw import RWLayer
+from tcmu_obd.serve import fuse
+from tcmu_obd.image.stack import Image
+from tcmu_obd.image.layer import open_layer
+from tcmu_obd.image.rw import RWLayer
 
 CLI = [sys.executable, "-m", "tcmu_obd.cli.mount"]
 

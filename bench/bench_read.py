@@ -23,9 +23,9 @@ import time
 
 from _common import (KiB, MiB, TempDir, best, commit_rw, env_line, fmt, fsync_path, interleaved, ratio, rm, spread,
                      table, warm)
-from tcmu_obd.image import Image
-from tcmu_obd.layer import open_layer
-from tcmu_obd.rw import RWLayer
+from tcmu_obd.image.stack import Image
+from tcmu_obd.image.layer import open_layer
+from tcmu_obd.image.rw import RWLayer
 
 ALIGN = 4 * KiB
 

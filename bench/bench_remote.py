@@ -11,7 +11,7 @@ each blob is ~19-56 MiB.  Two planted "files" live in a 64 MiB region kept
 free of random writes: a 1 MiB extent written by the top layer, and a 4 MiB
 range in which every layer writes a slice (the top-most visible slice comes
 from each of the N layers).  Everything is pushed to Debian's docker-registry
-on 127.0.0.1 with tcmu_obd.distribution.BlobUploader, and opened with
+on 127.0.0.1 with tcmu_obd.remote.distribution.BlobUploader, and opened with
 config.open_image(config.v1.json, service_config.load(overlaybd.json)), whose
 repoBlobUrl + lowers [{digest, size}] point at the registry.
 
@@ -48,13 +48,14 @@ import requests
 
 from _common import (GiB, KiB, MiB, TempDir, best, env_line, fmt, interleaved, ratio, semi_compressible, spread,
                      table, warm)
-from tcmu_obd import baselayer, commit, config, service_config
+from tcmu_obd.image import baselayer, commit, config
+from tcmu_obd import service_config
 from tcmu_obd.cli.common import Output
-from tcmu_obd.image import Image
-from tcmu_obd.layer import open_layer
-from tcmu_obd.distribution import BlobUploader
-from tcmu_obd.registry import RegistryClient, RegistrySettings
-from tcmu_obd.rw import RWLayer
+from tcmu_obd.image.stack import Image
+from tcmu_obd.image.layer import open_layer
+from tcmu_obd.remote.distribution import BlobUploader
+from tcmu_obd.remote.registry import RegistryClient, RegistrySettings
+from tcmu_obd.image.rw import RWLayer
 
 REPO = "obd/bench-remote"
 ALIGN = 4 * KiB

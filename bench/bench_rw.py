@@ -25,9 +25,9 @@ import time
 
 from _common import TempDir, env_line, fmt, interleaved, ratio, spread, table
 from tcmu_obd import core
-from tcmu_obd.image import Image
-from tcmu_obd.lsmt import HT_SPACE, SECTOR
-from tcmu_obd.rw import RWLayer, encode_record
+from tcmu_obd.image.stack import Image
+from tcmu_obd.format.lsmt import HT_SPACE, SECTOR
+from tcmu_obd.image.rw import RWLayer, encode_record
 
 VSIZE = 64 << 30
 SLOTS = VSIZE // 4096

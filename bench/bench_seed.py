@@ -6,7 +6,7 @@ Image: ~1 GiB (x --scale) of semi-compressible file data (~1.7x with lz4,
 1 MiB files), laid out as three shapes: 1 x 1 GiB, 4 x 256 MiB and
 10 x 100 MiB layers (the same files, split differently).  Each shape is
 pushed as an OCI image (tar+gzip level 1 layers, plain HTTP) and converted
-with tcmu_obd.convert (what `tcmu-obd convert SRC DST --plain-http` does:
+with tcmu_obd.build.convert (what `tcmu-obd convert SRC DST --plain-http` does:
 download, gunzip, apply, commit -z -t, upload; untimed setup).
 
 Per shape, interleaved rounds of:
@@ -14,18 +14,18 @@ Per shape, interleaved rounds of:
          docker's max-concurrent-downloads), then `tar -xzf` each layer in
          order into one fresh directory as soon as it and the ones below are
          downloaded (docker's download/extract pipeline; no sync).
-         overlaybd: `tcmu-obd run`'s path (tcmu_obd.run.RunningImage):
+         overlaybd: `tcmu-obd run`'s path (tcmu_obd.build.run.RunningImage):
          manifest -> config.v1.json (remote lowers) -> open_image on an empty
          cache dir -> FUSE + loop -> ext4 mount (ro), then a first read of one
          1 MiB file of the top layer through the mount (checked).
   build  OCI (baseline): `tar -xf` of a new 64 MiB tar into a fresh upper
          directory (what a build step writes on overlayfs), then sync.
-         overlaybd: tcmu_obd.apply.apply_layer of the same tar onto a fresh
+         overlaybd: tcmu_obd.build.apply.apply_layer of the same tar onto a fresh
          RW upper over the remote image (FUSE + loop + ext4, upper fsynced).
   push   OCI (baseline): `tar -czf` (gzip -6, docker's default) of that upper
          directory, sha256, upload (POST + PUT).
          overlaybd: commit -z -t of the upper (lz4 4 KiB ZFile in tar, as
-         overlaybd-commit), sha256, upload (tcmu_obd.blobs.upload_file).
+         overlaybd-commit), sha256, upload (tcmu_obd.remote.blobs.upload_file).
 
 Ratio = overlaybd time / OCI time (below 1: overlaybd faster), best of the
 rounds for each, and the median of the per-round ratios.  Bytes fetched for
@@ -50,8 +50,10 @@ import requests
 
 from _common import (MiB, ROOT, TempDir, best, env_line, interleaved, semi_compressible, spread,
                      table, warm, write_tar)
-from tcmu_obd import apply, blobs, convert, imageref, run, service_config
-from tcmu_obd.rw import RWLayer
+from tcmu_obd.build import apply, convert, run
+from tcmu_obd.remote import blobs, imageref
+from tcmu_obd import service_config
+from tcmu_obd.image.rw import RWLayer
 
 SHAPES = [("1 x 1 GiB", 1, 1024), ("4 x 256 MiB", 4, 256), ("10 x 100 MiB", 10, 100)]
 FILE = 1 * MiB

@@ -54,10 +54,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from _common import (MiB, ROOT, TempDir, commit_rw, env_line, export_raw, fmt, semi_compressible,  # noqa: E402
                      table)
-from tcmu_obd import zfile  # noqa: E402
-from tcmu_obd.image import Image  # noqa: E402
-from tcmu_obd.layer import open_layer  # noqa: E402
-from tcmu_obd.rw import RWLayer  # noqa: E402
+from tcmu_obd.format import zfile  # noqa: E402
+from tcmu_obd.image.stack import Image  # noqa: E402
+from tcmu_obd.image.layer import open_layer  # noqa: E402
+from tcmu_obd.image.rw import RWLayer  # noqa: E402
 
 KiB = 1024
 WORKLOADS = [
@@ -222,7 +222,7 @@ class Guest:
               flush=True)
 
     def start_obd(self):
-        from tcmu_obd import attach as att
+        from tcmu_obd.serve import attach as att
         svc = os.path.join(self.dir, "overlaybd.json")
         with open(svc, "w") as f:
             json.dump({"logConfig": {"logPath": os.path.join(self.dir, "obd.log"), "logLevel": 1},
@@ -327,7 +327,7 @@ class Guest:
     # -- checks -----------------------------------------------------------
     def check(self):
         import mmap
-        from tcmu_obd.layer import open_layer as ol
+        from tcmu_obd.image.layer import open_layer as ol
         img = Image([ol(os.path.join(self.dir, "layer.lsmt"))])
         rng = random.Random(self.args.seed + 1)
         samples = [(0, 4096), (self.region - MiB, MiB)] + \

@@ -5,7 +5,7 @@ Data: 64 MiB semi-compressible bytes (pieces of random data and repeats of
 earlier pieces of the same 4 KiB block; about 1.6-1.8x with either codec),
 written with the project's ZFileWriter (CRC on, as overlaybd-zfile and
 commit -z write it) and opened with zfile.open_backing, then mapped as
-tcmu_obd.layer.open_layer does for every local ZFile layer (unless
+tcmu_obd.image.layer.open_layer does for every local ZFile layer (unless
 TCMU_OBD_MMAP=0: then each read preads the stored block).
 
 Each read is one block, block-aligned, at a random block:
@@ -32,7 +32,9 @@ import zstandard
 
 from _common import (KiB, MiB, TempDir, best, env_line, fmt, interleaved, ratio, semi_compressible, spread,
                      table, warm)
-from tcmu_obd import core, layer, zfile
+from tcmu_obd import core
+from tcmu_obd.image import layer
+from tcmu_obd.format import zfile
 
 SECTORS_PER_REC = 16384  # 8 MiB per index record (MAX_LENGTH is 16383)
 

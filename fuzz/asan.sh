@@ -24,15 +24,14 @@ SECONDS_EACH=${FUZZ_SECONDS:-10}
 echo "== asan: building the core into $OUT/lib"
 TCMU_OBD_ASAN=1 "$PY" setup.py -q build_ext --build-lib "$OUT/lib" --build-temp "$OUT/tmp" 2>&1 \
     | grep -v "^warning\|^$" | tail -n 5 || true
-ls "$OUT"/lib/tcmu_obd/_lsmt.*.so >/dev/null
+ls "$OUT"/lib/tcmu_obd/core/_lsmt.*.so >/dev/null
 
 rm -rf "$OUT/root"
-mkdir -p "$OUT/root/tcmu_obd" "$OUT/root/fuzz"
-for f in "$REPO"/tcmu_obd/*; do
-    case "$f" in *.so|*.c) continue ;; esac
-    ln -s "$f" "$OUT/root/tcmu_obd/"
-done
-cp "$OUT"/lib/tcmu_obd/*.so "$OUT/root/tcmu_obd/"
+mkdir -p "$OUT/root/fuzz"
+cp -rs "$REPO/tcmu_obd" "$OUT/root/tcmu_obd"       # real directories, files as symlinks
+find "$OUT/root/tcmu_obd" -name __pycache__ -prune -exec rm -rf {} +
+find "$OUT/root/tcmu_obd" \( -name '*.so' -o -name '*.c' \) -delete
+(cd "$OUT/lib" && find tcmu_obd -name '*.so' -exec cp {} "$OUT/root/{}" \;)
 for f in "$REPO"/fuzz/*.py; do ln -s "$f" "$OUT/root/fuzz/"; done
 
 RUNTIME="$("$PY" -c 'import atheris; print(atheris.path())')/asan_with_fuzzer.so"
@@ -51,7 +50,7 @@ for h in "${harnesses[@]}"; do
     echo "== asan fuzz: $name (${SECONDS_EACH}s, $(ls "$work/$name" | wc -l) seeds)"
     # the import check proves the harness got the ASan core, not the in-place one
     if ! (cd "$work" && LD_PRELOAD="$RUNTIME" "$PY" -c "import sys; sys.path.insert(0, '$OUT/root'); \
-from tcmu_obd import _lsmt; assert _lsmt.__file__.startswith('$OUT/root'), _lsmt.__file__"); then
+from tcmu_obd.core import _lsmt; assert _lsmt.__file__.startswith('$OUT/root'), _lsmt.__file__"); then
         echo "asan: the ASan core does not import" >&2; exit 2
     fi
     if ! (cd "$work" && LD_PRELOAD="$RUNTIME" "$PY" "$OUT/root/fuzz/$name.py" "$work/$name" \

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Differential fuzzing of the read core: tcmu_obd._lsmt against tcmu_obd.reference.
+"""Differential fuzzing of the read core: tcmu_obd.core._lsmt against tcmu_obd.core.reference.
 
 Run: python fuzz/fuzz_core_diff.py -max_total_time=20   (or -runs=N, or a corpus dir)
 
@@ -15,7 +15,7 @@ CRC, a bad descriptor, an unaligned read, an unknown codec), both must also
 raise: agreeing that bad input is fine is a finding too.  A disagreement
 raises AssertionError, which atheris reports as a finding.  Lookups, inserts and
 merges only run on indexes that are sorted and non-overlapping (elsewhere the
-result is unspecified, see tcmu_obd.reference).
+result is unspecified, see tcmu_obd.core.reference).
 
 One disagreement is expected and tolerated: a damaged ZSTD block without a
 CRC (verify=0) may decode under the system libzstd the C core links and fail
@@ -35,10 +35,10 @@ import atheris
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 with atheris.instrument_imports():
-    from tcmu_obd import reference as R
+    from tcmu_obd.core import reference as R
     from tcmu_obd.errors import CorruptDataError, FormatError, ObdError, ReadError
 
-from tcmu_obd import _lsmt as C  # noqa: E402  (native: nothing to instrument)
+from tcmu_obd.core import _lsmt as C  # noqa: E402  (native: nothing to instrument)
 
 INVALID = (1 << 50) - 1
 MAX_MOFFSET = (1 << 55) - 1

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fuzz the read-only ext4 reader (tcmu_obd.ext4.Ext4) with damaged disks.
+"""Fuzz the read-only ext4 reader (tcmu_obd.format.ext4.Ext4) with damaged disks.
 
 Run: python fuzz/fuzz_ext4.py -max_total_time=20   (or -runs=N, or a corpus dir)
 
@@ -31,7 +31,7 @@ import atheris
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 with atheris.instrument_imports():
-    from tcmu_obd import ext4
+    from tcmu_obd.format import ext4
     from tcmu_obd.errors import FormatError
 
 PATHS = ["/", "/small.txt", "/a/b/big.bin", "/a/b/c/deep.txt", "/fastlink", "/slowlink",

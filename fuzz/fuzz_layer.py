@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Fuzz opening and reading one layer file (tcmu_obd.layer.open_layer) and
-reopening an append-only RW pair (tcmu_obd.rw.RWLayer.open).
+"""Fuzz opening and reading one layer file (tcmu_obd.image.layer.open_layer) and
+reopening an append-only RW pair (tcmu_obd.image.rw.RWLayer.open).
 
 Run: python fuzz/fuzz_layer.py -max_total_time=20   (or -runs=N, or a corpus dir)
 
@@ -44,7 +44,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from _splice import splice as splice_regions  # noqa: E402  (fuzz/ is the script's directory)
 
 with atheris.instrument_imports():
-    from tcmu_obd import commit, image, layer, lsmt, rw, tar, zfile
+    from tcmu_obd.image import commit, stack as image, layer, rw
+    from tcmu_obd.format import lsmt, tar, zfile
     from tcmu_obd.errors import FormatError, ReadError
 
 MAX_READ = 64 << 10          # bytes per read of the image

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fuzz tcmu_obd.tar.detect with arbitrary blobs.
+"""Fuzz tcmu_obd.format.tar.detect with arbitrary blobs.
 
 Run: python fuzz/fuzz_tar.py -max_total_time=20   (or -runs=N, or a corpus dir)
 An input starting with "T" has its tar checksums repaired first.
@@ -15,7 +15,7 @@ import atheris
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 with atheris.instrument_imports():
-    from tcmu_obd import tar
+    from tcmu_obd.format import tar
     from tcmu_obd.errors import FormatError
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fuzz tcmu_obd.trace.decode and parse_file_list with arbitrary bytes.
+"""Fuzz tcmu_obd.remote.trace.decode and parse_file_list with arbitrary bytes.
 
 Run: python fuzz/fuzz_trace.py -max_total_time=20   (or -runs=N, or a corpus dir)
 The first input byte picks the target:
@@ -20,7 +20,7 @@ import atheris
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 with atheris.instrument_imports():
-    from tcmu_obd import trace
+    from tcmu_obd.remote import trace
     from tcmu_obd.core import crc32c
     from tcmu_obd.errors import FormatError
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fuzz the ZFile reader: tcmu_obd.zfile.open_backing and reads of the
+"""Fuzz the ZFile reader: tcmu_obd.format.zfile.open_backing and reads of the
 decompressed view (the core ZFileBacking: jump table, CRCs, LZ4/ZSTD decode).
 
 Run: python fuzz/fuzz_zfile.py -max_total_time=20   (or -runs=N, or a corpus dir)
@@ -39,7 +39,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from _splice import splice  # noqa: E402  (fuzz/ is the script's directory)
 
 with atheris.instrument_imports():
-    from tcmu_obd import core, zfile
+    from tcmu_obd import core
+    from tcmu_obd.format import zfile
     from tcmu_obd.errors import FormatError, ReadError
 
 PATH = "fuzz-zfile"

@@ -20,4 +20,4 @@ fi
     2>&1 | grep -v -e "Location" -e "Running pip as the 'root'" || true
 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation -e . \
     2>&1 | grep -v -e "Location" -e "Running pip as the 'root'" || true
-"$PY" -c "import tcmu_obd._lsmt" || { echo "setup: the Cython core did not build" >&2; exit 1; }
+"$PY" -c "import tcmu_obd.core._lsmt" || { echo "setup: the Cython core did not build" >&2; exit 1; }

@@ -27,8 +27,8 @@ import os
 import warnings
 from dataclasses import dataclass, field, fields, replace
 
-from . import __version__
-from .errors import ConfigError, UnsupportedError
+from tcmu_obd import __version__
+from tcmu_obd.errors import ConfigError, UnsupportedError
 
 DEFAULT_PATH = "/etc/overlaybd/overlaybd.json"
 CACHE_TYPES = ("file", "ocf", "download")

@@ -8,11 +8,11 @@ import pytest
 if os.environ.get("TCMUVM_GUEST") != "1":
     collect_ignore_glob = ["vm/guest/*"]
 
-from tcmu_obd import commit
+from tcmu_obd.image import commit
 from tcmu_obd.cli.common import Output
-from tcmu_obd.image import Image
-from tcmu_obd.layer import open_layer
-from tcmu_obd.rw import RWLayer
+from tcmu_obd.image.stack import Image
+from tcmu_obd.image.layer import open_layer
+from tcmu_obd.image.rw import RWLayer
 
 SECTOR = 512
 
@@ -92,7 +92,7 @@ def model_read(layers, offset, length):
 
 @pytest.fixture
 def bundled_base():
-    from tcmu_obd import baselayer
+    from tcmu_obd.image import baselayer
     return baselayer.path()
 
 

@@ -258,7 +258,7 @@ class Registry:
             self.tokens.__exit__(None, None, None)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    # -- helpers independent of tcmu_obd.registry ------------------------------------------------
+    # -- helpers independent of tcmu_obd.remote.registry ------------------------------------------------
 
     def blob_url(self, repo, digest, base=None):
         return f"{base or self.url}/v2/{repo}/blobs/{digest}"

@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from tcmu_obd import apply, baselayer
+from tcmu_obd.build import apply
+from tcmu_obd.image import baselayer
 from test_apply_untar import D, E, R, S, Model, compare, missing, mount_ro, new_image, tar_bytes
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))

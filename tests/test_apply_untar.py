@@ -31,8 +31,10 @@ import threading
 
 import pytest
 
-from tcmu_obd import apply, baselayer, blockdev, config, fuse
-from tcmu_obd.rw import RWLayer
+from tcmu_obd.build import apply
+from tcmu_obd.image import baselayer, config
+from tcmu_obd.serve import blockdev, fuse
+from tcmu_obd.image.rw import RWLayer
 
 GiB = 1 << 30
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from tcmu_obd import baselayer, ext4
-from tcmu_obd.image import Image
-from tcmu_obd.layer import open_layer
+from tcmu_obd.image import baselayer
+from tcmu_obd.format import ext4
+from tcmu_obd.image.stack import Image
+from tcmu_obd.image.layer import open_layer
 
 
 def test_bundled_base_layer_is_the_real_file(bundled_base):

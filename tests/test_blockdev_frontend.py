@@ -1,4 +1,4 @@
-"""tcmu_obd.blockdev on the host: which frontend is chosen and why.  The
+"""tcmu_obd.serve.blockdev on the host: which frontend is chosen and why.  The
 host kernel has no TCMU, so 'auto' must fall back to FUSE + loop and a
 forced 'tcmu' must fail naming the failed checks; the TCMU side itself is
 exercised in the qemu guest (tests/vm/guest/test_tools_tcmu.py)."""
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tcmu_obd import blockdev
+from tcmu_obd.serve import blockdev
 from tcmu_obd.errors import UsageError
 
 HAS_TCMU = os.path.isdir("/sys/module/target_core_user")

@@ -9,9 +9,9 @@ import threading
 
 from conftest import FileSource, make_layer
 from tcmu_obd import core
-from tcmu_obd.cache import FileCache
-from tcmu_obd.image import Image
-from tcmu_obd.layer import open_cached_layer, open_layer
+from tcmu_obd.remote.cache import FileCache
+from tcmu_obd.image.stack import Image
+from tcmu_obd.image.layer import open_cached_layer, open_layer
 
 UNIT = 65536
 MiB = 1 << 20

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from tcmu_obd.cache import FileCache
+from tcmu_obd.remote.cache import FileCache
 from tcmu_obd.errors import ReadError
 
 UNIT = 65536

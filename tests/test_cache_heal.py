@@ -11,11 +11,11 @@ import random
 import pytest
 
 from conftest import FileSource, make_layer
-from tcmu_obd import lsmt, zfile
-from tcmu_obd.cache import FileCache
+from tcmu_obd.format import lsmt, zfile
+from tcmu_obd.remote.cache import FileCache
 from tcmu_obd.errors import CorruptDataError, FormatError
-from tcmu_obd.image import Image
-from tcmu_obd.layer import open_cached_layer, open_layer
+from tcmu_obd.image.stack import Image
+from tcmu_obd.image.layer import open_cached_layer, open_layer
 
 MiB = 1 << 20
 VSIZE = 8 * MiB

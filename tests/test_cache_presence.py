@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import FileSource, make_layer, mount_fs, umount
-from tcmu_obd import cache as cache_mod
-from tcmu_obd.cache import SIDECAR, FileCache, file_id, load_presence
+from tcmu_obd.remote import cache as cache_mod
+from tcmu_obd.remote.cache import SIDECAR, FileCache, file_id, load_presence
 from tcmu_obd.errors import FormatError, ReadError, UsageError
-from tcmu_obd.image import Image
-from tcmu_obd.layer import open_cached_layer, open_layer
+from tcmu_obd.image.stack import Image
+from tcmu_obd.image.layer import open_cached_layer, open_layer
 
 UNIT = 65536
 
@@ -240,8 +240,8 @@ PRESENCE_OPS = st.lists(st.tuples(st.sampled_from(["set", "clear", "evict", "rel
 @settings(max_examples=200, deadline=None)
 @given(size=st.integers(0, 40 * 4096), ops=PRESENCE_OPS)
 def test_presence_twin_agrees_with_a_set_model(size, ops):
-    """The core's Presence and tcmu_obd.reference's against a set of units."""
-    from tcmu_obd import _lsmt as C, reference as R
+    """The core's Presence and tcmu_obd.core.reference's against a set of units."""
+    from tcmu_obd.core import _lsmt as C, reference as R
     unit = 4096
     nunits = -(-size // unit)
     ps = [C.Presence(size, unit), R.Presence(size, unit)]

@@ -16,10 +16,10 @@ import traceback
 
 from conftest import make_layer
 from registry_server import Registry, require
-from tcmu_obd.cache import FileCache
-from tcmu_obd.image import Image
-from tcmu_obd.layer import open_cached_layer
-from tcmu_obd.registry import RegistryClient, RegistrySettings, blob_url
+from tcmu_obd.remote.cache import FileCache
+from tcmu_obd.image.stack import Image
+from tcmu_obd.image.layer import open_cached_layer
+from tcmu_obd.remote.registry import RegistryClient, RegistrySettings, blob_url
 
 require("docker-registry")
 REPO = "obd/cache-stress"

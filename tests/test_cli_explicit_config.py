@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from tcmu_obd import baselayer, service_config
+from tcmu_obd.image import baselayer
+from tcmu_obd import service_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from tcmu_obd.image import Image
-from tcmu_obd.layer import open_layer
-from tcmu_obd.rw import RWLayer
+from tcmu_obd.image.stack import Image
+from tcmu_obd.image.layer import open_layer
+from tcmu_obd.image.rw import RWLayer
 
 TOOLS = {"overlaybd-create": "create", "overlaybd-commit": "commit", "overlaybd-zfile": "zfile",
          "overlaybd-merge": "merge", "tcmu-obd": "main"}

@@ -5,8 +5,8 @@ import os
 import struct
 
 from conftest import commit_layer, make_layer, merge_layers
-from tcmu_obd.layer import open_layer
-from tcmu_obd.rw import RWLayer
+from tcmu_obd.image.layer import open_layer
+from tcmu_obd.image.rw import RWLayer
 
 MAGIC = bytes.fromhex("4C534D5400010200") + bytes.fromhex("657E63D29444084CA2D2C8EC4FCFAE8A")
 NULL = b"00000000-0000-0000-0000-000000000000\0"

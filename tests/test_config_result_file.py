@@ -16,9 +16,10 @@ import traceback
 
 import pytest
 
-from tcmu_obd import baselayer, config, handler
+from tcmu_obd.image import baselayer, config
+from tcmu_obd.serve import handler
 from tcmu_obd.errors import ConfigError, FormatError, ReadError, UnsupportedError
-from tcmu_obd.rw import RWLayer
+from tcmu_obd.image.rw import RWLayer
 
 
 def open_fds():
@@ -211,7 +212,7 @@ def test_config_result_file_write_failure_logged(work, caplog):
     doc = json.loads(cfg.read_text())
     doc["resultFile"] = str(work / "no-such-dir" / "result")
     cfg.write_text(json.dumps(doc))
-    with caplog.at_level(logging.ERROR, logger="tcmu_obd.config"):
+    with caplog.at_level(logging.ERROR, logger="tcmu_obd.image.config"):
         config.open_image(cfg).close()
     msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(msgs) == 1, msgs

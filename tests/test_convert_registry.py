@@ -27,7 +27,10 @@ import pytest
 import requests
 
 from registry_server import FaultProxy, Registry, require
-from tcmu_obd import baselayer, convert, layer as layer_mod, run, service_config, tar as tarwrap
+from tcmu_obd.image import baselayer, layer as layer_mod
+from tcmu_obd.build import convert, run
+from tcmu_obd import service_config
+from tcmu_obd.format import tar as tarwrap
 from test_apply_untar import Model, compare, layer1, layer2, layer3, missing, tar_bytes
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tcmu_obd.credentials import CredentialProvider, candidate_keys, decode_auth
+from tcmu_obd.remote.credentials import CredentialProvider, candidate_keys, decode_auth
 from tcmu_obd.errors import ConfigError
 
 URL = "https://reg.example.com:5000/v2/team/app/web/blobs/sha256:" + "ab" * 32

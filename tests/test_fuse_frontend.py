@@ -23,8 +23,10 @@ import time
 import pytest
 
 from conftest import commit_layer
-from tcmu_obd import baselayer, blockdev, config, fuse, service_config
-from tcmu_obd.rw import RWLayer
+from tcmu_obd.image import baselayer, config
+from tcmu_obd.serve import blockdev, fuse
+from tcmu_obd import service_config
+from tcmu_obd.image.rw import RWLayer
 
 GiB = 1 << 30
 VSIZE = 64 * GiB

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from conftest import LayerModel, commit_layer, merge_layers, model_read
-from tcmu_obd.image import Image
-from tcmu_obd.layer import open_layer
-from tcmu_obd.rw import RWLayer
+from tcmu_obd.image.stack import Image
+from tcmu_obd.image.layer import open_layer
+from tcmu_obd.image.rw import RWLayer
 
 SECTOR = 512
 SECTORS = 2048                 # a 1 MiB virtual disk keeps the model cheap

@@ -17,10 +17,12 @@ import sys
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tcmu_obd import core, rw, tar, zfile
+from tcmu_obd import core
+from tcmu_obd.image import rw
+from tcmu_obd.format import tar, zfile
 from tcmu_obd.errors import CorruptDataError, FormatError, ObdError, ReadError
-from tcmu_obd.image import Image
-from tcmu_obd.layer import open_layer
+from tcmu_obd.image.stack import Image
+from tcmu_obd.image.layer import open_layer
 
 SPAN = 4 << 20           # every write below lies in [0, SPAN) of the virtual disk
 BAD_INPUT = (FormatError, ReadError)   # CorruptDataError is a FormatError

@@ -1,5 +1,5 @@
-"""Tests of tcmu_obd.prefetch (trace record / replay / file-list prefetch,
-spec/runtime.md §g) and of the read-only ext4 reader in tcmu_obd.ext4.
+"""Tests of tcmu_obd.remote.prefetch (trace record / replay / file-list prefetch,
+spec/runtime.md §g) and of the read-only ext4 reader in tcmu_obd.format.ext4.
 
 The file systems are real: mkfs.ext4 -d populates a sparse raw disk from a
 directory, debugfs fragments it, and the raw disk becomes overlaybd layers
@@ -16,9 +16,11 @@ import threading
 
 import pytest
 
-from tcmu_obd import config, ext4, prefetch, trace
+from tcmu_obd.image import config
+from tcmu_obd.format import ext4
+from tcmu_obd.remote import prefetch, trace
 from tcmu_obd.errors import FormatError
-from tcmu_obd.rw import RWLayer
+from tcmu_obd.image.rw import RWLayer
 
 from conftest import commit_layer, make_layer
 
@@ -452,8 +454,8 @@ def test_layer_reads_unit(tmp_path):
     """Split index records of one contiguous run become one layer read (the
     core reads them with one pread); zeroed ranges and holes read nothing;
     layer_index counts from the bottom."""
-    from tcmu_obd.image import Image
-    from tcmu_obd.layer import open_layer
+    from tcmu_obd.image.stack import Image
+    from tcmu_obd.image.layer import open_layer
     big = make_layer(str(tmp_path), "big", [(0, rnd(12 << 20, 9))], vsize=16 << 20)
     top = make_layer(str(tmp_path), "top", [(1 << 20, rnd(8192, 10)), (2 << 20, 8192, "discard")],
                      vsize=16 << 20)

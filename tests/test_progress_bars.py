@@ -1,4 +1,4 @@
-"""Progress bars (tcmu_obd.progress) and their use by `tcmu-obd convert`.
+"""Progress bars (tcmu_obd.build.progress) and their use by `tcmu-obd convert`.
 
 Unit tests drive a Progress with a fake clock against in-memory streams, one
 pretending to be a terminal: the redraw throttle (~10 a second), the final
@@ -22,8 +22,8 @@ import pytest
 
 import test_convert_registry as tcr
 from test_apply_untar import missing
-from tcmu_obd import progress
-from tcmu_obd.progress import Progress, human, rate, table
+from tcmu_obd.build import progress
+from tcmu_obd.build.progress import Progress, human, rate, table
 
 MiB = 1 << 20
 

@@ -1,5 +1,5 @@
-"""Differential tests: the Cython core (tcmu_obd._lsmt) against its pure-Python
-twin (tcmu_obd.reference), and both against small independent models.
+"""Differential tests: the Cython core (tcmu_obd.core._lsmt) against its pure-Python
+twin (tcmu_obd.core.reference), and both against small independent models.
 
 Every test builds the same inputs for both modules and requires the same
 answer, or the same exception class with the same fields (only the `value`
@@ -19,8 +19,8 @@ import tempfile
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tcmu_obd import _lsmt as C
-from tcmu_obd import reference as R
+from tcmu_obd.core import _lsmt as C
+from tcmu_obd.core import reference as R
 from tcmu_obd.errors import CorruptDataError, FormatError, ObdError, ReadError
 
 SECTOR = 512

@@ -16,10 +16,10 @@ import pytest
 from registry_server import Registry, require
 
 from tcmu_obd import __version__
-from tcmu_obd.credentials import CredentialProvider
+from tcmu_obd.remote.credentials import CredentialProvider
 from tcmu_obd.errors import AuthError, BlobNotFound, UnexpectedResponse
-from tcmu_obd.distribution import MANIFEST_TYPES, BlobUploader, get_manifest, push_manifest, upload_blob
-from tcmu_obd.registry import RegistryClient, RegistrySettings, blob_url
+from tcmu_obd.remote.distribution import MANIFEST_TYPES, BlobUploader, get_manifest, push_manifest, upload_blob
+from tcmu_obd.remote.registry import RegistryClient, RegistrySettings, blob_url
 
 require("docker-registry")
 

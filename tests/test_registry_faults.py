@@ -21,7 +21,7 @@ from registry_server import FaultProxy, Registry, require
 
 from tcmu_obd.errors import (BlobNotFound, ConnectionFailed, RemoteError, RemoteTimeout,
                              TooManyRequests, UnexpectedResponse)
-from tcmu_obd.registry import RegistryClient, RegistrySettings
+from tcmu_obd.remote.registry import RegistryClient, RegistrySettings
 
 require("docker-registry")
 

@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from tcmu_obd import _lsmt as C
-from tcmu_obd import reference as R
+from tcmu_obd.core import _lsmt as C
+from tcmu_obd.core import reference as R
 from tcmu_obd.errors import UsageError
-from tcmu_obd.image import Image
-from tcmu_obd.rw import RWLayer, encode_record
+from tcmu_obd.image.stack import Image
+from tcmu_obd.image.rw import RWLayer, encode_record
 
 SECTOR = 512
 

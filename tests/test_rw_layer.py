@@ -9,9 +9,9 @@ import pytest
 
 from conftest import make_layer
 from tcmu_obd.errors import UsageError
-from tcmu_obd.image import Image
-from tcmu_obd.layer import open_layer
-from tcmu_obd.rw import RWLayer
+from tcmu_obd.image.stack import Image
+from tcmu_obd.image.layer import open_layer
+from tcmu_obd.image.rw import RWLayer
 
 
 def records_on_disk(index_path):

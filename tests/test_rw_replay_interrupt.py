@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from tcmu_obd.lsmt import HT_SPACE, SECTOR
-from tcmu_obd.rw import RWLayer, encode_record
+from tcmu_obd.format.lsmt import HT_SPACE, SECTOR
+from tcmu_obd.image.rw import RWLayer, encode_record
 
 BLOCK = 1 << 20          # distinct records, written REPS times over (each pass rewrites them all)
 REPS = 6

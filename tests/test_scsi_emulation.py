@@ -13,14 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import make_layer
-from tcmu_obd import scsi
+from tcmu_obd.serve import scsi
 from tcmu_obd.errors import UsageError
-from tcmu_obd.handler import Backend, parse_cfgstring
-from tcmu_obd.image import Image
-from tcmu_obd.layer import open_layer
-from tcmu_obd.rw import RWLayer
+from tcmu_obd.serve.handler import Backend, parse_cfgstring
+from tcmu_obd.image.stack import Image
+from tcmu_obd.image.layer import open_layer
+from tcmu_obd.image.rw import RWLayer
 
-_tcmu = pytest.importorskip("tcmu_obd._tcmu", reason="built only where libtcmu.so.2 is installed")
+_tcmu = pytest.importorskip("tcmu_obd.serve._tcmu", reason="built only where libtcmu.so.2 is installed")
 
 GiB = 1 << 30
 VSIZE = 64 * GiB

@@ -1,4 +1,4 @@
-"""Tests of tcmu_obd.tar: overlaybd's tar wrapper, written and detected."""
+"""Tests of tcmu_obd.format.tar: overlaybd's tar wrapper, written and detected."""
 
 import io
 import os
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tcmu_obd import tar
+from tcmu_obd.format import tar
 from tcmu_obd.errors import FormatError
 
 

@@ -1,4 +1,4 @@
-"""Tests of tcmu_obd.trace: overlaybd's prefetch trace file laid out by hand
+"""Tests of tcmu_obd.remote.trace: overlaybd's prefetch trace file laid out by hand
 from spec/runtime.md §g (with a CRC32C computed here by a bitwise loop,
 independently of tcmu_obd), corruption reporting, mode detection, the
 recorder's .lock/.ok protocol and the prefetch file-list parser."""
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcmu_obd import trace
+from tcmu_obd.remote import trace
 from tcmu_obd.errors import CorruptDataError, FormatError, UsageError
 
 MAGIC_LE = bytes([0x20, 0x18, 0xEF, 0xC2])          # 0xC2EF1820 little-endian

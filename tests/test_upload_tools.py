@@ -16,12 +16,14 @@ import pytest
 import requests
 
 from registry_server import FaultProxy, Registry, require
-from tcmu_obd import baselayer, config, service_config, zfile
-from tcmu_obd.image import Image
-from tcmu_obd.layer import open_layer
-from tcmu_obd.distribution import push_manifest
-from tcmu_obd.registry import RegistryClient
-from tcmu_obd.rw import RWLayer
+from tcmu_obd.image import baselayer, config
+from tcmu_obd import service_config
+from tcmu_obd.format import zfile
+from tcmu_obd.image.stack import Image
+from tcmu_obd.image.layer import open_layer
+from tcmu_obd.remote.distribution import push_manifest
+from tcmu_obd.remote.registry import RegistryClient
+from tcmu_obd.image.rw import RWLayer
 
 require("docker-registry")
 

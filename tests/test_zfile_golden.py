@@ -9,7 +9,8 @@ import struct
 import lz4.block
 import pytest
 
-from tcmu_obd import core, zfile
+from tcmu_obd import core
+from tcmu_obd.format import zfile
 
 MAGIC = bytes.fromhex("5A46696C65000100") + b"tuji.yyf@Alibaba"
 

@@ -14,7 +14,8 @@ import threading
 
 import pytest
 
-from tcmu_obd import _lsmt, zfile
+from tcmu_obd.core import _lsmt
+from tcmu_obd.format import zfile
 from tcmu_obd.errors import ReadError
 
 pytestmark = pytest.mark.skipif(os.environ.get("TCMU_OBD_PURE") == "1",

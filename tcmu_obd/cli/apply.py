@@ -1,12 +1,13 @@
 """overlaybd-apply: unpack an OCI layer tar (plain, gzip, zstd; a file, a
 FIFO or `-` for stdin) into the ext4 of an image's writable upper layer
-(spec/runtime.md §j).  The work is done by tcmu_obd.apply."""
+(spec/runtime.md §j).  The work is done by tcmu_obd.build.apply."""
 import argparse
 import sys
 
-from .. import apply, service_config
-from ..errors import UnsupportedError
-from .common import run, setup_logging
+from tcmu_obd.build import apply
+from tcmu_obd import service_config
+from tcmu_obd.errors import UnsupportedError
+from tcmu_obd.cli.common import run, setup_logging
 
 
 def parser():

@@ -5,11 +5,12 @@ import argparse
 import os
 import sys
 
-from .. import commit, lsmt
-from ..errors import UnsupportedError, UsageError
-from ..layer import unwrap
-from ..rw import RWLayer
-from .common import add_upload_args, algorithm, block_size, run, setup_logging, start_upload, write_output
+from tcmu_obd.image import commit
+from tcmu_obd.format import lsmt
+from tcmu_obd.errors import UnsupportedError, UsageError
+from tcmu_obd.image.layer import unwrap
+from tcmu_obd.image.rw import RWLayer
+from tcmu_obd.cli.common import add_upload_args, algorithm, block_size, run, setup_logging, start_upload, write_output
 
 
 def parser():

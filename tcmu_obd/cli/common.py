@@ -9,9 +9,10 @@ import signal
 import sys
 from urllib.parse import urlsplit
 
-from .. import distribution, registry, tar, zfile
-from ..credentials import CredentialProvider
-from ..errors import ObdError, UsageError
+from tcmu_obd.remote import distribution, registry
+from tcmu_obd.format import tar, zfile
+from tcmu_obd.remote.credentials import CredentialProvider
+from tcmu_obd.errors import ObdError, UsageError
 
 
 def fail(msg, code=1):
@@ -68,7 +69,7 @@ def add_upload_args(p):
 
 def common_parent():
     """The options every image subcommand takes: --verbose and --service-config."""
-    from .. import service_config
+    from tcmu_obd import service_config
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true")
     common.add_argument("--service-config", "--service_config_path", dest="service_config",

@@ -1,5 +1,5 @@
 """`tcmu-obd convert SRC DST` builds an overlaybd image from an OCI/Docker
-image in a registry (tcmu_obd.convert); `tcmu-obd run REF` mounts an
+image in a registry (tcmu_obd.build.convert); `tcmu-obd run REF` mounts an
 overlaybd image from a registry read-only, fetching only what is read.
 
 Registries on localhost/127.0.0.1/::1 are spoken to over plain HTTP, others
@@ -14,9 +14,11 @@ import stat
 import sys
 import threading
 
-from .. import apply, convert, imageref, progress, run, service_config
-from ..errors import UsageError
-from .common import subcommand_main
+from tcmu_obd.build import apply, convert, progress, run
+from tcmu_obd.remote import imageref
+from tcmu_obd import service_config
+from tcmu_obd.errors import UsageError
+from tcmu_obd.cli.common import subcommand_main
 
 GiB = 1 << 30
 

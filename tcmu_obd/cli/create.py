@@ -3,9 +3,9 @@ import argparse
 import os
 import sys
 
-from ..errors import UnsupportedError, UsageError
-from ..rw import RWLayer
-from .common import run, setup_logging
+from tcmu_obd.errors import UnsupportedError, UsageError
+from tcmu_obd.image.rw import RWLayer
+from tcmu_obd.cli.common import run, setup_logging
 
 GiB = 1 << 30
 
@@ -41,8 +41,8 @@ def body(argv):
     layer.close()
     if args.mkfs:
         # overlaybd makes ext4 in userspace; we use the kernel's mkfs.ext4 on
-        # a TCMU or FUSE + loop device, with overlaybd's options (tcmu_obd.apply.MKFS_CMD)
-        from ..apply import mkfs_layer
+        # a TCMU or FUSE + loop device, with overlaybd's options (tcmu_obd.build.apply.MKFS_CMD)
+        from tcmu_obd.build.apply import mkfs_layer
         mkfs_layer(args.data_file, args.index_file)
     return 0
 

@@ -9,12 +9,15 @@ import json
 import os
 import sys
 
-from .. import baselayer, config, distribution, ext4, imageref, registry, service_config
-from ..errors import UsageError
-from ..image import Image
-from ..layer import open_layer
-from ..lsmt import SECTOR
-from .common import common_parent, run, setup_logging
+from tcmu_obd.image import baselayer, config
+from tcmu_obd.remote import distribution, imageref, registry
+from tcmu_obd.format import ext4
+from tcmu_obd import service_config
+from tcmu_obd.errors import UsageError
+from tcmu_obd.image.stack import Image
+from tcmu_obd.image.layer import open_layer
+from tcmu_obd.format.lsmt import SECTOR
+from tcmu_obd.cli.common import common_parent, run, setup_logging
 
 EXPORT_CHUNK = 4 << 20
 
@@ -222,7 +225,7 @@ def parser():
     s.add_argument("--cred-file", "--cred_file_path", dest="cred_file", default="",
                    help="cred.json to use instead of the global config's credentials")
     s.set_defaults(fn=cmd_image_config)
-    from . import convert, mount, serve  # image building; FUSE + loop; TCMU daemon and devices
+    from tcmu_obd.cli import convert, mount, serve  # image building; FUSE + loop; TCMU daemon and devices
     mount.add_subcommands(sub, common)
     serve.add_subcommands(sub, common)
     convert.add_subcommands(sub, common)

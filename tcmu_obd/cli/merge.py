@@ -12,9 +12,10 @@ uploader -> tar -> file), so the blob is the bare ZFile.  Without --upload,
 import argparse
 import sys
 
-from .. import commit, config, service_config
-from ..errors import UsageError
-from .common import add_upload_args, run, setup_logging, start_upload, write_output
+from tcmu_obd.image import commit, config
+from tcmu_obd import service_config
+from tcmu_obd.errors import UsageError
+from tcmu_obd.cli.common import add_upload_args, run, setup_logging, start_upload, write_output
 
 
 def _bool(text):

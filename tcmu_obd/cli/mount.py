@@ -1,7 +1,7 @@
 """`tcmu-obd mount CONFIG DIR [--loop]` serves an image's virtual disk as
-DIR/disk through FUSE (tcmu_obd.fuse), optionally bound to a loop device;
+DIR/disk through FUSE (tcmu_obd.serve.fuse), optionally bound to a loop device;
 `tcmu-obd umount DIR` tears a running mount down.  Process life, signals and
-teardown order live here; the file system itself lives in tcmu_obd.fuse.
+teardown order live here; the file system itself lives in tcmu_obd.serve.fuse.
 
 Readiness: the line `mount` prints on stdout (the loop device with --loop,
 else DIR/disk) means the mount is ready: the FUSE file has answered a stat
@@ -29,9 +29,9 @@ import threading
 import time
 import traceback
 
-from .. import fuse
-from ..errors import UsageError
-from .common import run, subcommand_main
+from tcmu_obd.serve import fuse
+from tcmu_obd.errors import UsageError
+from tcmu_obd.cli.common import run, subcommand_main
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def _daemonize(args):
 def serve(args, ready):
     """Open the image, mount, bind the loop device, call ready(line), wait
     for a signal or an outside unmount, tear down.  Returns the exit status."""
-    from .main import open_target      # main imports this module
+    from tcmu_obd.cli.main import open_target      # main imports this module
 
     stop = {"sig": None}
     wake = threading.Event()

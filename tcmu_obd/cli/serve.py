@@ -9,14 +9,14 @@ import argparse
 import json
 import sys
 
-from .. import attach as attach_mod
-from .. import service_config
-from ..errors import UsageError
-from .common import run
+from tcmu_obd.serve import attach as attach_mod
+from tcmu_obd import service_config
+from tcmu_obd.errors import UsageError
+from tcmu_obd.cli.common import run
 
 
 def cmd_serve(args):
-    from .. import daemon
+    from tcmu_obd.serve import daemon
     if args.config and args.service_config and args.config != args.service_config:
         raise UsageError(f"two global configs given: {args.config} and --service-config "
                          f"{args.service_config}")
@@ -150,7 +150,7 @@ def main_overlaybd_tcmu(argv=None):
                         "when present, else built-in defaults)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
-    from .. import daemon
+    from tcmu_obd.serve import daemon
     sys.exit(daemon.serve(args.config, verbose=args.verbose))
 
 

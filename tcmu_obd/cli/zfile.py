@@ -5,9 +5,9 @@ import argparse
 import os
 import sys
 
-from .. import tar, zfile
-from ..errors import FormatError, UsageError
-from .common import Output, algorithm, block_size, run, setup_logging
+from tcmu_obd.format import tar, zfile
+from tcmu_obd.errors import FormatError, UsageError
+from tcmu_obd.cli.common import Output, algorithm, block_size, run, setup_logging
 
 CHUNK = 4 << 20
 

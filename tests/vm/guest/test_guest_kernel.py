@@ -50,16 +50,16 @@ def test_request_module_forwarder():
 
 def test_project_imports():
     import tcmu_obd
-    import tcmu_obd._lsmt
+    import tcmu_obd.core._lsmt
     repo = Path(os.environ["TCMUVM_WORK"])
     assert Path(tcmu_obd.__file__).resolve().is_relative_to(repo)
-    assert Path(tcmu_obd._lsmt.__file__).suffix == ".so"
+    assert Path(tcmu_obd.core._lsmt.__file__).suffix == ".so"
 
 
 def test_bundled_base_layer_reads():
-    from tcmu_obd import baselayer
-    from tcmu_obd.image import Image
-    from tcmu_obd.layer import open_layer
+    from tcmu_obd.image import baselayer
+    from tcmu_obd.image.stack import Image
+    from tcmu_obd.image.layer import open_layer
 
     assert os.path.getsize(baselayer.path()) == baselayer.SIZE
     image = Image([open_layer(baselayer.path())])

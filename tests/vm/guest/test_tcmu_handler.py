@@ -24,9 +24,9 @@ import pytest
 pytestmark = pytest.mark.skipif(not os.path.isdir("/sys/module/target_core_user"),
                                 reason="needs target_core_user (runs in the qemu guest)")
 
-from tcmu_obd import attach as att  # noqa: E402
-from tcmu_obd import baselayer, config  # noqa: E402
-from tcmu_obd.rw import RWLayer  # noqa: E402
+from tcmu_obd.serve import attach as att  # noqa: E402
+from tcmu_obd.image import baselayer, config  # noqa: E402
+from tcmu_obd.image.rw import RWLayer  # noqa: E402
 
 
 def _tests_conftest():

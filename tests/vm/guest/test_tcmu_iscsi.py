@@ -28,8 +28,8 @@ pytestmark = [
                        reason="open-iscsi is not installed (scripts/setup.sh installs it)"),
 ]
 
-from tcmu_obd import attach as att  # noqa: E402
-from tcmu_obd import baselayer, config  # noqa: E402
+from tcmu_obd.serve import attach as att  # noqa: E402
+from tcmu_obd.image import baselayer, config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_tcmu_handler import pread_direct, running_daemon, sh, write_config  # noqa: E402

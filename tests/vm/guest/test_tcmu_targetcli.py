@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tcmu_obd import baselayer
+from tcmu_obd.image import baselayer
 
 PY = os.environ.get("TCMUVM_PYTHON", sys.executable)
 pytestmark = pytest.mark.skipif(not (shutil.which("targetcli") and shutil.which("dbus-daemon")),

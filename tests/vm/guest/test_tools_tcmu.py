@@ -1,6 +1,6 @@
 """The image tools on TCMU devices, inside the qemu guest: overlaybd-apply,
 overlaybd-create --mkfs, `tcmu-obd convert` and `tcmu-obd run` pick the TCMU
-frontend (tcmu_obd/blockdev.py) where the kernel has it, with a daemon
+frontend (tcmu_obd/serve/blockdev.py) where the kernel has it, with a daemon
 private to the tool's process when none is running, or through the running
 `tcmu-obd serve`.  The frontend is forced to tcmu here
 (TCMU_OBD_FRONTEND=tcmu), so a silent fall-back to FUSE fails the test.  The
@@ -26,7 +26,9 @@ import test_convert_registry as tcr  # noqa: E402
 import test_tcmu_handler as th  # noqa: E402
 from registry_server import Registry  # noqa: E402
 
-from tcmu_obd import apply, attach as att, baselayer, blockdev, run  # noqa: E402
+from tcmu_obd.build import apply, run
+from tcmu_obd.serve import attach as att, blockdev
+from tcmu_obd.image import baselayer  # noqa: E402
 
 MiB = 1 << 20
 

@@ -1,0 +1,261 @@
+"""Writable (RW) LSMT layers: the append-only data+index pair and the sparse
+data file (spec/lsmt.md §4.2, §4.3, §4.4).
+
+Creates, reopens (index replay, or SEEK_DATA/SEEK_HOLE rebuild), writes,
+discards, syncs, resizes and seals.  Reads go through the core Stack built
+by tcmu_obd.image.stack over `backing` and `index`; committing lives in
+tcmu_obd.image.commit.
+"""
+import ctypes
+import errno
+import os
+import struct
+import threading
+
+from tcmu_obd import core
+from tcmu_obd.format import lsmt
+from tcmu_obd.errors import FormatError, UsageError
+from tcmu_obd.format.lsmt import (FLAG_DATA, FLAG_HEADER, FLAG_SEALED, FLAG_SPARSE, HT_SPACE, MAX_INDEX, MAX_IO,
+                                  MAX_LENGTH, SECTOR, LsmtHeader)
+
+_REC = struct.Struct("<QQ")
+_VSIZE_AT = 48
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+FALLOC_PUNCH = 0x01 | 0x02   # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+
+
+def encode_record(offset, length, moffset, zeroed=0, tag=0):
+    return _REC.pack(offset | (length << 50), moffset | (zeroed << 55) | (tag << 56))
+
+
+def punch_hole(fd, offset, length):
+    if _libc.fallocate(fd, FALLOC_PUNCH, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+class RWLayer:
+    """An open writable layer.  `index` holds its records (tag 0); the
+    stack maps them to `backing`, the data file."""
+
+    def __init__(self, data_path, index_path, data_fd, index_fd, header, vsize, sparse, index):
+        self.data_path = data_path
+        self.index_path = index_path
+        self.data_fd = data_fd
+        self.index_fd = index_fd
+        self.header = header
+        self.vsize = vsize
+        self.sparse = sparse
+        self.index = index
+        self.lock = threading.Lock()
+        # A torn append can leave the data file at an unaligned size; the next
+        # payload must start on a sector boundary or its record's moffset
+        # (data_end // 512) would point before it.
+        self.data_end = -(-os.fstat(data_fd).st_size // SECTOR) * SECTOR
+        self.index_end = os.fstat(index_fd).st_size if index_fd >= 0 else 0
+        # Reads of the data file are bounded by the records; its size grows.
+        self.backing = core.RawBacking(data_fd, 0, 1 << 62, data_path)
+
+    # ------------------------------------------------------------ create/open
+    @classmethod
+    def create(cls, data_path, index_path, vsize, parent_uuid=None, sparse=False, user_tag=b""):
+        """overlaybd-create: both files O_EXCL, mode 0644."""
+        uid = lsmt.random_uuid()
+        parent = lsmt.uuid_text(parent_uuid or "")
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        dfd = os.open(data_path, flags, 0o644)
+        try:
+            ifd = os.open(index_path, flags, 0o644)
+        except OSError:
+            os.close(dfd)
+            os.unlink(data_path)
+            raise
+        dflags = FLAG_HEADER | FLAG_DATA | (FLAG_SPARSE if sparse else 0)
+        os.pwrite(dfd, LsmtHeader(dflags, 0, 0, vsize, uid, parent, user_tag).pack(), 0)
+        if sparse:
+            os.ftruncate(dfd, vsize + HT_SPACE)
+        else:
+            os.pwrite(ifd, LsmtHeader(FLAG_HEADER, HT_SPACE, 0, vsize, uid, parent, user_tag).pack(), 0)
+        os.close(dfd)
+        os.close(ifd)
+        return cls.open(data_path, index_path)
+
+    @classmethod
+    def open(cls, data_path, index_path):
+        data_path, index_path = os.fspath(data_path), os.fspath(index_path) if index_path else ""
+        dfd = os.open(data_path, os.O_RDWR | os.O_CLOEXEC)
+        ifd = -1
+        try:
+            raw = os.pread(dfd, HT_SPACE, 0)
+            if len(raw) < HT_SPACE:
+                raise FormatError(data_path, "file size", len(raw),
+                                  f"shorter than the {HT_SPACE}-byte LSMT header")
+            hdr = LsmtHeader.unpack(raw, data_path, "header")
+            if not hdr.is_header:
+                raise FormatError(data_path, "header flags", hdr.flags, "HEADER bit (0x1) is clear")
+            if hdr.is_sparse:
+                index = _sparse_index(dfd, data_path)
+                return cls(data_path, index_path, dfd, -1, hdr, hdr.virtual_size, True, index)
+            if not index_path:
+                raise UsageError(f"{data_path}: an append-only RW layer needs its index file")
+            ifd = os.open(index_path, os.O_RDWR | os.O_CLOEXEC)
+            ihdr = LsmtHeader.unpack(os.pread(ifd, HT_SPACE, 0), index_path, "header")
+            if not ihdr.is_header or ihdr.is_data or ihdr.is_sealed:
+                raise FormatError(index_path, "header flags", ihdr.flags,
+                                  "an RW index file needs HEADER set and TYPE_DATA, SEALED clear")
+            if ihdr.index_offset != HT_SPACE:
+                raise FormatError(index_path, "header index_offset", ihdr.index_offset, f"must be {HT_SPACE}")
+            isize = os.fstat(ifd).st_size
+            if isize < HT_SPACE:
+                raise FormatError(index_path, "file size", isize,
+                                  f"shorter than the {HT_SPACE}-byte LSMT header")
+            count = (isize - HT_SPACE) // 16
+            if count > MAX_INDEX:
+                raise FormatError(index_path, "record count", count, f"more than {MAX_INDEX}")
+            index = core.Index()
+            index.replay(os.pread(ifd, count * 16, HT_SPACE))
+            dsize = os.fstat(dfd).st_size
+            lsmt.check_index(index, index_path, 8, dsize // SECTOR,
+                             f"the data file {data_path} ({dsize} bytes)")
+            layer = cls(data_path, index_path, dfd, ifd, ihdr, ihdr.virtual_size, False, index)
+            # a torn last record (crash mid-append) is ignored and overwritten
+            layer.index_end = HT_SPACE + count * 16
+            return layer
+        except BaseException:
+            os.close(dfd)
+            if ifd >= 0:
+                os.close(ifd)
+            raise
+
+    # ------------------------------------------------------------ writing
+    def write(self, data, offset):
+        """Write bytes at a 512-aligned offset (split at 4 MiB, one record each)."""
+        n = len(data)
+        _check_aligned(offset, n)
+        with self.lock:
+            if n <= MAX_IO:                 # the common case: no slicing
+                if n:
+                    self._write_piece(data, offset)
+            else:
+                view = memoryview(data)
+                for pos in range(0, n, MAX_IO):
+                    self._write_piece(view[pos:pos + MAX_IO], offset + pos)
+            if offset + n > self.vsize:
+                self.vsize = offset + n
+        return n
+
+    def _write_piece(self, piece, offset):
+        sectors = len(piece) // SECTOR
+        if self.sparse:
+            at = HT_SPACE + offset
+            pwrite_all(self.data_fd, piece, at)
+            self.index.insert(offset // SECTOR, sectors, at // SECTOR, False, 0)
+            self.data_end = max(self.data_end, at + len(piece))
+            return
+        at = self.data_end
+        pwrite_all(self.data_fd, piece, at)
+        self.data_end = at + len(piece)
+        self._append_record(offset // SECTOR, sectors, at // SECTOR, 0)
+
+    def _append_record(self, off, length, moff, zeroed):
+        rec = _REC.pack(off | (length << 50), moff | (zeroed << 55))     # encode_record, tag 0
+        pwrite_all(self.index_fd, rec, self.index_end)
+        self.index_end += 16
+        self.index.insert(off, length, moff, bool(zeroed), 0)
+
+    def discard(self, offset, length):
+        """Zero a 512-aligned range: zeroed records (append) or a punched hole (sparse)."""
+        _check_aligned(offset, length)
+        with self.lock:
+            s, left = offset // SECTOR, length // SECTOR
+            while left:
+                n = min(left, MAX_LENGTH)
+                if self.sparse:
+                    self.index.insert(s, n, (HT_SPACE // SECTOR) + s, True, 0)
+                    punch_hole(self.data_fd, HT_SPACE + s * SECTOR, n * SECTOR)
+                else:
+                    self._append_record(s, n, self.data_end // SECTOR, 1)
+                s += n
+                left -= n
+
+    def fsync(self):
+        """Data first, then the index: an acknowledged write survives a crash."""
+        os.fsync(self.data_fd)
+        if self.index_fd >= 0:
+            os.fsync(self.index_fd)
+
+    def update_vsize(self, vsize):
+        """Rewrite virtual_size in both headers (sparse: header + ftruncate)."""
+        with self.lock:
+            field = struct.pack("<Q", vsize)
+            os.pwrite(self.data_fd, field, _VSIZE_AT)
+            if self.sparse:
+                os.ftruncate(self.data_fd, vsize + HT_SPACE)
+            elif self.index_fd >= 0:
+                os.pwrite(self.index_fd, field, _VSIZE_AT)
+            self.vsize = vsize
+            self.header.virtual_size = vsize
+
+    def seal(self):
+        """close_seal: append the sorted index and a trailer to the data file
+        in place, making it a read-only layer (spec §4.4)."""
+        if self.sparse:
+            raise UsageError(f"{self.data_path}: a sparse layer cannot be sealed; commit it")
+        with self.lock:
+            hdr = LsmtHeader.unpack(os.pread(self.data_fd, HT_SPACE, 0), self.data_path)
+            ioff = self.data_end
+            dump = self.index.dump(32)       # zero records pad to 512 bytes
+            real = len(self.index)
+            pwrite_all(self.data_fd, dump, ioff)
+            trailer = LsmtHeader(FLAG_DATA | FLAG_SEALED, ioff, real, self.vsize, hdr.uuid, hdr.parent_uuid)
+            pwrite_all(self.data_fd, trailer.pack(), ioff + len(dump))
+            os.fsync(self.data_fd)
+
+    def close(self):
+        for fd in (self.data_fd, self.index_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.data_fd = self.index_fd = -1
+
+
+def _check_aligned(offset, length):
+    if offset % SECTOR or length % SECTOR:
+        raise UsageError(f"I/O of {length} bytes at {offset} is not 512-byte aligned")
+
+
+def pwrite_all(fd, data, offset):
+    n = os.pwrite(fd, data, offset)
+    if n == len(data):                  # nearly always: one call, no memoryview
+        return
+    view = memoryview(data)[n:]
+    offset += n
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _sparse_index(fd, path):
+    """Rebuild a sparse layer's index from its allocation map."""
+    index = core.Index()
+    size = os.fstat(fd).st_size
+    pos = HT_SPACE
+    while pos < size:
+        try:
+            b = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break
+            raise
+        e_ = os.lseek(fd, b, os.SEEK_HOLE)
+        b -= b % SECTOR
+        s = (b - HT_SPACE) // SECTOR
+        left = (e_ - b + SECTOR - 1) // SECTOR
+        while left:
+            n = min(left, MAX_LENGTH)
+            index.insert(s, n, (HT_SPACE // SECTOR) + s, False, 0)
+            s += n
+            left -= n
+        pos = e_
+    return index

@@ -1,0 +1,549 @@
+"""The local `file` cache of remote blobs, in overlaybd's layout: one sparse
+file per blob, `<cacheDir>/sha256:<hex>`, the size of the blob, filled in
+`refillSize` units (spec/runtime.md §e).
+
+It fetches missing units from a source (anything with read(offset, length)),
+at most once per unit however many threads miss on it, records what is
+present in a core Presence bitmap (so the read core can tell a hole from
+data without the GIL), evicts ranges that failed a check, and keeps the
+directory under cacheSizeGB by evicting least recently used blobs.  It does
+not talk HTTP (tcmu_obd.remote.registry) or parse layers (tcmu_obd.image.layer).
+
+What is present is never inferred from the file's allocation (a file system
+such as ramfs reports no holes, and a crash can leave allocated garbage):
+it is kept in a sidecar `<blob>.presence` beside the blob file (the blob
+file itself is laid out as overlaybd's).  The sidecar only ever claims
+units whose bytes are durable: a fill's data is fdatasync'ed before a
+sidecar records it, and an eviction durably drops the units from the
+sidecar before it punches them.  No valid sidecar: the blob starts empty.
+
+Eviction is safe against readers: a read checks presence and reads the
+bytes under the blob's Presence lock held shared (in the core, without the
+GIL); eviction clears and punches under it held exclusive.  Eviction order
+is the last use, which the core stamps on every read (Presence.last_used).
+"""
+import errno
+import logging
+import os
+import struct
+import threading
+import time
+
+from tcmu_obd import core
+from tcmu_obd.errors import FormatError, ReadError
+
+log = logging.getLogger(__name__)
+PAGE = 4096
+GiB = 1 << 30
+SIDECAR = ".presence"           # suffix of a blob's presence file
+_MAGIC = b"OBDPRES1"
+_HDR = struct.Struct("<8sQIIQQQ16s")   # magic, blob size, unit, flags, st_dev, st_ino, units, file id
+_ID_XATTR = "user.tcmu_obd.cache_id"    # a random id of the blob file, where xattrs work
+PERSIST_EVERY = 5.0             # seconds between sidecar writes while a blob is being filled
+MAX_ROUNDS = 64                 # fill rounds one request may take (its units evicted again meanwhile)
+
+
+def _is_blob_name(name):
+    return not name.startswith(".") and not name.endswith(SIDECAR) and not name.endswith(SIDECAR + ".tmp")
+
+
+def reports_holes(directory):
+    """Whether files in `directory` report holes through SEEK_DATA (ramfs,
+    for one, calls a sparse file all data)."""
+    probe = os.path.join(directory, f".holeprobe-{os.getpid()}-{threading.get_ident()}")
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.unlink(probe)
+        os.ftruncate(fd, 4 << 20)
+        os.pwrite(fd, b"x" * PAGE, 2 << 20)
+        try:
+            return os.lseek(fd, 0, os.SEEK_DATA) >= 1 << 20
+        except OSError:
+            return False
+    finally:
+        os.close(fd)
+
+
+class FileCache:
+    def __init__(self, cache_dir, size_gb=4, refill_size=262144):
+        if refill_size <= 0 or refill_size % PAGE or refill_size & (refill_size - 1):
+            raise ValueError(f"refillSize {refill_size}: must be a power of two and a multiple of {PAGE}")
+        os.makedirs(cache_dir, exist_ok=True)
+        self.dir = cache_dir
+        self.capacity = int(size_gb * GiB)
+        self.water = max(int(0.9 * self.capacity), self.capacity - 50 * GiB)
+        self.risk = max(self.capacity - 5 * GiB, (self.water + self.capacity) // 2)
+        self.refill = refill_size
+        self.holes = reports_holes(cache_dir)
+        self.lock = threading.Lock()
+        self.open_blobs = {}            # name -> CachedBlob
+        self.lru = {}                   # name -> bytes on disk (insertion order breaks ties)
+        self.stamps = {}                # closed blob -> last use stamp (Presence.last_used)
+        self.used = 0
+        self.evictions = 0              # whole blobs evicted (for tests and benchmarks)
+        self._scan()
+
+    def _scan(self):
+        """Rebuild the accounting from the directory (state survives restarts)."""
+        entries, names = [], set()
+        for name in os.listdir(self.dir):
+            path = os.path.join(self.dir, name)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if not os.path.isfile(path):
+                continue
+            names.add(name)
+            if _is_blob_name(name):
+                entries.append((st.st_atime, name, st.st_blocks * 512))
+        for name in names:          # a presence file whose blob is gone (or a torn write)
+            if not _is_blob_name(name) and not name.startswith(".") and \
+                    (name.endswith(".tmp") or name[:-len(SIDECAR)] not in names):
+                _unlink(os.path.join(self.dir, name))
+        for _atime, name, used in sorted(entries):
+            self.lru[name] = used
+            self.stamps[name] = 0       # older than any use in this process; atime order among them
+            self.used += used
+
+    def path(self, name):
+        return os.path.join(self.dir, os.path.basename(name))
+
+    def open(self, name, size, source):
+        """A CachedBlob for blob `name` (e.g. 'sha256:<hex>') of `size` bytes."""
+        name = os.path.basename(name)
+        with self.lock:
+            blob = self.open_blobs.get(name)
+            if blob is not None:
+                if blob.size != size:
+                    raise ReadError(f"{blob.path}: blob {name} is open with {blob.size} bytes; "
+                                    f"cannot open it again with {size} bytes")
+                blob.refs += 1
+                return blob
+            blob = CachedBlob(self, name, size, source)
+            self.open_blobs[name] = blob
+            held = blob.presence.count(0, size)
+            self.used += held - self.lru.pop(name, 0)
+            self.lru[name] = held
+            self.stamps.pop(name, None)
+            return blob
+
+    def _release(self, blob):
+        with self.lock:
+            blob.refs -= 1
+            if blob.refs == 0 and self.open_blobs.get(blob.name) is blob:
+                del self.open_blobs[blob.name]
+                try:
+                    blob.persist()
+                finally:
+                    self.stamps[blob.name] = blob.presence.last_used
+                    blob._close_fd()
+
+    def persist_all(self):
+        """Write the presence file of every open blob (its data synced first)."""
+        with self.lock:
+            blobs = list(self.open_blobs.values())
+        for blob in blobs:
+            blob.persist()
+
+    def _account(self, name, delta):
+        with self.lock:
+            if name in self.lru:
+                self.lru[name] += delta
+            else:
+                self.lru[name] = delta
+            self.used += delta
+            return self.used >= self.risk
+
+    def _stamp(self, name):
+        blob = self.open_blobs.get(name)
+        return blob.presence.last_used if blob is not None else self.stamps.get(name, 0)
+
+    def evict_to_water(self):
+        """Evict blobs, least recently used first, until used <= water mark
+        (or free disk >= 1 GiB).  An open blob keeps the ranges pinned by
+        reads in flight (CachedBlob.pin), so no read starves however small
+        the cache; the cache may exceed its size by those.  Bounded: each
+        blob is visited once."""
+        with self.lock:
+            order = sorted(((self._stamp(n), i, n) for i, n in enumerate(self.lru)))
+        for _stamp, _i, name in order:
+            if self._enough():
+                return
+            self._evict_blob(name)
+
+    def _enough(self):
+        with self.lock:
+            if self.used <= self.water:
+                return True
+            over = self.used > self.capacity
+        return _free_bytes(self.dir) >= GiB and not over
+
+    def _evict_blob(self, name):
+        with self.lock:
+            blob = self.open_blobs.get(name)
+            if blob is None:
+                freed = self.lru.pop(name, 0)
+                self.stamps.pop(name, None)
+                self.used -= freed
+                # the presence file goes first (durably): a crash in between
+                # leaves a blob file without one, which starts empty
+                path = self.path(name)
+                if _unlink(path + SIDECAR):
+                    _fsync_dir(self.dir)
+                _unlink(path)
+                self.evictions += 1
+                log.info("cache: evicted %s (%d bytes)", name, freed)
+                return
+        freed = blob.evict_unpinned()             # open: punch all but what reads hold, keep the file
+        with self.lock:
+            self.evictions += 1
+        log.info("cache: evicted open %s (%d bytes)", name, freed)
+
+
+def _free_bytes(path):
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_id(fd, new=False):
+    """The random id the cache gave this blob file (16 bytes), a fresh one if
+    `new`; 16 zero bytes where the file system keeps no user xattrs (ramfs),
+    leaving device and inode to tell a replaced file."""
+    try:
+        if new:
+            ident = os.urandom(16)
+            os.setxattr(fd, _ID_XATTR, ident)
+            return ident
+        ident = os.getxattr(fd, _ID_XATTR)
+        return ident if len(ident) == 16 else bytes(16)
+    except OSError as e:
+        if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+        return bytes(16)
+
+
+def load_presence(sidecar, size, unit, st, ident):
+    """The bitmap (bit u = unit u present) a presence file records for a
+    blob of `size` bytes in `unit`s whose cache file has stat `st` and id
+    `ident` (file_id).
+    FormatError (naming the file, the field and the value) when it is not
+    valid for that very file; FileNotFoundError when there is none."""
+    with open(sidecar, "rb") as f:
+        raw = f.read()
+    units = -(-size // unit)
+    want = _HDR.size + (units + 7) // 8 + 4
+    if len(raw) != want:
+        raise FormatError(sidecar, "length", len(raw), f"expected {want} bytes")
+    crc = int.from_bytes(raw[-4:], "little")
+    if core.crc32c(raw[:-4]) != crc:
+        raise FormatError(sidecar, "crc", crc, f"computed 0x{core.crc32c(raw[:-4]):08x}")
+    fields = dict(zip(("magic", "size", "unit", "flags", "st_dev", "st_ino", "units", "file id"),
+                      _HDR.unpack_from(raw)))
+    expected = {"magic": _MAGIC, "size": size, "unit": unit, "flags": 0, "st_dev": st.st_dev,
+                "st_ino": st.st_ino, "units": units, "file id": ident}
+    for key, value in expected.items():
+        if fields[key] != value:
+            raise FormatError(sidecar, key, fields[key], f"expected {value!r}"
+                              + (" (written for another file)" if key in ("st_dev", "st_ino", "file id") else ""))
+    return raw[_HDR.size:-4]
+
+
+class CachedBlob:
+    """One blob's cache file, its Presence bitmap, its presence file and its refills."""
+
+    def __init__(self, cache, name, size, source):
+        self.cache = cache
+        self.name = name
+        self.size = size
+        self.source = source
+        self.unit = cache.refill
+        self.refs = 1
+        self.lock = threading.Lock()
+        self.inflight = {}              # unit index -> Event
+        self.pins = {}                  # token -> (lo, hi): bytes a read in flight needs
+        self._pin_seq = 0
+        self.persist_lock = threading.Lock()    # orders presence-file writes against evictions
+        self.dirty = False              # units filled since the presence file was written
+        self.last_persist = time.monotonic()
+        path = cache.path(name)
+        self.path = path
+        self.sidecar = path + SIDECAR
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            self.presence = core.Presence(size, self.unit)
+            self.persisted = bytes((self.presence_units + 7) // 8)   # what the presence file claims
+            self._load()
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    @property
+    def presence_units(self):
+        return -(-self.size // self.unit)
+
+    # ------------------------------------------------------------ presence file
+    def _load(self):
+        """Presence from the presence file, if it is valid for this very file;
+        else start empty (and drop whatever bytes the file holds)."""
+        st = os.fstat(self.fd)
+        self.ident = file_id(self.fd)
+        bits = self._read_sidecar(st) if st.st_size == self.size else None
+        if bits is None:
+            _unlink(self.sidecar)
+            if st.st_size != self.size or st.st_blocks:
+                os.ftruncate(self.fd, 0)        # a stale, foreign or unrecorded file: start empty
+                os.ftruncate(self.fd, self.size)
+            self.ident = file_id(self.fd, new=True)   # no older presence file can match it now
+            return
+        self.presence.set_bitmap(bits)
+        self.persisted = bits
+        if self.cache.holes:
+            self._drop_holes()
+
+    def _read_sidecar(self, st):
+        """The bitmap of a valid presence file, or None (logged why)."""
+        try:
+            return load_presence(self.sidecar, self.size, self.unit, st, self.ident)
+        except FileNotFoundError:
+            return None
+        except FormatError as e:
+            log.warning("cache: %s; the blob starts empty", e)
+            return None
+
+    def _drop_holes(self):
+        """Forget claimed units that have a hole (punched behind our back)."""
+        pos = 0
+        while pos < self.size:
+            try:
+                hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+            except OSError:
+                return
+            if hole >= self.size:
+                return
+            try:
+                data = os.lseek(self.fd, hole, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                data = self.size
+            self.presence.clear(hole, data - hole)
+            pos = data
+
+    def _write_sidecar(self, bits, sync_dir):
+        st = os.fstat(self.fd)
+        raw = _HDR.pack(_MAGIC, self.size, self.unit, 0, st.st_dev, st.st_ino, self.presence_units,
+                        self.ident) + bits
+        raw += core.crc32c(raw).to_bytes(4, "little")
+        tmp = self.sidecar + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            if os.write(fd, raw) != len(raw):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.sidecar)
+        if sync_dir:
+            _fsync_dir(self.cache.dir)
+        self.persisted = bits
+
+    def persist(self):
+        """Record the present units in the presence file, their data synced first."""
+        with self.persist_lock:
+            if not self.dirty or self.fd < 0:
+                return
+            self.dirty = False
+            self.last_persist = time.monotonic()
+            bits = self.presence.bitmap()   # units set only after their bytes were written
+            try:
+                os.fdatasync(self.fd)
+                self._write_sidecar(bits, sync_dir=False)   # old or new file: both true
+            except OSError as e:
+                # the old presence file stays (still true): only this progress is not recorded
+                self.dirty = True
+                log.warning("cache: %s: cannot record presence: %s", self.sidecar, e.strerror)
+
+    # ------------------------------------------------------------ reading
+    def pin(self, offset, length):
+        """Keep [offset, offset+length) from LRU eviction until unpin(token)
+        (a read between fetching its bytes and reading them)."""
+        with self.lock:
+            self._pin_seq += 1
+            self.pins[self._pin_seq] = (offset, offset + length)
+            return self._pin_seq
+
+    def unpin(self, token):
+        with self.lock:
+            self.pins.pop(token, None)
+
+    def read_at(self, offset, length):
+        """Bytes of the blob (clamped to its size), fetched into the cache first."""
+        length = max(0, min(length, self.size - offset))
+        if length == 0:
+            return b""
+        token = self.pin(offset, length)
+        try:
+            for _round in range(MAX_ROUNDS):
+                self.ensure(offset, length)
+                data = self.presence.pread(self.fd, offset, length)     # None: evicted meanwhile
+                if data is not None:
+                    self.presence.touch()
+                    return data
+        finally:
+            self.unpin(token)
+        raise ReadError(f"{self.path}: bytes {offset}..{offset + length} were evicted again before "
+                        f"they could be read, {MAX_ROUNDS} times (cache too small?)")
+
+    def ensure(self, offset, length):
+        """Make [offset, offset+length) present; each unit is fetched once
+        at a time, however many threads miss on it."""
+        end = min(self.size, offset + length)
+        if offset >= end:
+            return
+        u0, u1 = offset // self.unit, (end - 1) // self.unit + 1
+        token = self.pin(offset, end - offset)
+        try:
+            self._ensure(offset, end, u0, u1)
+        finally:
+            self.unpin(token)
+
+    def _ensure(self, offset, end, u0, u1):
+        for _round in range(MAX_ROUNDS):
+            mine, theirs = [], []
+            with self.lock:
+                for u in range(u0, u1):
+                    if self.presence.has(u * self.unit, 1):
+                        continue
+                    ev = self.inflight.get(u)
+                    if ev is None:
+                        self.inflight[u] = threading.Event()
+                        mine.append(u)
+                    else:
+                        theirs.append(ev)
+            if not mine and not theirs:
+                return
+            try:
+                for lo, hi in _runs(mine):
+                    self._fill(lo, hi)
+            finally:
+                with self.lock:
+                    for u in mine:
+                        self.inflight.pop(u).set()
+            for ev in theirs:
+                ev.wait()
+        missing = self.presence.missing(offset, end - offset)
+        if missing:
+            raise ReadError(f"{self.path}: bytes {missing[0][0]}..{sum(missing[0])} were evicted again "
+                            f"before they could be used, {MAX_ROUNDS} times (cache too small?)")
+
+    def _fill(self, u_lo, u_hi):
+        start = u_lo * self.unit
+        stop = min(self.size, u_hi * self.unit)
+        data = self.source.read(start, stop - start)
+        if len(data) != stop - start:
+            raise ReadError(f"{self.name}: source returned {len(data)} bytes for a read of "
+                            f"{stop - start} at {start}")
+        for attempt in (0, 1):
+            try:
+                self.presence.store(self.fd, data, start)    # write, then mark: no eviction between
+                break
+            except OSError as e:
+                if e.errno != errno.ENOSPC or attempt:
+                    raise ReadError(f"{self.path}: cannot store {len(data)} bytes at {start}: "
+                                    f"{e.strerror}" + (" (cache disk full)" if e.errno == errno.ENOSPC
+                                                       else "")) from None
+                self.cache.evict_to_water()
+        self.dirty = True
+        self.presence.touch()
+        if self.cache._account(self.name, stop - start):
+            self.cache.evict_to_water()
+        if time.monotonic() - self.last_persist >= PERSIST_EVERY:
+            self.persist()
+
+    def evict(self, offset, length):
+        """Forget a range (units touched) and punch it out of the cache file;
+        no read of the blob sees it half done.  Returns the bytes freed."""
+        lo = offset - offset % self.unit
+        hi = min(self.size, -(-(offset + length) // self.unit) * self.unit)
+        return self._evict_ranges([(lo, hi)] if hi > lo else [])
+
+    def evict_unpinned(self):
+        """Evict every unit that no read in flight has pinned."""
+        with self.lock:
+            pinned = sorted((lo - lo % self.unit, min(self.size, -(-hi // self.unit) * self.unit))
+                            for lo, hi in self.pins.values())
+        ranges, pos = [], 0
+        for lo, hi in pinned + [(self.size, self.size)]:
+            if lo > pos:
+                ranges.append((pos, lo))
+            pos = max(pos, hi)
+        return self._evict_ranges(ranges)
+
+    def _evict_ranges(self, ranges):
+        """Evict unit-aligned [lo, hi) ranges: first durably out of the
+        presence file, then out of the bitmap and the file."""
+        if not ranges or self.fd < 0:
+            return 0
+        freed = 0
+        with self.persist_lock:
+            # the presence file must stop claiming the units before they are punched
+            bits = bytearray(self.persisted)
+            for lo, hi in ranges:
+                for u in range(lo // self.unit, -(-hi // self.unit)):
+                    bits[u >> 3] &= ~(1 << (u & 7)) & 0xFF
+            if bits != self.persisted:
+                try:
+                    self._write_sidecar(bytes(bits), sync_dir=True)
+                except OSError as e:
+                    # cannot rewrite it (disk full?): drop it, the blob then restarts empty
+                    log.warning("cache: %s: cannot rewrite (%s): removed", self.sidecar, e.strerror)
+                    _unlink(self.sidecar)
+                    _fsync_dir(self.cache.dir)
+                    self.persisted = bytes(len(bits))
+            for lo, hi in ranges:
+                n, err = self.presence.evict(self.fd, lo, hi - lo)
+                freed += n
+                if err:
+                    # the bits are clear (a refill overwrites the bytes); only the space stays used
+                    log.warning("cache: %s: cannot punch bytes %d..%d: %s", self.path, lo, hi, os.strerror(err))
+        self.cache._account(self.name, -freed)
+        return freed
+
+    def close(self):
+        self.cache._release(self)
+
+    def _close_fd(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _runs(units):
+    """Consecutive runs [lo, hi) of sorted unit numbers."""
+    runs = []
+    for u in units:
+        if runs and runs[-1][1] == u:
+            runs[-1][1] = u + 1
+        else:
+            runs.append([u, u + 1])
+    return [(a, b) for a, b in runs]

@@ -1,0 +1,46 @@
+"""Remote lowers: the registry client, credentials and file cache that a
+device's layers share, built from the global config, and opening one layer
+blob lazily (only its headers and index are fetched at open).
+
+It wires tcmu_obd.remote.registry, tcmu_obd.remote.credentials and tcmu_obd.remote.cache
+together; it holds no HTTP, cache or format logic of its own.
+"""
+from tcmu_obd.remote import registry
+from tcmu_obd.remote.cache import FileCache
+from tcmu_obd.remote.imageref import client_from_service_config
+from tcmu_obd.errors import ConfigError, UnsupportedError
+from tcmu_obd.image.layer import open_cached_layer
+
+
+class RemoteContext:
+    """What every remote layer of a daemon (or a tool run) shares."""
+
+    def __init__(self, service_cfg):
+        self.cfg = service_cfg
+        cache_cfg = service_cfg.effective_cache
+        if cache_cfg.cache_type not in ("file", "download", "ocf"):
+            raise ConfigError(f"cacheConfig.cacheType = {cache_cfg.cache_type!r}: not supported")
+        # ocf and download caches are served with file-cache semantics (documented choice)
+        self.cache = FileCache(cache_cfg.cache_dir, cache_cfg.cache_size_gb, cache_cfg.refill_size)
+        self.client = client_from_service_config(service_cfg)
+
+    def open_layer(self, repo_blob_url, lower, where):
+        """Open lowers[i] from the registry through the cache."""
+        digest = lower.get("digest", "")
+        if not repo_blob_url:
+            raise ConfigError(f"{where}: empty repoBlobUrl")
+        if not digest.startswith("sha256:") or len(digest) != 71:
+            raise ConfigError(f"{where}.digest = {digest!r}: expected sha256:<64 hex digits>")
+        if lower.get("targetDigest") or lower.get("targetFile"):
+            raise UnsupportedError(f"{where}: TurboOCI layers are not yet supported")
+        url = registry.blob_url(repo_blob_url, digest)
+        blob = self.client.open_blob(url)
+        size = blob.size
+        if lower.get("size") and lower["size"] != size:
+            raise ConfigError(f"{where}.size = {lower['size']}: the registry says {url} has {size} bytes")
+        cached = self.cache.open(digest, size, blob)
+        return open_cached_layer(cached, url)
+
+    def close(self):
+        self.client.close()
+
