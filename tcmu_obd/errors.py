@@ -46,6 +46,14 @@ class ConfigError(ObdError):
     """A configuration file is missing a key, or a key has a wrong type."""
 
 
+class ApplyError(ObdError):
+    """A layer tar could not be applied to an image; the message says why."""
+
+
+class LayerTooBig(ApplyError):
+    """The image's file system ran out of space (ENOSPC) during an apply."""
+
+
 class RemoteError(ObdError):
     """Registry (HTTP) access failed.  `reason` is overlaybd's resultFile text
     for the failure (spec/runtime.md §a); the message also names the URL and

@@ -4,7 +4,7 @@ FIFO or `-` for stdin) into the ext4 of an image's writable upper layer
 import argparse
 import sys
 
-from tcmu_obd.build import apply
+from tcmu_obd.build import apply, untar
 from tcmu_obd import service_config
 from tcmu_obd.errors import UnsupportedError
 from tcmu_obd.cli.common import run, setup_logging
@@ -41,7 +41,7 @@ def body(argv):
         raise UnsupportedError("--gz_index_path: TurboOCI meta-only apply is not supported")
     if args.from_qcow2:
         raise UnsupportedError("--from_qcow2: qcow2 input is not supported")
-    checksum = apply.check_checksum(args.checksum)
+    checksum = untar.check_checksum(args.checksum)
     svc = service_config.load_given(args.service_config)     # checked even with --raw
     if args.raw:
         svc = None

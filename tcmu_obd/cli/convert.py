@@ -14,7 +14,7 @@ import stat
 import sys
 import threading
 
-from tcmu_obd.build import apply, convert, progress, run
+from tcmu_obd.build import convert, progress, run, untar
 from tcmu_obd.remote import imageref
 from tcmu_obd import service_config
 from tcmu_obd.errors import UsageError
@@ -106,7 +106,7 @@ def cmd_run(args):
                     p = os.path.join(img.mountpoint, name)
                     out.write(_line(name, os.lstat(p), p) + "\n")
             for path in args.cat or []:
-                real = apply.resolve_in_root(img.mountpoint, path)
+                real = untar.resolve_in_root(img.mountpoint, path)
                 with open(real, "rb") as f:
                     out.flush()
                     out.buffer.write(f.read())
