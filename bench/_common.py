@@ -31,7 +31,7 @@ if os.environ.get("OBD_BENCH_CORE"):
     for _name in ("Index", "RawBacking", "Stack", "ZFileBacking", "compress_blocks", "crc32c", "merge"):
         setattr(core, _name, getattr(_alt, _name))
     core.IMPLEMENTATION = f"{core.IMPLEMENTATION} -> {_alt.__name__} (OBD_BENCH_CORE)"
-from tcmu_obd.cli.common import Output  # noqa: E402
+from tcmu_obd.image.output import Output  # noqa: E402
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -8,7 +8,7 @@ walks the index in disk order and reads the data file out of order.
 
   plain copy (baseline)      the RW data file's 128 MiB read in 4 MiB preads and
                              written through a 1 MiB-buffered file, fsync at the end
-  commit                     commit.layer_info + commit.compact into cli.common.Output,
+  commit                     commit.layer_info + commit.compact into image.output.Output,
                              exactly what overlaybd-commit does (fsync at close)
   commit -z lz4, threads=N   the same with a ZFile (4 KiB blocks, CRC on) and
                              --compress_threads N

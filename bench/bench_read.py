@@ -5,7 +5,7 @@ Setup (all through the project's API): 10 RW layers on a 1 GiB virtual disk,
 each written with random 64 KiB..1 MiB extents (the bottom layer, like a
 base image, 80% of the disk; each of the 9 upper layers 3.5% of it, at random
 places), each committed (uncompressed LSMT, commit.layer_info + compact via
-cli.common.Output, as overlaybd-commit does) and reopened with open_layer;
+image.output.Output, as overlaybd-commit does) and reopened with open_layer;
 Image(layers) merges them.  The flat file is the image exported through
 Image.read_into, checked byte for byte against an in-memory model of the
 writes.  All files are read once (page cache warm) and fsynced before timing.

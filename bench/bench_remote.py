@@ -50,7 +50,7 @@ from _common import (GiB, KiB, MiB, TempDir, best, env_line, fmt, interleaved, r
                      table, warm)
 from tcmu_obd.image import baselayer, commit, config
 from tcmu_obd import service_config
-from tcmu_obd.cli.common import Output
+from tcmu_obd.image.output import Output
 from tcmu_obd.image.stack import Image
 from tcmu_obd.image.layer import open_layer
 from tcmu_obd.remote.distribution import BlobUploader

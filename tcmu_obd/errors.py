@@ -54,6 +54,10 @@ class LayerTooBig(ApplyError):
     """The image's file system ran out of space (ENOSPC) during an apply."""
 
 
+class AttachError(ObdError):
+    """A device could not be attached to or detached from the kernel (configfs)."""
+
+
 class RemoteError(ObdError):
     """Registry (HTTP) access failed.  `reason` is overlaybd's resultFile text
     for the failure (spec/runtime.md §a); the message also names the URL and

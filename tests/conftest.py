@@ -9,7 +9,7 @@ if os.environ.get("TCMUVM_GUEST") != "1":
     collect_ignore_glob = ["vm/guest/*"]
 
 from tcmu_obd.image import commit
-from tcmu_obd.cli.common import Output
+from tcmu_obd.image.output import Output
 from tcmu_obd.image.stack import Image
 from tcmu_obd.image.layer import open_layer
 from tcmu_obd.image.rw import RWLayer

@@ -44,6 +44,7 @@ from tcmu_obd.remote.blobs import (BlobStream, blob_exists, download_blob, fetch
 from tcmu_obd.format.lsmt import HT_SPACE, SECTOR
 from tcmu_obd.build.progress import Progress, human, null_bar, table
 from tcmu_obd.errors import ManifestError, ObdError, UsageError
+from tcmu_obd.image.output import Output
 from tcmu_obd.image.rw import RWLayer
 
 log = logging.getLogger(__name__)
@@ -478,7 +479,6 @@ class Converter:
         """commit -z -t of the RW layer; `bar` counts the LSMT bytes fed to
         the compressor (its total is the data plus the 4 KiB header; the
         index and trailer come on top, so it ends a little past 100 %)."""
-        from tcmu_obd.cli.common import Output
         layer = RWLayer.open(data, index)
         try:
             files = [layer.backing]

@@ -9,29 +9,16 @@ import json
 import os
 import sys
 
-from tcmu_obd.image import baselayer, config
+from tcmu_obd.image import baselayer
 from tcmu_obd.remote import distribution, imageref, registry
 from tcmu_obd.format import ext4
 from tcmu_obd import service_config
 from tcmu_obd.errors import UsageError
-from tcmu_obd.image.stack import Image
 from tcmu_obd.image.layer import open_layer
 from tcmu_obd.format.lsmt import SECTOR
-from tcmu_obd.cli.common import common_parent, run, setup_logging
+from tcmu_obd.cli.common import common_parent, open_target, run, setup_logging
 
 EXPORT_CHUNK = 4 << 20
-
-
-def open_target(path, service_config_path=None):
-    """An Image from a config.v1.json, or from one layer file.  The global
-    config is loaded either way, so a bad or missing one given explicitly is
-    an error even where a lone layer file does not need it."""
-    svc = service_config.load_given(service_config_path)
-    with open(path, "rb") as f:
-        head = f.read(64).lstrip()
-    if head.startswith(b"{"):
-        return config.open_image(path, svc)
-    return Image([open_layer(path)])
 
 
 def layer_info(path):

@@ -31,7 +31,7 @@ import traceback
 
 from tcmu_obd.serve import fuse
 from tcmu_obd.errors import UsageError
-from tcmu_obd.cli.common import run, subcommand_main
+from tcmu_obd.cli.common import open_target, run, subcommand_main
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,6 @@ def _daemonize(args):
 def serve(args, ready):
     """Open the image, mount, bind the loop device, call ready(line), wait
     for a signal or an outside unmount, tear down.  Returns the exit status."""
-    from tcmu_obd.cli.main import open_target      # main imports this module
 
     stop = {"sig": None}
     wake = threading.Event()

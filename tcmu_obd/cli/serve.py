@@ -10,6 +10,7 @@ import json
 import sys
 
 from tcmu_obd.serve import attach as attach_mod
+from tcmu_obd.serve import doctor, iscsi
 from tcmu_obd import service_config
 from tcmu_obd.errors import UsageError
 from tcmu_obd.cli.common import run
@@ -60,9 +61,9 @@ def cmd_list(args):
 
 def cmd_doctor(args):
     problems = 0
-    checks = attach_mod.doctor_checks()
+    checks = doctor.doctor_checks()
     if args.iscsi:
-        checks += attach_mod.iscsi_checks()
+        checks += iscsi.checks()
     for ok, what, fix in checks:
         print(f"[{'ok' if ok else 'FAIL'}] {what}")
         if not ok:

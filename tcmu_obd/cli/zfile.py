@@ -7,7 +7,8 @@ import sys
 
 from tcmu_obd.format import tar, zfile
 from tcmu_obd.errors import FormatError, UsageError
-from tcmu_obd.cli.common import Output, algorithm, block_size, run, setup_logging
+from tcmu_obd.image.output import Output
+from tcmu_obd.cli.common import algorithm, block_size, run, setup_logging
 
 CHUNK = 4 << 20
 

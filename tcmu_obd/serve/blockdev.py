@@ -59,8 +59,8 @@ class Device:
 # -- which frontend -------------------------------------------------------------------------------
 
 def _mount_configfs():
-    from tcmu_obd.serve.attach import CONFIGFS, _mounted_fs
-    if os.path.isdir(CONFIGFS) and not _mounted_fs("configfs", CONFIGFS):
+    from tcmu_obd.serve.configfs import CONFIGFS, mounted_fs
+    if os.path.isdir(CONFIGFS) and not mounted_fs("configfs", CONFIGFS):
         subprocess.run(["mount", "-t", "configfs", "none", CONFIGFS], capture_output=True,
                        timeout=60, check=False)
 
@@ -69,14 +69,14 @@ def tcmu_problems(setup=True):
     """What stops the TCMU frontend here, as [(problem, fix)]; empty when it
     can be used.  setup=True first tries what a root user may do (modprobe,
     mount configfs)."""
-    from tcmu_obd.serve import attach
+    from tcmu_obd.serve import configfs, doctor
     if os.geteuid() != 0:
         return [("not root", "run as root (configfs, /dev/uio* and module parameters need it)")]
     if setup and os.path.isdir("/lib/modules/" + os.uname().release):
         for m in MODULES:
-            attach.load_module(m)
+            configfs.load_module(m)
         _mount_configfs()
-    return attach.doctor_problems()
+    return doctor.doctor_problems()
 
 
 def fuse_problems(tools=("losetup", "mount", "umount", "mkfs.ext4", "fusermount3")):
@@ -240,11 +240,11 @@ class PrivateDaemon:
 
 @contextlib.contextmanager
 def _tcmu_device(config_path, opener, service_cfg, wait):
-    from tcmu_obd.serve import attach
+    from tcmu_obd.serve import attach, configfs
     config_path = os.path.abspath(config_path)
-    pids = attach._daemon_pids()
+    pids = configfs.daemon_pids()
     with contextlib.ExitStack() as stack:
-        timeout = attach.CMD_TIME_OUT
+        timeout = configfs.CMD_TIME_OUT
         if pids:
             served_by, in_process = f"the running TCMU daemon (pid {pids[0]})", False
         else:

@@ -24,9 +24,10 @@ import time
 from tcmu_obd.serve import handler as handler_mod
 from tcmu_obd import service_config
 
+from tcmu_obd.serve.configfs import PARAMS
+
 log = logging.getLogger("tcmu_obd.serve.daemon")
 
-PARAMS_DIR = "/sys/module/target_core_user/parameters"
 NETLINK_RCVBUF = 4 << 20
 NOFILE_WANT = 1048576
 DEFAULT_PID_FILE = "/run/tcmu-obd/serve.pid"
@@ -45,7 +46,7 @@ class StartError(Exception):
 
 def set_module_param(name, value):
     """Write a target_core_user parameter if this kernel has it."""
-    path = os.path.join(PARAMS_DIR, name)
+    path = os.path.join(PARAMS, name)
     if not os.path.exists(path):
         return False
     try:
@@ -245,7 +246,7 @@ def dbus_available():
 
 
 def missing_module_help():
-    from tcmu_obd.serve.attach import doctor_problems
+    from tcmu_obd.serve.doctor import doctor_problems
     lines = ["libtcmu could not start (tcmulib_initialize failed)."]
     for problem, fix in doctor_problems():
         lines.append(f"  failed check: {problem}\n           fix: {fix}")

@@ -29,6 +29,7 @@ pytestmark = [
 ]
 
 from tcmu_obd.serve import attach as att  # noqa: E402
+from tcmu_obd.serve import iscsi  # noqa: E402
 from tcmu_obd.image import baselayer, config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -77,10 +78,10 @@ def idaemon(configfs, iscsid, tmp_path_factory):
 
 
 def _no_trace(dev_id):
-    iqn = att.iqn_for(dev_id)
+    iqn = iscsi.iqn_for(dev_id)
     assert not os.path.exists(f"{att.ISCSI}/{iqn}"), os.listdir(att.ISCSI)
     assert not os.path.exists(att.core_dir(dev_id))
-    assert not att._iscsi_session(iqn)
+    assert not iscsi.session_of(iqn)
     nodes = sh("iscsiadm -m node", check=False)
     assert iqn not in nodes.stdout, nodes.stdout
 
@@ -91,7 +92,7 @@ def test_attach_iscsi_reads_and_detaches(idaemon):
     dev = r.stdout.strip()
     assert dev.startswith("/dev/sd"), r
     name = os.path.basename(dev)
-    iqn = att.iqn_for("301")
+    iqn = iscsi.iqn_for("301")
     # a disk of the iSCSI initiator, not of tcm_loop
     devpath = os.path.realpath(f"/sys/block/{name}/device")
     assert "/session" in devpath, devpath
@@ -141,7 +142,7 @@ def test_two_iscsi_devices_share_the_portal(idaemon):
         try:
             assert dev_a != dev_b
             for dev_id in ("302", "303"):
-                np = os.listdir(f"{att.ISCSI}/{att.iqn_for(dev_id)}/tpgt_1/np")
+                np = os.listdir(f"{att.ISCSI}/{iscsi.iqn_for(dev_id)}/tpgt_1/np")
                 assert np == ["127.0.0.1:3260"], np
             want = config.open_image(cfg).read(0, 65536)
             for dev in (dev_a, dev_b):
