@@ -2,7 +2,7 @@
  * Our own declarations of the part of libtcmu (Debian 12 libtcmu2 1.5.4,
  * libtcmu.so.2) that tcmu-obd uses.  Debian ships no header and no -dev
  * package, so the structures below are written from the documented layout
- * (shared/spec/libtcmu.md: x86_64 offsets checked with offsetof against the
+ * (docs/runtime.md, libtcmu interface: x86_64 offsets checked with offsetof against the
  * v1.5.4 headers) and checked again at compile time by the static asserts
  * at the end of this file.
  *

@@ -60,7 +60,7 @@ class AttachError(ObdError):
 
 class RemoteError(ObdError):
     """Registry (HTTP) access failed.  `reason` is overlaybd's resultFile text
-    for the failure (spec/runtime.md §a); the message also names the URL and
+    for the failure (docs/operations.md, resultFile failure reasons); the message also names the URL and
     the HTTP status or the transport cause."""
 
     reason = "Unexpected response"

@@ -1,9 +1,9 @@
-"""The daemon-wide config, /etc/overlaybd/overlaybd.json (spec/runtime.md §b).
+"""The daemon-wide config, /etc/overlaybd/overlaybd.json (docs/runtime.md, Global config file).
 
 Parses every key overlaybd reads, with overlaybd's defaults, into a tree of
 frozen dataclasses; resolves the legacy fallbacks (log, cache, credentials)
 the way overlaybd does; checks the values overlaybd refuses at start-up; and
-merges a device's `download` object with the global one (§a).  tcmu-obd's own
+merges a device's `download` object with the global one (docs/runtime.md, Download settings).  tcmu-obd's own
 knobs live in a separate `tcmuObd` object that overlaybd ignores, so one file
 serves both daemons.  This module only parses: it creates no directories,
 opens no log files and reads no credentials.
@@ -119,7 +119,7 @@ class CredentialConfig:
 
 @dataclass(frozen=True)
 class DownloadConfig:
-    """`download` (global default, or a device's own, §a/§f)."""
+    """`download` (global default, or a device's own; docs/runtime.md, Download settings)."""
     enable: bool = _p("enable", "bool", False)
     delay: int = _p("delay", "i32", 300)                 # seconds
     delay_extra: int = _p("delayExtra", "i32", 30)       # seconds; <= 0 means 30 (download_settings)
@@ -439,7 +439,7 @@ def _check_download(dl, prefix, source):
 
 # ------------------------------------------------------------------ download merging
 def download_settings(image_download, service_cfg, source="config.v1.json"):
-    """The background-download settings of one device (§a/§f).
+    """The background-download settings of one device (docs/runtime.md, Download settings).
 
     image_download: the device config's `download` value, or None when the key
     is absent, in which case the global object is used (overlaybd copies the

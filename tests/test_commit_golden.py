@@ -1,5 +1,5 @@
-"""Golden tests for commit output, written by hand from spec/lsmt.md §2, §3
-and §6: every expected byte is laid out here field by field, independently
+"""Golden tests for commit output, written by hand from docs/formats.md (LSMT header
+and trailer block, LSMT index records, Commit and merge): every expected byte is laid out here field by field, independently
 of the module's own packers."""
 import os
 import struct

@@ -5,7 +5,7 @@ The source image is an OCI index (linux/arm64 + linux/amd64) whose amd64
 manifest has three layers (gzip, zstd, plain tar) holding whiteouts, opaque
 directories, hard links, symlinks, xattrs, fifos and devices (the layers of
 tests/test_apply_untar.py).  Checked: the manifest and config exactly as
-spec/image.md §2 says (media types, annotations, base layer first, diff_ids =
+docs/formats.md (Image manifests and annotations) says (media types, annotations, base layer first, diff_ids =
 blob digests, the rest of the config kept), the base layer's tar wrapper, each
 converted blob (tar + ZFile + LSMT, chain-ID UUIDs and parents), the mounted
 tree against the model, `run --exit` and its fetched figure, layer reuse
@@ -179,7 +179,7 @@ def test_converted_blobs(reg, source, converted, tmp_path):
         assert len(blob) == d["size"] and "sha256:" + hashlib.sha256(blob).hexdigest() == d["digest"]
         path = tmp_path / f"l{i}"
         path.write_bytes(blob)
-        # overlaybd's own tar wrapper (image §3): PAX header, payload at 1536
+        # overlaybd's own tar wrapper (docs/formats.md, Tar wrapper bytes): PAX header, payload at 1536
         off, size = tarwrap.detect(lambda o, n: blob[o:o + n], len(blob), str(path))
         assert off == 1536 and len(blob) == -(-(1536 + size) // 512) * 512 + 1024
         lay = layer_mod.open_layer(str(path))

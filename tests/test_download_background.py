@@ -1,4 +1,4 @@
-"""Background download (spec/runtime.md §f) against a real registry: remote
+"""Background download (docs/runtime.md, Background download) against a real registry: remote
 layers with a `dir` are fetched into <dir>/.download, checked against their
 digest, renamed to overlaybd.commit and switched in, after which the image
 reads them without the registry.  A corrupted download is never renamed nor

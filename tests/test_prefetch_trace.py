@@ -1,5 +1,5 @@
 """Tests of tcmu_obd.remote.prefetch (trace record / replay / file-list prefetch,
-spec/runtime.md §g) and of the read-only ext4 reader in tcmu_obd.format.ext4.
+docs/runtime.md, Trace and prefetch) and of the read-only ext4 reader in tcmu_obd.format.ext4.
 
 The file systems are real: mkfs.ext4 -d populates a sparse raw disk from a
 directory, debugfs fragments it, and the raw disk becomes overlaybd layers

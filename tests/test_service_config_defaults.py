@@ -1,5 +1,5 @@
-"""Tests of tcmu_obd.service_config against spec/runtime.md §b (and the
-download defaults of §a): every key's default, the legacy fallbacks, unknown
+"""Tests of tcmu_obd.service_config against docs/runtime.md (Global config
+keys, and the download defaults): every key's default, the legacy fallbacks, unknown
 keys, strict typing, the start-up checks overlaybd makes, and merging a
 device's download object with the global one."""
 import contextlib
@@ -11,7 +11,7 @@ import pytest
 from tcmu_obd import service_config as sc
 from tcmu_obd.errors import ConfigError, UnsupportedError
 
-# Key path -> default, transcribed from the spec tables (§b, and §a for download.*).
+# Key path -> default, transcribed from overlaybd's defaults (docs/runtime.md, Global config keys).
 SPEC_DEFAULTS = {
     "logConfig.logLevel": 1,
     "logConfig.logPath": "",

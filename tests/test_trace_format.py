@@ -1,5 +1,5 @@
 """Tests of tcmu_obd.remote.trace: overlaybd's prefetch trace file laid out by hand
-from spec/runtime.md §g (with a CRC32C computed here by a bitwise loop,
+from the trace format (docs/runtime.md, Trace file format) (with a CRC32C computed here by a bitwise loop,
 independently of tcmu_obd), corruption reporting, mode detection, the
 recorder's .lock/.ok protocol and the prefetch file-list parser."""
 import os

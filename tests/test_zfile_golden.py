@@ -1,5 +1,5 @@
 """Golden tests for ZFile output and overlaybd's raw CRC32C, laid out by hand
-from spec/zfile.md.  The LZ4 payloads come from the python lz4 package
+from the format (docs/formats.md, ZFile).  The LZ4 payloads come from the python lz4 package
 (LZ4_compress_default, the same call overlaybd makes); every other byte,
 and the CRC, is computed here independently of tcmu_obd."""
 import io

@@ -1,5 +1,5 @@
 """overlaybd-apply: unpack an OCI layer tar into the ext4 file system of an
-image's writable upper layer (spec/runtime.md §j), through the kernel's
+image's writable upper layer (docs/operations.md, overlaybd-apply), through the kernel's
 ext4 on a block device.
 
 The device comes from tcmu_obd.serve.blockdev: a SCSI disk through TCMU where the
@@ -40,14 +40,14 @@ from tcmu_obd.errors import ApplyError, LayerTooBig, ObdError
 log = logging.getLogger(__name__)
 
 
-# spec/image.md §4.3 step 9 (mkfs -t ext4 -O ^has_journal,sparse_super,flex_bg -G 1 -E discard -F)
-# with the geometry overlaybd-create --mkfs uses (runtime §j): 4 KiB blocks, 256-byte inodes,
+# overlaybd's convertor makes ext4 as (mkfs -t ext4 -O ^has_journal,sparse_super,flex_bg -G 1 -E discard -F)
+# with the geometry overlaybd-create --mkfs uses: 4 KiB blocks, 256-byte inodes,
 # one inode per 16 KiB, 5 % reserved.  The discard leaves the whole device reading as zeros (an
 # LSMT upper answers discards with zeroed records, a loop-mounted raw file punches holes), so
 # assume_storage_prezeroed is true: the inode tables are not written and are marked zeroed, and
 # the kernel's lazy init never zeroes them later (a 64 GiB ext4 costs ~5 MB, not ~1 GiB).
 # ^metadata_csum: Debian's mke2fs turns it on by default; overlaybd's libext2fs mkfs does not
-# (runtime §j lists its features), and its userspace ext4 must be able to write our layers.
+# (overlaybd-create --mkfs lists its features), and its userspace ext4 must be able to write our layers.
 MKFS_CMD = ["mkfs.ext4", "-F", "-q", "-b", "4096", "-I", "256", "-i", "16384", "-m", "5",
             "-O", "^has_journal,sparse_super,flex_bg,^metadata_csum", "-G", "1",
             "-E", "discard,assume_storage_prezeroed=1"]

@@ -1,8 +1,8 @@
 """Image conversion: an OCI/Docker image in a registry -> an overlaybd native
-image in a registry (spec/image.md §2, §3, §5).  Running a converted image
+image in a registry (docs/formats.md, Images in a registry).  Running a converted image
 is tcmu_obd/build/run.py.
 
-Per source layer, as the userspace convertor's native engine does (§5):
+Per source layer, as the userspace convertor's native engine does (docs/formats.md, Converting an OCI image):
 a chain ID over the diff_ids; a look-up in the layer database (sqlite,
 keyed by registry host + repository + chain ID + conversion parameters +
 the converted blob below it) to reuse a blob converted before (after
@@ -95,7 +95,7 @@ def chain_ids(diff_ids):
 
 
 def uuid_of(chain_id):
-    """U = chain ID hex[0:32] as 8-4-4-4-12 (spec §5 step 6)."""
+    """U = chain ID hex[0:32] as 8-4-4-4-12 (docs/formats.md, Layer UUIDs from chain IDs)."""
     h = chain_id.split(":", 1)[1][:32]
     return f"{h[0:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
 

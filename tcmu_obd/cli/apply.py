@@ -1,6 +1,6 @@
 """overlaybd-apply: unpack an OCI layer tar (plain, gzip, zstd; a file, a
 FIFO or `-` for stdin) into the ext4 of an image's writable upper layer
-(spec/runtime.md §j).  The work is done by tcmu_obd.build.apply."""
+(docs/operations.md, overlaybd-apply).  The work is done by tcmu_obd.build.apply."""
 import argparse
 import sys
 

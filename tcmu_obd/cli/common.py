@@ -125,7 +125,7 @@ def algorithm(name):
     return zfile.ALGOS[name]
 
 
-# -- --upload (spec/runtime.md §d "Registry uploader") ----------------------------------------
+# -- --upload (docs/runtime.md, Registry uploads) -------------------------------------------------
 
 DEFAULT_UPLOAD_BS_KB = 262144      # overlaybd's default --upload_bs (KiB), i.e. 256 MiB chunks
 

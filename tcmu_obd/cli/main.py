@@ -2,7 +2,7 @@
 config.v1.json, or a single layer file) through the library and print or
 write what they find; push-layer uploads a file as a registry blob;
 image-config turns an overlaybd image's manifest into the config.v1.json the
-snapshotter would write for it (spec/image.md §2, §4.2).  No layer format
+snapshotter would write for it (docs/runtime.md, Device config from a manifest).  No layer format
 logic lives here."""
 import argparse
 import json

@@ -1,7 +1,7 @@
 """LSMT on-disk format: the 4 KiB header/trailer block, UUID text, and
 loading the index of a read-only layer (committed, or a sealed RW file).
 
-This module parses and packs bytes and validates them against spec/lsmt.md;
+This module parses and packs bytes and validates them against the format (docs/formats.md, LSMT);
 it does not open files by path, detect wrappers (tcmu_obd.image.layer does), write
 RW layers (tcmu_obd.image.rw) or read data (the core does).
 """

@@ -1,4 +1,4 @@
-"""ZFile: overlaybd's seekable block-compressed container (spec/zfile.md).
+"""ZFile: overlaybd's seekable block-compressed container (docs/formats.md, ZFile).
 
 Parses and writes the 512-byte header/trailer, loads the jump table into a
 core ZFileBacking (which decodes blocks without the GIL), and provides the

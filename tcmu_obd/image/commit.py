@@ -1,5 +1,5 @@
 """Commit / compaction: writing a committed LSMT layer from a source index
-(spec/lsmt.md §6), byte for byte as overlaybd does.
+(docs/formats.md, Commit and merge), byte for byte as overlaybd does.
 
 Used for RW commit, --commit_sealed, merge and flatten.  The output is
 written strictly sequentially through write(), so it can be piped into a

@@ -1,4 +1,4 @@
-"""overlaybd's per-device config, config.v1.json (spec/runtime.md §a), and
+"""overlaybd's per-device config, config.v1.json (docs/runtime.md, Device config file), and
 opening the image it describes from local files.
 
 Parses strictly (a key with the wrong JSON type is an error naming the key;
@@ -151,7 +151,7 @@ def open_image(cfg, service_cfg=None, remote=None):
         if dl.enable and remote is not None and not _recording_trace(cfg):
             from tcmu_obd.remote.download import Downloader
             downloader = Downloader(image, cfg, remote, dl)
-            if downloader.items:          # remote lowers with a dir (§f)
+            if downloader.items:          # remote lowers with a dir (background download)
                 image.downloader = downloader
                 downloader.start()
         from tcmu_obd.remote.prefetch import start_prefetch
@@ -176,7 +176,7 @@ def open_image(cfg, service_cfg=None, remote=None):
 
 
 def _download_settings(cfg, service_cfg):
-    """The device's effective `download` settings (§a/§f); a bad object is a ConfigError."""
+    """The device's effective `download` settings (docs/runtime.md, Download settings); a bad object is a ConfigError."""
     from tcmu_obd import service_config
     if not isinstance(service_cfg, (service_config.ServiceConfig, service_config.DownloadConfig)):
         service_cfg = None

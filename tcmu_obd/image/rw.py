@@ -1,5 +1,5 @@
 """Writable (RW) LSMT layers: the append-only data+index pair and the sparse
-data file (spec/lsmt.md §4.2, §4.3, §4.4).
+data file (docs/formats.md: Append-only, Sparse and Sealed layers).
 
 Creates, reopens (index replay, or SEEK_DATA/SEEK_HOLE rebuild), writes,
 discards, syncs, resizes and seals.  Reads go through the core Stack built
@@ -199,7 +199,7 @@ class RWLayer:
 
     def seal(self):
         """close_seal: append the sorted index and a trailer to the data file
-        in place, making it a read-only layer (spec §4.4)."""
+        in place, making it a read-only layer (docs/formats.md, Sealed layer)."""
         if self.sparse:
             raise UsageError(f"{self.data_path}: a sparse layer cannot be sealed; commit it")
         with self.lock:

@@ -1,5 +1,5 @@
 """An image: read-only layers stacked bottom to top, plus an optional
-writable upper layer, read through one core Stack (spec/lsmt.md §5.3, §5.4).
+writable upper layer, read through one core Stack (docs/formats.md, Stacking read-only layers and Writable layer on top of a stack).
 
 Builds the merged index once per stack and answers reads and writes of the
 virtual disk.  It does not parse config files (tcmu_obd.image.config) or fetch

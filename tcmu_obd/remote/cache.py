@@ -1,6 +1,6 @@
 """The local `file` cache of remote blobs, in overlaybd's layout: one sparse
 file per blob, `<cacheDir>/sha256:<hex>`, the size of the blob, filled in
-`refillSize` units (spec/runtime.md §e).
+`refillSize` units (docs/runtime.md, Blob cache).
 
 It fetches missing units from a source (anything with read(offset, length)),
 at most once per unit however many threads miss on it, records what is

@@ -1,5 +1,5 @@
 """Registry credentials for a blob URL, found the way overlaybd finds them
-(spec/runtime.md §c): a cred.json file, or an http / https / Unix-socket
+(docs/runtime.md, Credentials): a cred.json file, or an http / https / Unix-socket
 credential service answering the same JSON, matched with overlaybd's
 first-match rule; and, beyond overlaybd, the user's docker config.json when
 that gives nothing.

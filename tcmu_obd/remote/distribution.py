@@ -1,7 +1,7 @@
 """The distribution API calls the image tools make on top of
 RegistryClient.send: chunked blob upload (POST, PATCH per chunk with
 Content-Range, PUT ?digest=; DELETE on failure) and manifest push / get
-(spec/runtime.md §d, the OCI distribution spec).  Not blob range reads
+(docs/runtime.md, Registry uploads; the OCI distribution spec).  Not blob range reads
 (registry.py) nor whole-blob transfers with progress (blobs.py).
 """
 import hashlib

@@ -1,5 +1,5 @@
 """Background download of an image's remote layers (overlaybd's bk_download,
-spec/runtime.md §f).
+docs/runtime.md, Background download).
 
 One Downloader per opened image.  After a delay it fetches each remote lower
 that has a `dir`, one at a time in config order, into `<dir>/.download`

@@ -1,7 +1,7 @@
 """Image references and manifests: parsing `host[:port]/repo[:tag|@digest]`
 the docker/containerd way, fetching an image manifest (picking a platform
 from an index), and turning an overlaybd image's manifest into the
-config.v1.json the snapshotter would write (spec/image.md §2, §4.2).
+config.v1.json the snapshotter would write (docs/runtime.md, Device config from a manifest).
 
 It also builds a RegistryClient from the global config.  It does not open
 layers or images (tcmu_obd.image.config does) and holds no HTTP logic of its own
@@ -192,7 +192,7 @@ def fetch_image_manifest(client, ref, platform):
 
 def overlaybd_lowers(manifest, where, dir_root=""):
     """config.v1.json lowers for an overlaybd image manifest, bottom to top,
-    from the layers' overlaybd annotations (spec/image.md §2, §4.2).  The
+    from the layers' overlaybd annotations (docs/formats.md, Image manifests and annotations).  The
     acceleration (trace) layer is left out.  Every other layer must carry
     the blob-digest annotation: a plain OCI layer is not guessed at."""
     lowers, plain, turbo = [], [], []

@@ -1,4 +1,4 @@
-"""Prefetching for an opened image (spec/runtime.md §g): recording a trace
+"""Prefetching for an opened image (docs/runtime.md, Trace and prefetch): recording a trace
 of the layer reads a container start causes, replaying such a trace to warm
 the caches, and the "dynamic prefetch" file list, whose files are located in
 the image's ext4 file system and read ahead.
@@ -437,7 +437,7 @@ def _from_trace_file(image, path, concurrency, allow_record):
 
 
 def start_prefetch(image, cfg, service_cfg=None):
-    """Start whatever §g asks for and return its handle (stop() it before the
+    """Start whatever the prefetch config asks for and return its handle (stop() it before the
     layers close), or None.
 
     cfg: a config.ImageConfig (or its raw dict).  recordTracePath naming an

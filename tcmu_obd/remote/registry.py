@@ -1,5 +1,5 @@
 """Registry blob access over HTTP(S), as overlaybd's registryfs v2 does it
-(spec/runtime.md §d): the Range-GET challenge, Basic or Bearer-token auth,
+(docs/runtime.md, Registry access): the Range-GET challenge, Basic or Bearer-token auth,
 the redirect-or-self resolution, sized range reads with bounded retries.
 Uploads and manifests (the tools' writes) are tcmu_obd/remote/distribution.py,
 on top of RegistryClient.send.

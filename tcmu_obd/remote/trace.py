@@ -1,4 +1,4 @@
-"""overlaybd's prefetch trace file and prefetch list (spec/runtime.md §g).
+"""overlaybd's prefetch trace file and prefetch list (docs/runtime.md, Trace and prefetch).
 
 Encodes and decodes the binary trace byte for byte (little-endian LP64
 struct layout, raw CRC32C over the records including their padding), tells

@@ -1,6 +1,6 @@
 """The TCMU daemon (`tcmu-obd serve`, `overlaybd-tcmu`): start-up as
-overlaybd-tcmu does it (spec/runtime.md §i), the netlink loop, logs and the
-audit log from the global config (§b), and a clean stop on SIGTERM/SIGINT.
+overlaybd-tcmu does it (docs/runtime.md, Daemon start-up), the netlink loop, logs
+and the audit log from the global config (docs/runtime.md, Logs), and a clean stop on SIGTERM/SIGINT.
 
 Start-up: raise RLIMIT_NOFILE; block_netlink=1, reset_netlink=1 (where the
 module parameters exist); tcmulib_initialize (which re-adds devices that

@@ -16,8 +16,8 @@ chmod, or creating files (refused); page-cache policy beyond the per-open
 direct_io/keep_cache flags; the daemon's process life, signals and teardown
 order (tcmu_obd.cli.mount); format logic (tcmu_obd.image.stack and the core).
 
-Binding: mfusepy (ctypes over libfuse3, multithreaded loop), measured the
-fastest of the Python bindings here (shared/recipes/fuse-loop.md).  mfusepy
+Binding: mfusepy (ctypes over libfuse3, multithreaded loop), the fastest of
+the Python bindings when they were compared for this project.  mfusepy
 prefers libfuse.so.2 when both are installed, so FUSE_LIBRARY_PATH is pointed
 at libfuse3 before it is imported unless the caller set it.  The FUSE class
 is subclassed to replace its read/write wrappers, which would otherwise copy

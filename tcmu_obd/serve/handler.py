@@ -1,5 +1,5 @@
 """The overlaybd TCMU handler: what happens when the kernel adds or removes a
-`user` backstore whose dev_config starts with `overlaybd/` (spec/runtime.md §i).
+`user` backstore whose dev_config starts with `overlaybd/` (docs/runtime.md, TCMU side).
 
 added(dev): parse the cfgstring `overlaybd/<config path>[;<dev_id>]`, open
 the image (config.open_image writes the resultFile), set the geometry (512-byte
