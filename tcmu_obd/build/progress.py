@@ -9,6 +9,14 @@ and decide what a byte is.  It draws one line only (carriage return and
 spaces; no curses, no cursor movement), redrawn as counts change but at most
 ~10 times a second (there is no timer thread: a bar that does not move is
 not redrawn), and is safe to update from several threads.
+
+Why not tqdm or rich: what the convertor shows is several concurrent tasks
+(one per layer and step) folded into one redrawn line, and, off a terminal,
+one line per finished task that tests and CI logs read; tqdm draws one bar
+per line with cursor movement (and on a pipe prints every refresh), rich's
+live display also moves the cursor and would be a large dependency for it.
+Both would keep this module's folding, line mode and logging hand-off, so
+they would add a dependency without removing code.
 """
 import contextlib
 import logging
