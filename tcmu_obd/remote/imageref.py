@@ -4,7 +4,7 @@ from an index), and turning an overlaybd image's manifest into the
 config.v1.json the snapshotter would write (spec/image.md §2, §4.2).
 
 It also builds a RegistryClient from the global config.  It does not open
-layers or images (tcmu_obd.image.config does) and holds no HTTP logic of its own
+layers or images (tcmu_obd.image.assemble does) and holds no HTTP logic of its own
 (tcmu_obd.remote.registry)."""
 import json
 import logging
