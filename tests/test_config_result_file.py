@@ -204,7 +204,7 @@ def test_config_result_file_turbooci_refused(work, where, key):
                                      "index": str(work / "upper.index"), key: "x"})
         name = f"upper.{key}"
     text, err = open_fails(cfg, UnsupportedError)
-    assert f"{name} = 'x': TurboOCI" in text and "not supported yet" in text
+    assert f'{name} = "x": TurboOCI' in text and "not supported yet" in text   # values shown as JSON
 
 
 def test_config_result_file_write_failure_logged(work, caplog):

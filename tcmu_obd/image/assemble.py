@@ -47,10 +47,6 @@ def open_image(cfg, service_cfg=None, remote=None):
         except BaseException as e:
             report_unloadable(cfg, e)
             raise
-    if cfg.raw.get("accelerationLayer") and cfg.raw.get("recordTracePath"):
-        err = ConfigError(f"{cfg.path}: accelerationLayer and recordTracePath cannot both be set")
-        write_result(cfg, f"failed:{err}")
-        raise err
     lowers = list(cfg.lowers)
     if cfg.raw.get("accelerationLayer") and lowers:
         lowers = lowers[:-1]          # the trace layer is not part of the disk
@@ -107,7 +103,7 @@ def _download_settings(cfg, service_cfg):
     """The device's effective `download` settings (§a/§f); a bad object is a ConfigError."""
     if not isinstance(service_cfg, (service_config.ServiceConfig, service_config.DownloadConfig)):
         service_cfg = None
-    return service_config.download_settings(cfg.raw.get("download"), service_cfg, cfg.path)
+    return service_config.download_settings(cfg.download, service_cfg, cfg.path)
 
 
 def _recording_trace(cfg):

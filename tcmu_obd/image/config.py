@@ -1,87 +1,88 @@
 """overlaybd's per-device config, config.v1.json (spec/runtime.md §a): the
 file parsed into an ImageConfig, every key checked.
 
-Parses strictly (a key with the wrong JSON type is an error naming the key;
-an upper with only one of data/index, or a TurboOCI key tcmu-obd cannot serve
-yet, is refused rather than ignored).  It opens nothing: assembling the image
-the config describes, and writing its resultFile, is tcmu_obd.image.assemble.
+Parses strictly, with the same mechanism and rules as overlaybd.json
+(tcmu_obd.configfile): a key with the wrong JSON type is a ConfigError naming
+the file, the key path and the value; an unknown key is warned about and
+ignored; an upper with only one of data/index, or a TurboOCI key tcmu-obd
+cannot serve yet, is refused rather than ignored.  It opens nothing:
+assembling the image the config describes, and writing its resultFile, is
+tcmu_obd.image.assemble.
 """
-import json
 import os
 from dataclasses import dataclass, field
 
+from tcmu_obd.configfile import Key, ListOf, Table, read, read_json, show
 from tcmu_obd.errors import ConfigError, UnsupportedError
+from tcmu_obd.service_config import DOWNLOAD_TABLE
 
-_LOWER_KEYS = {"file": str, "dir": str, "digest": str, "size": int, "targetFile": str,
-               "targetDigest": str, "gzipIndex": str}
-_UPPER_KEYS = {"index": str, "data": str, "target": str, "gzipIndex": str, "vsize": int}
-_TOP_KEYS = {"repoBlobUrl": str, "lowers": list, "upper": dict, "resultFile": str, "download": dict,
-             "accelerationLayer": bool, "recordTracePath": str}
-# TurboOCI keys: accepted by the parser, but a device using them would serve
-# the wrong bytes without the target, so a non-empty value is refused.
-_TURBOOCI_KEYS = ("targetFile", "targetDigest", "gzipIndex")
+
+def _turbooci(what):
+    """The check of a TurboOCI key: tcmu-obd accepts it empty only, since a
+    device using it would serve the wrong bytes without the target."""
+    return lambda v: f"TurboOCI {what} are not supported yet" if v else None
+
+
+_LOWER = Table({
+    "file": Key("str", ""),
+    "dir": Key("str", ""),
+    "digest": Key("str", ""),
+    "size": Key("u64", 0),
+    "targetFile": Key("str", "", _turbooci("layers"), UnsupportedError),
+    "targetDigest": Key("str", "", _turbooci("layers"), UnsupportedError),
+    "gzipIndex": Key("str", "", _turbooci("layers"), UnsupportedError),
+})
+_UPPER = Table({
+    "index": Key("str", ""),
+    "data": Key("str", ""),
+    "target": Key("str", "", _turbooci("(warp) uppers"), UnsupportedError),
+    "gzipIndex": Key("str", "", _turbooci("(warp) uppers"), UnsupportedError),
+    "vsize": Key("i64", 0),                     # written by the snapshotter, unused
+})
+_TOP = Table({
+    "repoBlobUrl": Key("str", ""),
+    "lowers": Key(ListOf(_LOWER), []),
+    "upper": Key(_UPPER, {}),
+    "resultFile": Key("str", ""),
+    "download": Key(DOWNLOAD_TABLE, None),       # None: the global config's (service_config)
+    "accelerationLayer": Key("bool", False),
+    "recordTracePath": Key("str", ""),
+})
 
 
 @dataclass
 class ImageConfig:
+    """A parsed config.v1.json.  lowers and upper are dicts of the keys the
+    file has (absent keys take the defaults above); raw is the file's JSON."""
     path: str
     lowers: list
     upper: dict
     repo_blob_url: str = ""
     result_file: str = ""
     raw: dict = field(default_factory=dict)
-
-
-def _typed(obj, spec, where, path):
-    out = {}
-    for key, typ in spec.items():
-        if key not in obj:
-            continue
-        val = obj[key]
-        ok = isinstance(val, typ) and not (typ is int and isinstance(val, bool))
-        if not ok:
-            raise ConfigError(f"{path}: {where}{key} = {val!r}: expected a JSON {typ.__name__}")
-        out[key] = val
-    return out
+    download: object = None         # a service_config.DownloadConfig when the file has `download`
+    unknown_keys: tuple = ()
 
 
 def load(path):
     """Parse a config.v1.json file into an ImageConfig."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a JSON object")
-    top = _typed(raw, _TOP_KEYS, "", path)
-    lowers = []
-    for i, lower in enumerate(top.get("lowers", [])):
-        if not isinstance(lower, dict):
-            raise ConfigError(f"{path}: lowers[{i}] = {lower!r}: expected a JSON object")
-        lowers.append(_typed(lower, _LOWER_KEYS, f"lowers[{i}].", path))
-    upper = _typed(top.get("upper", {}), _UPPER_KEYS, "upper.", path)
+    raw = read_json(path)
+    top, unknown = read(raw, _TOP, path)
+    upper = top.get("upper", {})
     _check_upper(upper, path)
-    for i, lower in enumerate(lowers):
-        for key in _TURBOOCI_KEYS:
-            if lower.get(key):
-                raise UnsupportedError(f"{path}: lowers[{i}].{key} = {lower[key]!r}: "
-                                       "TurboOCI layers are not supported yet")
-    return ImageConfig(path, lowers, upper, top.get("repoBlobUrl", ""), top.get("resultFile", ""), raw)
+    if top.get("accelerationLayer") and top.get("recordTracePath"):
+        raise ConfigError(f"{path}: accelerationLayer = true and recordTracePath = "
+                          f"{show(top['recordTracePath'])}: cannot both be set")
+    return ImageConfig(path, top.get("lowers", []), upper, top.get("repoBlobUrl", ""),
+                       top.get("resultFile", ""), raw, top.get("download"), unknown)
 
 
 def _check_upper(upper, path):
     """overlaybd makes a device writable only when both upper files are set;
     one of them alone is a mistake, not a request for a read-only device."""
-    for key in ("target", "gzipIndex"):
-        if upper.get(key):
-            raise UnsupportedError(f"{path}: upper.{key} = {upper[key]!r}: "
-                                   "TurboOCI (warp) uppers are not supported yet")
     data, index = upper.get("data", ""), upper.get("index", "")
     if bool(data) != bool(index):
         have, missing = ("data", "index") if data else ("index", "data")
-        raise ConfigError(f"{path}: upper.{missing} missing (upper.{have} = {upper[have]!r}): "
+        raise ConfigError(f"{path}: upper.{missing} missing (upper.{have} = {show(upper[have])}): "
                           "a writable device needs both upper.data and upper.index")
