@@ -11,7 +11,6 @@ through tcmu_obd.serve.scsi).
 """
 import errno
 import logging
-import os
 import threading
 import time
 
@@ -185,7 +184,3 @@ class OverlaybdHandler:
 def _result_file(path, text):
     """Write the config's resultFile (when the config names one)."""
     assemble.write_result_of(path, text)
-
-
-def module_param_path(name):
-    return os.path.join("/sys/module/target_core_user/parameters", name)
