@@ -128,7 +128,8 @@ print(m[4096])
 
 FAULTING_DESTINATION = """
 import mmap, os, sys
-from tcmu_obd import _lsmt, zfile
+from tcmu_obd.core import _lsmt
+from tcmu_obd.format import zfile
 path, victim, how = sys.argv[1:]
 fd = os.open(path, os.O_RDONLY)
 b, _ = zfile.open_backing(fd, 0, os.fstat(fd).st_size, path)
