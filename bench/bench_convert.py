@@ -34,7 +34,7 @@ import time
 from _common import (MiB, ROOT, TempDir, best, env_line, fmt, interleaved, ratio, semi_compressible,
                      spread, table, warm, write_tar)
 from tcmu_obd.build import apply, convert
-from tcmu_obd.image import baselayer, config
+from tcmu_obd.image import assemble, baselayer
 from tcmu_obd.serve import blockdev
 from tcmu_obd.image.rw import RWLayer
 
@@ -112,7 +112,7 @@ class Trials:
             conv._commit(data, index, os.path.join(d, "overlaybd.commit"), "", "")
         el = time.perf_counter() - t0
         if check is not None:
-            image = config.open_image(cfg)
+            image = assemble.open_image(cfg)
             try:
                 with blockdev.fuse_loop(image, d, read_only=True) as dev, \
                         apply.mounted(dev, os.path.join(d, "ro"), read_only=True) as mnt:

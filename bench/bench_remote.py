@@ -12,7 +12,7 @@ free of random writes: a 1 MiB extent written by the top layer, and a 4 MiB
 range in which every layer writes a slice (the top-most visible slice comes
 from each of the N layers).  Everything is pushed to Debian's docker-registry
 on 127.0.0.1 with tcmu_obd.remote.distribution.BlobUploader, and opened with
-config.open_image(config.v1.json, service_config.load(overlaybd.json)), whose
+assemble.open_image(config.v1.json, service_config.load(overlaybd.json)), whose
 repoBlobUrl + lowers [{digest, size}] point at the registry.
 
 1. time to ready: open_image with a fresh, empty cacheDir each trial, vs
@@ -48,7 +48,7 @@ import requests
 
 from _common import (GiB, KiB, MiB, TempDir, best, env_line, fmt, interleaved, ratio, semi_compressible, spread,
                      table, warm)
-from tcmu_obd.image import baselayer, commit, config
+from tcmu_obd.image import assemble, baselayer, commit
 from tcmu_obd import service_config
 from tcmu_obd.image.output import Output
 from tcmu_obd.image.stack import Image
@@ -336,7 +336,7 @@ class Opened:
 
     def open(self):
         t0 = time.perf_counter()
-        self.image = config.open_image(self.cfg, self.svc)
+        self.image = assemble.open_image(self.cfg, self.svc)
         return time.perf_counter() - t0
 
     def close(self):
@@ -449,7 +449,7 @@ def time_to_ready(tmp, reg, images, rounds, pull_threads, goal_s):
           [f"pull = GET every blob completely with requests ({pull_threads} at a time, as docker's "
            "default max-concurrent-downloads), body discarded: a lower bound on a real pull, which also "
            "writes, hashes and unpacks; on loopback it runs at the MB/s shown",
-           "open = config.open_image(config.v1.json, service_config.load(overlaybd.json)) with a fresh, "
+           "open = assemble.open_image(config.v1.json, service_config.load(overlaybd.json)) with a fresh, "
            "empty cacheDir each trial (new RemoteContext: new connections, resolve probes, headers, "
            "jump tables and LSMT indexes fetched); ends when resultFile says success",
            f"ratio = best pull time / best open time over {rounds} interleaved rounds (above 1: open is "

@@ -46,6 +46,14 @@ class ConfigError(ObdError):
     """A configuration file is missing a key, or a key has a wrong type."""
 
 
+class ConfigWarning(UserWarning):
+    """A config value that is accepted but probably not what was meant."""
+
+
+class UnknownKeyWarning(ConfigWarning):
+    """A config key tcmu-obd does not know; it is ignored."""
+
+
 class ApplyError(ObdError):
     """A layer tar could not be applied to an image; the message says why."""
 

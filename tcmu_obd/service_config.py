@@ -8,8 +8,10 @@ knobs live in a separate `tcmuObd` object that overlaybd ignores, so one file
 serves both daemons.  This module only parses: it creates no directories,
 opens no log files and reads no credentials.
 
-Strictness: a key present with the wrong JSON type (overlaybd asserts there)
-is a ConfigError naming the file, the key path and the value.  A key that
+Parsing is tcmu_obd.configfile's, with a table made from the dataclasses
+below, the same mechanism and rules as config.v1.json.  Strictness: a key
+present with the wrong JSON type (overlaybd asserts there) is a ConfigError
+naming the file, the key path and the value.  A key that
 turns on a feature tcmu-obd does not have yet (exporterConfig.enable,
 p2pConfig.enable, serviceConfig.enable) is an UnsupportedError: start-up is
 refused rather than the feature silently missing.  A path given explicitly
@@ -21,14 +23,13 @@ twice in one object keeps its first value, as RapidJSON's lookup does.
 Attribute names are the JSON names in snake_case (`cacheConfig.cacheSizeGB`
 is `cfg.cache_config.cache_size_gb`); `key_path(cls, attr)` maps back.
 """
-import json
-import math
 import os
 import warnings
 from dataclasses import dataclass, field, fields, replace
 
 from tcmu_obd import __version__
-from tcmu_obd.errors import ConfigError, UnsupportedError
+from tcmu_obd.configfile import Key, Table, read, read_json, refuse
+from tcmu_obd.errors import ConfigError, ConfigWarning, UnknownKeyWarning, UnsupportedError  # noqa: F401
 
 DEFAULT_PATH = "/etc/overlaybd/overlaybd.json"
 CACHE_TYPES = ("file", "ocf", "download")
@@ -41,34 +42,15 @@ DEFAULT_DELAY_EXTRA = 30         # download.delayExtra <= 0 is treated as this
 FILE_CACHE_PAGE = 4096
 
 
-class ConfigWarning(UserWarning):
-    """A config value that is accepted but probably not what was meant."""
-
-
-class UnknownKeyWarning(ConfigWarning):
-    """A config key tcmu-obd does not know; it is ignored."""
+# ConfigWarning and UnknownKeyWarning (tcmu_obd.errors) are importable from
+# here too, as before.
 
 
 # ------------------------------------------------------------------ field kinds
-# kind -> (what the error says was expected, predicate)
-_U32, _I32, _U64 = (0, 2**32 - 1), (-2**31, 2**31 - 1), (0, 2**64 - 1)
-_KINDS = {
-    "bool": ("a JSON boolean", lambda v: isinstance(v, bool)),
-    "str": ("a JSON string", lambda v: isinstance(v, str)),
-    "u32": ("an integer in [0, 2^32-1]", lambda v: _is_int(v) and _U32[0] <= v <= _U32[1]),
-    "i32": ("an integer in [-2^31, 2^31-1]", lambda v: _is_int(v) and _I32[0] <= v <= _I32[1]),
-    "u64": ("an integer in [0, 2^64-1]", lambda v: _is_int(v) and _U64[0] <= v <= _U64[1]),
-    "num": ("a JSON number", lambda v: (_is_int(v) or isinstance(v, float)) and math.isfinite(v)),
-}
-
-
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _p(key, kind, default):
-    """A scalar config field: JSON key, kind from _KINDS, default."""
-    return field(default=default, metadata={"key": key, "kind": kind})
+def _p(key, kind, default, check=None):
+    """A scalar config field: JSON key, kind from configfile.KINDS, default,
+    and an optional check (value -> None, or why it is refused)."""
+    return field(default=default, metadata={"key": key, "kind": kind, "check": check})
 
 
 def _obj(key, cls):
@@ -125,7 +107,8 @@ class DownloadConfig:
     delay_extra: int = _p("delayExtra", "i32", 30)       # seconds; <= 0 means 30 (download_settings)
     max_mbps: int = _p("maxMBps", "i32", 100)            # MiB/s; <= 0 means unthrottled
     try_cnt: int = _p("tryCnt", "i32", 5)                # total attempts per layer
-    block_size: int = _p("blockSize", "u32", 262144)     # chunk size, bytes
+    block_size: int = _p("blockSize", "u32", 262144,     # chunk size, bytes
+                         lambda v: "must be > 0" if v == 0 else None)
 
 
 @dataclass(frozen=True)
@@ -174,9 +157,11 @@ class TcmuObdConfig:
         registry is unreachable before it fails with EIO; 0 = retry forever,
         as overlaybd does.
     """
-    registry_timeout_sec: float = _p("registryTimeoutSec", "num", 30)
+    registry_timeout_sec: float = _p("registryTimeoutSec", "num", 30,
+                                     lambda v: "must be > 0" if v <= 0 else None)
     registry_retries: int = _p("registryRetries", "u32", 3)
-    read_deadline_sec: float = _p("readDeadlineSec", "num", 60)
+    read_deadline_sec: float = _p("readDeadlineSec", "num", 60, lambda v: "must be >= 0 (0 = retry forever)"
+                                  if v < 0 else None)
 
 
 def _default_user_agent():
@@ -197,7 +182,8 @@ class ServiceConfig:
     gzip_cache_config: GzipCacheConfig = _obj("gzipCacheConfig", GzipCacheConfig)
     credential_file_path: str = _p("credentialFilePath", "str", "/opt/overlaybd/cred.json")  # legacy
     credential_config: CredentialConfig = _obj("credentialConfig", CredentialConfig)
-    io_engine: int = _p("ioEngine", "u32", 0)
+    io_engine: int = _p("ioEngine", "u32", 0, lambda v: None if v in IO_ENGINES else
+                        "must be 0 (psync), 1 (libaio) or 2 (posix-aio)")
     download: DownloadConfig = _obj("download", DownloadConfig)
     enable_audit: bool = _p("enableAudit", "bool", True)
     audit_path: str = _p("auditPath", "str", "/var/log/overlaybd-audit.log")
@@ -265,34 +251,23 @@ def key_path(cls, attr):
 
 
 # ------------------------------------------------------------------ parsing
-def _parse_obj(cls, obj, prefix, source, unknown):
-    if not isinstance(obj, dict):
-        where = prefix[:-1] if prefix else "(top level)"
-        raise ConfigError(f"{source}: {where} = {_short(obj)}: expected a JSON object")
-    by_key = {f.metadata["key"]: f for f in fields(cls) if "key" in f.metadata}
-    kwargs = {}
-    for key, val in obj.items():                  # document order, so warnings read naturally
-        f = by_key.get(key)
-        if f is None:
-            unknown.append(f"{prefix}{key}")
+def _table(cls):
+    """The configfile.Table of a config dataclass: its fields' JSON keys,
+    kinds, defaults and checks; reading it builds an instance."""
+    keys, attrs = {}, {}
+    for f in fields(cls):
+        if "key" not in f.metadata:
             continue
         kind = f.metadata["kind"]
-        if isinstance(kind, type):
-            kwargs[f.name] = _parse_obj(kind, val, f"{prefix}{key}.", source, unknown)
-            continue
-        what, ok = _KINDS[kind]
-        if not ok(val):
-            raise ConfigError(f"{source}: {prefix}{key} = {_short(val)}: expected {what}")
-        kwargs[f.name] = val
-    return cls(**kwargs)
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        keys[f.metadata["key"]] = Key(_table(kind) if isinstance(kind, type) else kind, default,
+                                      f.metadata.get("check"))
+        attrs[f.metadata["key"]] = f.name
+    return Table(keys, lambda present: cls(**{attrs[k]: v for k, v in present.items()}))
 
 
-def _short(val):
-    try:
-        text = json.dumps(val, allow_nan=False)
-    except (TypeError, ValueError):        # from_dict callers may pass non-JSON values
-        text = repr(val)
-    return text if len(text) <= 80 else text[:77] + "..."
+DOWNLOAD_TABLE = _table(DownloadConfig)      # also a device's `download` (tcmu_obd.image.config)
+_SERVICE_TABLE = _table(ServiceConfig)
 
 
 def _to_dict(obj):
@@ -304,42 +279,11 @@ def _to_dict(obj):
     return out
 
 
-def _first_wins(pairs):
-    out = {}
-    for key, val in pairs:
-        out.setdefault(key, val)          # RapidJSON's FindMember returns the first member
-    return out
-
-
-def _reject_constant(name):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _read_json(path):
-    try:
-        with open(path, "rb") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        return json.loads(text.decode("utf-8"), object_pairs_hook=_first_wins,
-                          parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from None
-
-
-def _warn_unknown(source, unknown):
-    for key in unknown:
-        warnings.warn(f"{source}: unknown key {key} ignored", UnknownKeyWarning, stacklevel=3)
-
-
 def from_dict(d, source="<dict>"):
     """Build a ServiceConfig from a parsed JSON object and check it as overlaybd
     does at start-up. `source` names the file in messages."""
-    unknown = []
-    cfg = _parse_obj(ServiceConfig, d, "", source, unknown)
-    _warn_unknown(source, unknown)
-    cfg = replace(cfg, source=source, unknown_keys=tuple(unknown))
+    cfg, unknown = read(d, _SERVICE_TABLE, source)
+    cfg = replace(cfg, source=source, unknown_keys=unknown)
     _check(cfg, source)
     return cfg
 
@@ -350,7 +294,7 @@ def load(path=None):
     if path is None:
         return ServiceConfig()
     path = os.fspath(path)
-    return from_dict(_read_json(path), source=path)
+    return from_dict(read_json(path), source=path)
 
 
 def load_given(path=None, default_path=None):
@@ -367,10 +311,7 @@ def load_given(path=None, default_path=None):
 
 def _check(cfg, source):
     def bad(key, val, why):
-        raise ConfigError(f"{source}: {key} = {_short(val)}: {why}")
-
-    if cfg.io_engine not in IO_ENGINES:
-        bad("ioEngine", cfg.io_engine, "must be 0 (psync), 1 (libaio) or 2 (posix-aio)")
+        raise refuse(source, key, val, why)
 
     cache = cfg.effective_cache
     type_key = "cacheConfig.cacheType" if cfg.cache_config.cache_type else "cacheType"
@@ -417,13 +358,6 @@ def _check(cfg, source):
         warnings.warn(f"{source}: ioEngine = {cfg.io_engine} ({IO_ENGINES[cfg.io_engine]}): "
                       "tcmu-obd reads local layers with pread or a mapping (psync); the same bytes, "
                       "another engine", ConfigWarning, stacklevel=3)
-    _check_download(cfg.download, "download.", source)
-
-    t = cfg.tcmu_obd
-    if t.registry_timeout_sec <= 0:
-        bad("tcmuObd.registryTimeoutSec", t.registry_timeout_sec, "must be > 0")
-    if t.read_deadline_sec < 0:
-        bad("tcmuObd.readDeadlineSec", t.read_deadline_sec, "must be >= 0 (0 = retry forever)")
 
 
 def _refill_problem(size):
@@ -432,16 +366,12 @@ def _refill_problem(size):
     return None
 
 
-def _check_download(dl, prefix, source):
-    if dl.block_size == 0:
-        raise ConfigError(f"{source}: {prefix}blockSize = 0: must be > 0")
-
-
 # ------------------------------------------------------------------ download merging
 def download_settings(image_download, service_cfg, source="config.v1.json"):
     """The background-download settings of one device (docs/runtime.md, Download settings).
 
-    image_download: the device config's `download` value, or None when the key
+    image_download: the device config's `download` value (a JSON object, or
+    the DownloadConfig tcmu_obd.image.config parsed it into), or None when the key
     is absent, in which case the global object is used (overlaybd copies the
     global JSON object in; parsing it per key with the same defaults gives the
     same result).  A present object is parsed per key; its missing keys take
@@ -460,11 +390,10 @@ def download_settings(image_download, service_cfg, source="config.v1.json"):
         else:
             raise TypeError(f"service_cfg: expected ServiceConfig/DownloadConfig/None, "
                             f"got {type(service_cfg).__name__}")
+    elif isinstance(image_download, DownloadConfig):
+        dl = image_download
     else:
-        unknown = []
-        dl = _parse_obj(DownloadConfig, image_download, "download.", source, unknown)
-        _warn_unknown(source, unknown)
-        _check_download(dl, "download.", source)
+        dl, _ = read(image_download, DOWNLOAD_TABLE, source, "download.")
     if dl.delay_extra <= 0:
         dl = replace(dl, delay_extra=DEFAULT_DELAY_EXTRA)
     return dl
@@ -478,13 +407,11 @@ def reload_download(path):
     if path is None or not os.path.exists(path):
         return DownloadConfig()
     try:
-        raw = _read_json(path)
+        raw = read_json(path)
     except ConfigError as e:
         warnings.warn(f"{e}; using built-in download defaults", ConfigWarning, stacklevel=2)
         return DownloadConfig()
     if not isinstance(raw, dict) or "download" not in raw:
         return DownloadConfig()
-    unknown = []
-    dl = _parse_obj(DownloadConfig, raw["download"], "download.", path, unknown)
-    _check_download(dl, "download.", path)
+    dl, _ = read(raw["download"], DOWNLOAD_TABLE, path, "download.")
     return dl

@@ -32,7 +32,7 @@ import threading
 import pytest
 
 from tcmu_obd.build import apply
-from tcmu_obd.image import baselayer, config
+from tcmu_obd.image import assemble, baselayer
 from tcmu_obd.serve import blockdev, fuse
 from tcmu_obd.image.rw import RWLayer
 
@@ -370,7 +370,7 @@ def mount_ro(cfg_path, tmp):
 
     @contextlib.contextmanager
     def cm():
-        with blockdev.image_device(cfg_path, lambda: config.open_image(cfg_path), tmp,
+        with blockdev.image_device(cfg_path, lambda: assemble.open_image(cfg_path), tmp,
                                    read_only=True) as d, \
                 apply.mounted(d.path, os.path.join(tmp, "ro"), read_only=True) as mnt:
             yield mnt

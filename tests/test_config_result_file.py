@@ -16,7 +16,7 @@ import traceback
 
 import pytest
 
-from tcmu_obd.image import baselayer, config
+from tcmu_obd.image import assemble, baselayer, config
 from tcmu_obd.serve import handler
 from tcmu_obd.errors import ConfigError, FormatError, ReadError, UnsupportedError
 from tcmu_obd.image.rw import RWLayer
@@ -51,7 +51,7 @@ def open_fails(cfg, exc=Exception):
     `failed:` + the error's message to the resultFile.  Returns that text."""
     before = open_fds()
     with pytest.raises(exc) as info:
-        config.open_image(cfg)
+        assemble.open_image(cfg)
     assert open_fds() == before
     text = (cfg.parent / "result").read_text()
     assert text.startswith("failed:"), text
@@ -60,7 +60,7 @@ def open_fails(cfg, exc=Exception):
 
 def test_config_result_file_success(work):
     cfg = write_cfg(work)
-    with config.open_image(cfg) as image:
+    with assemble.open_image(cfg) as image:
         assert image.writable
     assert (work / "result").read_text() == "success"
 
@@ -118,7 +118,7 @@ def test_config_result_file_lower_access_denied(world_dir):
             os.setuid(65534)
             before = open_fds()
             try:
-                config.open_image(cfg)
+                assemble.open_image(cfg)
             except FormatError:
                 code = 0 if open_fds() == before else 2
         except BaseException:                       # noqa: BLE001 - reported to the parent
@@ -157,24 +157,24 @@ def test_config_result_file_missing_lower(work):
 def test_config_result_file_unexpected_exception(work, monkeypatch):
     """A bug after every layer is open: the real Image constructor is wrapped
     to raise; the lowers and the upper are closed and the reason is written."""
-    real = config.Image
+    real = assemble.Image
 
     def buggy(lowers, upper=None):
         real(lowers, upper)                         # the real stack is built, then the bug strikes
         raise RuntimeError("injected bug")
-    monkeypatch.setattr(config, "Image", buggy)
+    monkeypatch.setattr(assemble, "Image", buggy)
     text, _ = open_fails(write_cfg(work), RuntimeError)
     assert text == "failed:unexpected error: RuntimeError: injected bug"
 
 
 def test_config_result_file_oserror_names_its_file(work, monkeypatch):
     """An OSError from an unexpected place still names its file and errno."""
-    real_open = config.RWLayer.open
+    real_open = assemble.RWLayer.open
 
     def failing(data, index):
         real_open(data, index).close()
         raise PermissionError(errno.EACCES, "Permission denied", str(index))
-    monkeypatch.setattr(config.RWLayer, "open", staticmethod(failing))
+    monkeypatch.setattr(assemble.RWLayer, "open", staticmethod(failing))
     text, _ = open_fails(write_cfg(work), ReadError)
     assert "upper.index" in text and "Permission denied" in text
 
@@ -204,7 +204,7 @@ def test_config_result_file_turbooci_refused(work, where, key):
                                      "index": str(work / "upper.index"), key: "x"})
         name = f"upper.{key}"
     text, err = open_fails(cfg, UnsupportedError)
-    assert f"{name} = 'x': TurboOCI" in text and "not supported yet" in text
+    assert f'{name} = "x": TurboOCI' in text and "not supported yet" in text   # values shown as JSON
 
 
 def test_config_result_file_write_failure_logged(work, caplog):
@@ -212,8 +212,8 @@ def test_config_result_file_write_failure_logged(work, caplog):
     doc = json.loads(cfg.read_text())
     doc["resultFile"] = str(work / "no-such-dir" / "result")
     cfg.write_text(json.dumps(doc))
-    with caplog.at_level(logging.ERROR, logger="tcmu_obd.image.config"):
-        config.open_image(cfg).close()
+    with caplog.at_level(logging.ERROR, logger="tcmu_obd.image.assemble"):
+        assemble.open_image(cfg).close()
     msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(msgs) == 1, msgs
     assert doc["resultFile"] in msgs[0] and "ENOENT" in msgs[0] and f"errno {errno.ENOENT}" in msgs[0]

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import commit_layer
 from registry_server import FaultProxy, Registry, require
-from tcmu_obd.image import baselayer, config
+from tcmu_obd.image import assemble, baselayer
 from tcmu_obd import service_config
 from tcmu_obd.image.stack import Image
 from tcmu_obd.image.layer import open_layer
@@ -104,7 +104,7 @@ RANGES = [(1024, 4096), ((1 << 30) - 4096, 3 << 20), ((5 << 30) - 512, 8192), ((
 def test_download_switches_to_local_files(pushed, tmp_path):
     with FaultProxy(pushed["reg"].url) as proxy:
         cfg, svc = _configs(pushed, tmp_path, proxy.url)
-        image = config.open_image(cfg, svc)
+        image = assemble.open_image(cfg, svc)
         try:
             dl = image.downloader
             assert dl is not None
@@ -141,7 +141,7 @@ def test_corrupt_download_is_never_used(pushed, tmp_path):
     d = tmp_path / "layer1"
     with FaultProxy(pushed["reg"].url) as proxy:
         cfg, svc = _configs(pushed, tmp_path, proxy.url, dirs=(1,), delay=1, tryCnt=1)
-        image = config.open_image(cfg, svc)
+        image = assemble.open_image(cfg, svc)
         try:
             proxy.inject("flip")        # before the download starts (delay 1 s)
             old = image.stack.backings[0]
@@ -161,7 +161,7 @@ def test_corrupt_download_is_never_used(pushed, tmp_path):
         # and the next one fetches everything
         proxy.seen.clear()
         cfg, svc = _configs(pushed, tmp_path, proxy.url, dirs=(1,), tryCnt=3)
-        image = config.open_image(cfg, svc)
+        image = assemble.open_image(cfg, svc)
         try:
             assert image.downloader.wait(30)
             st = image.downloader.status()[0]
@@ -177,7 +177,7 @@ def test_failed_digest_refetches_everything(pushed, tmp_path):
     digest, size = pushed["lowers"][1]["digest"], pushed["lowers"][1]["size"]
     with FaultProxy(pushed["reg"].url) as proxy:
         cfg, svc = _configs(pushed, tmp_path, proxy.url, dirs=(1,), delay=1, tryCnt=2)
-        image = config.open_image(cfg, svc)
+        image = assemble.open_image(cfg, svc)
         try:
             at_open = len(proxy.seen)        # the cache's header/index reads
             proxy.inject("flip")
@@ -202,7 +202,7 @@ def test_resume_after_restart(pushed, tmp_path):
     part = tmp_path / "layer1" / ".download"
     with FaultProxy(pushed["reg"].url) as proxy:
         cfg, svc = _configs(pushed, tmp_path, proxy.url, dirs=(1,), maxMBps=1)
-        image = config.open_image(cfg, svc)
+        image = assemble.open_image(cfg, svc)
         try:
             deadline = time.monotonic() + 20
             while image.downloader.status()[0]["fetched_chunks"] < 3:
@@ -220,7 +220,7 @@ def test_resume_after_restart(pushed, tmp_path):
         assert set(present) <= fetched_first
     with FaultProxy(pushed["reg"].url) as proxy:
         cfg, svc = _configs(pushed, tmp_path, proxy.url, dirs=(1,))
-        image = config.open_image(cfg, svc)
+        image = assemble.open_image(cfg, svc)
         try:
             assert image.downloader.wait(30)
             st = image.downloader.status()[0]
@@ -239,7 +239,7 @@ def test_throttle(pushed, tmp_path):
     assert size > 3_000_000
     with FaultProxy(pushed["reg"].url) as proxy:
         cfg, svc = _configs(pushed, tmp_path, proxy.url, dirs=(1,), maxMBps=1)
-        image = config.open_image(cfg, svc)
+        image = assemble.open_image(cfg, svc)
         t0 = time.monotonic()
         try:
             assert image.downloader.wait(30)
@@ -256,7 +256,7 @@ def test_existing_commit_is_used_on_open(pushed, tmp_path):
     shutil.copyfile(pushed["files"][1], d / "overlaybd.commit")
     with FaultProxy(pushed["reg"].url) as proxy:
         cfg, svc = _configs(pushed, tmp_path, proxy.url, dirs=(1,))
-        image = config.open_image(cfg, svc)
+        image = assemble.open_image(cfg, svc)
         try:
             assert image.lowers[1].path == str(d / "overlaybd.commit")
             assert image.downloader is None          # nothing remote with a dir to fetch
@@ -274,8 +274,8 @@ def test_two_devices_share_a_dir(pushed, tmp_path):
     with FaultProxy(pushed["reg"].url) as proxy:
         cfg_a, svc_a = _configs(pushed, tmp_path, proxy.url, dirs=(1,), name="a.json")
         cfg_b, svc_b = _configs(pushed, tmp_path, proxy.url, dirs=(1,), name="b.json", cache="cache-b")
-        a = config.open_image(cfg_a, svc_a)
-        b = config.open_image(cfg_b, svc_b)
+        a = assemble.open_image(cfg_a, svc_a)
+        b = assemble.open_image(cfg_b, svc_b)
         try:
             assert a.downloader.wait(30) and b.downloader.wait(30)
             sts = [a.downloader.status()[0], b.downloader.status()[0]]

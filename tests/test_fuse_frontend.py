@@ -23,7 +23,7 @@ import time
 import pytest
 
 from conftest import commit_layer
-from tcmu_obd.image import baselayer, config
+from tcmu_obd.image import assemble, baselayer
 from tcmu_obd.serve import blockdev, fuse
 from tcmu_obd import service_config
 from tcmu_obd.image.rw import RWLayer
@@ -214,7 +214,7 @@ def test_rw_ext4_commit_then_read_only(tmp):
 
     # concurrent readers: the FUSE file (page cache off: --direct-io) and the loop device,
     # against the same image opened in this process
-    image = config.open_image(cfg_ro, service_config.load(None))
+    image = assemble.open_image(cfg_ro, service_config.load(None))
     try:
         errors = []
 
@@ -350,7 +350,7 @@ def test_unaligned_io_punch_hole_fsync(tmp):
         os.close(fd)
     cli("umount", mnt)
     assert_gone(tmp, mnt, pid)
-    image = config.open_image(cfg, service_config.load(None))
+    image = assemble.open_image(cfg, service_config.load(None))
     try:
         assert image.pread(region, size) == model
     finally:

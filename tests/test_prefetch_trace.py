@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from tcmu_obd.image import config
+from tcmu_obd.image import assemble
 from tcmu_obd.format import ext4
 from tcmu_obd.remote import prefetch, trace
 from tcmu_obd.errors import FormatError
@@ -342,7 +342,7 @@ def test_file_extents_match_debugfs(fsimg):
 
 def test_ext4_through_layers(fsimg):
     cfgp = write_config(fsimg["tmp"], "plain", fsimg["layers"])
-    with config.open_image(cfgp) as image:
+    with assemble.open_image(cfgp) as image:
         assert image.prefetch is None
         fs = open_fs(image)
         check_all_files(fs, fsimg["src"], fsimg["files"])
@@ -375,7 +375,7 @@ def test_record_trace_then_replay(fsimg, tmp_path):
     tracep = str(tmp_path / "trace")
     open(tracep, "wb").close()
     cfgp = write_config(str(tmp_path), "rec", fsimg["layers"], recordTracePath=tracep)
-    image = config.open_image(cfgp)
+    image = assemble.open_image(cfgp)
     try:
         handle = image.prefetch
         assert isinstance(handle, prefetch.RecordHandle) and handle.mode == "record"
@@ -402,7 +402,7 @@ def test_record_trace_then_replay(fsimg, tmp_path):
 
     # replay against a fresh open: the workers read exactly the recorded ranges
     cfg2 = write_config(str(tmp_path), "plain", fsimg["layers"])
-    with config.open_image(cfg2) as image2:
+    with assemble.open_image(cfg2) as image2:
         wrappers = count_backings(image2)
         h = prefetch.replay(image2, records, concurrency=3)
         assert h.wait(10)
@@ -418,14 +418,14 @@ def test_record_matches_oracle_exactly(fsimg, tmp_path):
     """Only known reads (no ext4 parsing during the recording): the trace's
     sectors are exactly the per-layer oracle's, and adjacent pieces merge."""
     cfg0 = write_config(str(tmp_path), "plain", fsimg["layers"])
-    with config.open_image(cfg0) as image:
+    with assemble.open_image(cfg0) as image:
         fs = open_fs(image)
         plan = [e for rel in ("a/b/big.bin", "top/new.bin", "sparse.bin", "small.txt")
                 for e in fs.file_extents("/" + rel)]
     tracep = str(tmp_path / "trace")
     open(tracep, "wb").close()
     cfgp = write_config(str(tmp_path), "rec", fsimg["layers"], recordTracePath=tracep)
-    with config.open_image(cfgp) as image:
+    with assemble.open_image(cfgp) as image:
         ring_stack = image.stack                 # what the TCMU ring / FUSE hold and call read_into on
         for k, (off, n) in enumerate(plan):
             if k % 2:
@@ -476,7 +476,7 @@ def test_record_stops_when_lock_deleted(fsimg, tmp_path):
     tracep = str(tmp_path / "trace")
     open(tracep, "wb").close()
     cfgp = write_config(str(tmp_path), "rec", fsimg["layers"])
-    image = config.open_image(cfgp)
+    image = assemble.open_image(cfgp)
     try:
         handle = prefetch.attach_recorder(image, tracep, poll_interval=0.05)
         image.read(0, 8192)
@@ -502,7 +502,7 @@ def test_record_ignores_upper_layer(fsimg, tmp_path):
     RWLayer.create(data, index, DISK).close()
     cfgp = write_config(str(tmp_path), "rw", fsimg["layers"], recordTracePath=tracep,
                         upper={"data": data, "index": index})
-    with config.open_image(cfgp) as image:
+    with assemble.open_image(cfgp) as image:
         assert image.prefetch.mode == "record"
         image.write(b"\x55" * 8192, 0)
         image.read(0, 8192)
@@ -515,7 +515,7 @@ def test_record_ignores_upper_layer(fsimg, tmp_path):
 # ------------------------------------------------------------------ replay
 def test_replay_from_config(fsimg, tmp_path):
     cfg0 = write_config(str(tmp_path), "plain", fsimg["layers"])
-    with config.open_image(cfg0) as image:
+    with assemble.open_image(cfg0) as image:
         fs = open_fs(image)
         recs = [trace.TraceRecord("R", li, n, off)
                 for rel in ("a/b/big.bin", "top/new.bin")
@@ -529,7 +529,7 @@ def test_replay_from_config(fsimg, tmp_path):
     with open(tracep, "wb") as f:
         f.write(trace.encode(recs + bad))
     cfgp = write_config(str(tmp_path), "rep", fsimg["layers"], recordTracePath=tracep)
-    with config.open_image(cfgp) as image:
+    with assemble.open_image(cfgp) as image:
         h = image.prefetch
         assert h.mode == "replay"
         assert h.wait(10)
@@ -542,7 +542,7 @@ def test_replay_from_config(fsimg, tmp_path):
 
 def test_replay_failures_are_ignored(fsimg, tmp_path):
     cfg0 = write_config(str(tmp_path), "plain", fsimg["layers"])
-    with config.open_image(cfg0) as image:
+    with assemble.open_image(cfg0) as image:
         class Failing(CountingBacking):
             def pread(self, offset, length):
                 super().pread(offset, length)
@@ -558,7 +558,7 @@ def test_replay_failures_are_ignored(fsimg, tmp_path):
 
 def test_replay_stop_and_close(fsimg, tmp_path):
     cfg0 = write_config(str(tmp_path), "plain", fsimg["layers"])
-    image = config.open_image(cfg0)
+    image = assemble.open_image(cfg0)
     gate = threading.Event()
 
     class Slow(CountingBacking):
@@ -580,17 +580,17 @@ def test_replay_bad_trace_or_no_workers(fsimg, tmp_path):
     with open(tracep, "wb") as f:
         f.write(body[:-1] + bytes([body[-1] ^ 1]))           # checksum mismatch: no replay
     cfgp = write_config(str(tmp_path), "bad", fsimg["layers"], recordTracePath=tracep)
-    with config.open_image(cfgp) as image:
+    with assemble.open_image(cfgp) as image:
         assert image.prefetch is None
     assert open(str(tmp_path / "bad.result")).read() == "success"
     with open(tracep, "wb") as f:
         f.write(body)
     from tcmu_obd import service_config
     svc = service_config.from_dict({"prefetchConfig": {"concurrency": 0}})
-    with config.open_image(cfgp, service_cfg=svc) as image:
+    with assemble.open_image(cfgp, service_cfg=svc) as image:
         assert image.prefetch is None
     missing = write_config(str(tmp_path), "missing", fsimg["layers"], recordTracePath=str(tmp_path / "nope"))
-    with config.open_image(missing) as image:
+    with assemble.open_image(missing) as image:
         assert image.prefetch is None
 
 
@@ -611,7 +611,7 @@ def expected_list_ranges(fs):
 
 def test_file_list_prefetch_reads_the_files(fsimg, tmp_path):
     cfg0 = write_config(str(tmp_path), "plain", fsimg["layers"])
-    with config.open_image(cfg0) as image:
+    with assemble.open_image(cfg0) as image:
         fs = open_fs(image)
         want = expected_list_ranges(fs)
         entries = trace.parse_file_list("\n".join(LIST))
@@ -642,7 +642,7 @@ def test_file_list_from_config(fsimg, tmp_path):
     with open(listp, "w") as f:
         f.write("\n".join(LIST) + "\n")
     cfgp = write_config(str(tmp_path), "list", fsimg["layers"], recordTracePath=listp)
-    with config.open_image(cfgp) as image:
+    with assemble.open_image(cfgp) as image:
         h = image.prefetch
         assert h.mode == "filelist"
         assert h.wait(10)
@@ -658,13 +658,13 @@ def test_file_list_on_a_non_ext4_image(tmp_path):
     with open(listp, "w") as f:
         f.write("/etc/\n")
     cfgp = write_config(str(tmp_path), "junk", [layer], recordTracePath=listp)
-    with config.open_image(cfgp) as image:
+    with assemble.open_image(cfgp) as image:
         h = image.prefetch
         assert h.wait(10) and h.stats()["errors"] == 1 and h.stats()["jobs"] == 0
     erofs = make_layer(str(tmp_path), "erofs", [(1024, struct.pack("<I", prefetch.EROFS_MAGIC) + bytes(508))],
                        vsize=1 << 20)
     cfgp = write_config(str(tmp_path), "erofs", [erofs], recordTracePath=listp)
-    with config.open_image(cfgp) as image:
+    with assemble.open_image(cfgp) as image:
         h = image.prefetch
         assert h.wait(10) and h.stats()["errors"] == 1 and h.stats()["jobs"] == 0
 
@@ -679,7 +679,7 @@ def test_file_list_reads_the_lowers_under_an_upper(fsimg, tmp_path):
     RWLayer.create(data, index, DISK).close()
     cfgp = write_config(str(tmp_path), "rw", fsimg["layers"], recordTracePath=listp,
                         upper={"data": data, "index": index})
-    with config.open_image(cfgp) as image:
+    with assemble.open_image(cfgp) as image:
         h = image.prefetch
         assert h.wait(10)
         fs = open_fs(image)
@@ -695,7 +695,7 @@ def test_file_list_reads_the_lowers_under_an_upper(fsimg, tmp_path):
 
 def test_file_list_stop_while_planning(fsimg, tmp_path):
     cfg0 = write_config(str(tmp_path), "plain", fsimg["layers"])
-    with config.open_image(cfg0) as image:
+    with assemble.open_image(cfg0) as image:
         gate = threading.Event()
         reads = []
         orig = type(image).read
@@ -716,31 +716,31 @@ def test_acceleration_layer_trace(fsimg, tmp_path):
     accel = tmp_path / "accel"
     accel.mkdir()
     cfg0 = write_config(str(tmp_path), "plain", fsimg["layers"])
-    with config.open_image(cfg0) as image:
+    with assemble.open_image(cfg0) as image:
         recs = [trace.TraceRecord("R", li, n, off) for li, off, n in prefetch.layer_reads(image, 0, 1 << 20)]
     assert {r.layer_index for r in recs} == {0, 1}
     (accel / "trace").write_bytes(trace.encode(recs))
     lowers = fsimg["layers"] + [{"dir": str(accel)}]           # the accel layer has no blob: never opened
     cfgp = write_config(str(tmp_path), "acc", lowers, accelerationLayer=True)
-    with config.open_image(cfgp) as image:
+    with assemble.open_image(cfgp) as image:
         assert len(image.lowers) == 2
         h = image.prefetch
         assert h.mode == "replay" and h.wait(10)
         assert h.stats()["done"] == len(recs) and h.stats()["skipped"] == 0
 
     (accel / "trace").write_text("/small.txt\n/top/\n")         # a list works too
-    with config.open_image(cfgp) as image:
+    with assemble.open_image(cfgp) as image:
         h = image.prefetch
         assert h.mode == "filelist" and h.wait(10)
         fs = open_fs(image)
         assert sorted(h.ranges) == sorted(fs.file_extents("/small.txt") + fs.file_extents("/top/new.bin"))
 
     (accel / "trace").write_bytes(b"")                         # empty: never recorded here
-    with config.open_image(cfgp) as image:
+    with assemble.open_image(cfgp) as image:
         assert image.prefetch is None
     assert not (accel / "trace.lock").exists()
     (accel / "trace").unlink()
-    with config.open_image(cfgp) as image:
+    with assemble.open_image(cfgp) as image:
         assert image.prefetch is None
 
 

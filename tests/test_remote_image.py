@@ -12,7 +12,7 @@ import pytest
 
 from conftest import commit_layer
 from registry_server import FaultProxy, Registry, require
-from tcmu_obd.image import baselayer, config
+from tcmu_obd.image import assemble, baselayer
 from tcmu_obd import service_config
 from tcmu_obd.errors import ConfigError, ObdError, RemoteError
 from tcmu_obd.image.stack import Image
@@ -95,7 +95,7 @@ RANGES = [(1024, 4096), ((1 << 30) - 4096, 4 << 20), ((5 << 30) - 512, 8192), (2
 def test_lazy_open_reads_like_local(pushed, tmp_path):
     cfg, svc = _configs(pushed, tmp_path)
     t0 = time.monotonic()
-    image = config.open_image(str(cfg), svc)
+    image = assemble.open_image(str(cfg), svc)
     opened = time.monotonic() - t0
     try:
         assert (tmp_path / "result").read_text() == "success"
@@ -116,13 +116,13 @@ def test_lazy_open_reads_like_local(pushed, tmp_path):
 
 def test_cache_survives_restart(pushed, tmp_path):
     cfg, svc = _configs(pushed, tmp_path)
-    image = config.open_image(str(cfg), svc)
+    image = assemble.open_image(str(cfg), svc)
     want = [image.read(off, n) for off, n in RANGES]
     image.close()
     # the same cache through a proxy that counts what still reaches the registry
     with FaultProxy(pushed["reg"].url) as proxy:
         cfg2, svc2 = _configs(pushed, tmp_path, url=proxy.url)
-        image = config.open_image(str(cfg2), svc2)
+        image = assemble.open_image(str(cfg2), svc2)
         try:
             assert [image.read(off, n) for off, n in RANGES] == want
         finally:
@@ -134,7 +134,7 @@ def test_cache_survives_restart(pushed, tmp_path):
 def test_corrupt_block_is_refetched_and_never_cached(pushed, tmp_path):
     with FaultProxy(pushed["reg"].url) as proxy:
         cfg, svc = _configs(pushed, tmp_path, url=proxy.url)
-        image = config.open_image(str(cfg), svc)
+        image = assemble.open_image(str(cfg), svc)
         try:
             with Image([open_layer(p) for p in pushed["files"]]) as local:
                 # the next two answers for the ZFile layer carry a flipped byte (a raw
@@ -171,7 +171,7 @@ def test_corrupt_block_is_refetched_and_never_cached(pushed, tmp_path):
 def test_registry_down_fails_within_deadline(pushed, tmp_path):
     with FaultProxy(pushed["reg"].url) as proxy:
         cfg, svc = _configs(pushed, tmp_path, url=proxy.url, deadline=2)
-        image = config.open_image(str(cfg), svc)
+        image = assemble.open_image(str(cfg), svc)
         try:
             with open_layer(baselayer.path()) as base:    # base-layer data not cached yet
                 data = [r for r in base.index.records() if not r[3]]
@@ -193,18 +193,18 @@ def test_config_errors_for_remote_lowers(pushed, tmp_path):
     doc["lowers"][1]["size"] += 1
     cfg.write_text(json.dumps(doc))
     with pytest.raises(ConfigError, match=r"lowers\[1\]\.size"):
-        config.open_image(str(cfg), svc)
+        assemble.open_image(str(cfg), svc)
     assert (tmp_path / "result").read_text().startswith("failed:")
     doc["repoBlobUrl"] = ""
     cfg.write_text(json.dumps(doc))
     with pytest.raises(ConfigError, match="empty repoBlobUrl"):
-        config.open_image(str(cfg), svc)
+        assemble.open_image(str(cfg), svc)
     doc["repoBlobUrl"] = f"{pushed['reg'].url}/v2/{REPO}/blobs"
     doc["lowers"][1]["digest"] = "sha256:" + "0" * 64
     doc["lowers"][1].pop("size")
     cfg.write_text(json.dumps(doc))
     with pytest.raises(ObdError):
-        config.open_image(str(cfg), svc)
+        assemble.open_image(str(cfg), svc)
     text = (tmp_path / "result").read_text()
     assert text.startswith("failed:failed to open remote file ") and "No such file or directory" in text
 

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from registry_server import FaultProxy, Registry, require
-from tcmu_obd.image import baselayer, config
+from tcmu_obd.image import assemble, baselayer
 from tcmu_obd import service_config
 from tcmu_obd.format import zfile
 from tcmu_obd.image.stack import Image
@@ -360,7 +360,7 @@ def test_image_config_opens_the_remote_image(reg, env, image, tmp_path):
             "resultFile": str(result)}
     assert out.read_text() == json.dumps(want, separators=(",", ":"))    # Go's compact order
     assert oct(os.stat(out).st_mode & 0o777) == "0o600"
-    with config.open_image(str(out), _svc(tmp_path)) as img:
+    with assemble.open_image(str(out), _svc(tmp_path)) as img:
         assert img.virtual_size == 64 << 30
         assert img.pread(1080, 2) == b"\x53\xef"
         assert img.read(300 << 20, 1 << 20) == image["payload"]
@@ -376,7 +376,7 @@ def test_image_config_docker_index_and_digest_refs(reg, env, image, tmp_path, re
     assert list(doc) == ["repoBlobUrl", "lowers", "upper", "resultFile"]
     assert doc["lowers"] == [{"digest": l["digest"], "size": l["size"]} for l in image["layers"]]
     assert doc["upper"] == {} and doc["resultFile"] == ""
-    with config.open_image(str(out), _svc(tmp_path)) as img:
+    with assemble.open_image(str(out), _svc(tmp_path)) as img:
         assert img.pread(1080, 2) == b"\x53\xef"
 
 

@@ -227,14 +227,14 @@ def apply_layer(input_path, image_config, mkfs_first=False, checksum="", raw=Fal
 
 def _apply(input_path, cfg, image_config, mkfs_first, checksum, raw, service_cfg, fileobj, tmp,
            progress, frontend):
-    from tcmu_obd.image import config
+    from tcmu_obd.image import assemble
     result = ApplyResult()
     with contextlib.ExitStack() as stack:
         if raw:
             dev = stack.enter_context(raw_loop(image_config))
         else:
             d = stack.enter_context(blockdev.image_device(
-                cfg.path, lambda: config.open_image(cfg, service_cfg), tmp,
+                cfg.path, lambda: assemble.open_image(cfg, service_cfg), tmp,
                 frontend=frontend, service_cfg=service_cfg))
             dev = d.path
             result.frontend = f"{d.frontend} ({d.path}, served by {d.served_by})"

@@ -298,10 +298,10 @@ class Converter:
             if mt not in SOURCE_LAYER_TYPES:
                 raise ConvertError(f"{where}: layers[{i}] has media type {mt!r}, not an image "
                                    f"layer tar")
-            if not imageref._DIGEST.match(layer.get("digest", "")):
+            if not imageref.DIGEST_RE.match(layer.get("digest", "")):
                 raise ManifestError(f"{where}: layers[{i}].digest {layer.get('digest')!r}")
         cdig = cfg_desc.get("digest", "")
-        if not imageref._DIGEST.match(cdig):
+        if not imageref.DIGEST_RE.match(cdig):
             raise ManifestError(f"{where}: config.digest {cdig!r}")
         raw = fetch_blob_bytes(client, src, cdig)
         try:
@@ -313,7 +313,7 @@ class Converter:
             raise ManifestError(f"{where}: config has {len(diff_ids) if isinstance(diff_ids, list) else '?'} "
                                 f"diff_ids for {len(layers)} layers")
         for d in diff_ids:
-            if not isinstance(d, str) or not imageref._DIGEST.match(d):
+            if not isinstance(d, str) or not imageref.DIGEST_RE.match(d):
                 raise ManifestError(f"{where}: diff_id {d!r} is not sha256:<64 hex>")
         if len(layers) + (0 if self.o.mkfs else 1) > 255:
             raise ConvertError(f"{where}: {len(layers)} layers; overlaybd stacks at most 255")

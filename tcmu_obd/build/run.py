@@ -81,7 +81,7 @@ class RunningImage:
     def __enter__(self):
         import contextlib
         from dataclasses import replace
-        from tcmu_obd.image import config
+        from tcmu_obd.image import assemble
         from tcmu_obd import service_config
         from tcmu_obd.remote.context import RemoteContext
         self._stack = contextlib.ExitStack()
@@ -106,7 +106,7 @@ class RunningImage:
             self.counter = remote.client = _CountingClient(remote.client)
 
             def opener():
-                return config.open_image(self.config_path, svc, remote=remote)
+                return assemble.open_image(self.config_path, svc, remote=remote)
             self.device = self._stack.enter_context(blockdev.image_device(
                 self.config_path, opener, self.work, read_only=True, frontend=self.frontend,
                 service_cfg=svc))

@@ -21,14 +21,14 @@ def open_target(path, service_config_path=None):
     config is loaded either way, so a bad or missing one given explicitly is
     an error even where a lone layer file does not need it."""
     from tcmu_obd import service_config
-    from tcmu_obd.image import config
+    from tcmu_obd.image import assemble
     from tcmu_obd.image.layer import open_layer
     from tcmu_obd.image.stack import Image
     svc = service_config.load_given(service_config_path)
     with open(path, "rb") as f:
         head = f.read(64).lstrip()
     if head.startswith(b"{"):
-        return config.open_image(path, svc)
+        return assemble.open_image(path, svc)
     return Image([open_layer(path)])
 
 

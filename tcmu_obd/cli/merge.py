@@ -12,7 +12,7 @@ uploader -> tar -> file), so the blob is the bare ZFile.  Without --upload,
 import argparse
 import sys
 
-from tcmu_obd.image import commit, config
+from tcmu_obd.image import assemble, commit
 from tcmu_obd import service_config
 from tcmu_obd.errors import UsageError
 from tcmu_obd.cli.common import add_upload_args, run, setup_logging, start_upload, write_output
@@ -48,7 +48,7 @@ def body(argv):
     setup_logging(args.verbose)
     if args.tar and not args.upload:
         print("warning: -t has no effect without --upload (as in overlaybd)", file=sys.stderr)
-    image = config.open_image(args.image_config, service_config.load_given(args.service_config_path))
+    image = assemble.open_image(args.image_config, service_config.load_given(args.service_config_path))
     try:
         files = image.files()
         if not files:

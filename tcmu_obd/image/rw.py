@@ -4,7 +4,7 @@ data file (docs/formats.md: Append-only, Sparse and Sealed layers).
 Creates, reopens (index replay, or SEEK_DATA/SEEK_HOLE rebuild), writes,
 discards, syncs, resizes and seals.  Reads go through the core Stack built
 by tcmu_obd.image.stack over `backing` and `index`; committing lives in
-tcmu_obd.image.commit.
+tcmu_obd.image.commit.  Not the read-only layers (image.layer).
 """
 import ctypes
 import errno

@@ -2,8 +2,9 @@
 cross-repository mount, upload of a file or bytes, download to a file, and
 BlobStream (a blob as a sequential stream, fetched ahead on a thread, its
 digest checked at the end) that conversion feeds to overlaybd-apply.
-Progress bars (tcmu_obd.build.progress) are optional on each.  Not the HTTP
-client (registry.py) nor lazy range reads of layers (remote.py, cache.py).
+Progress bars (tcmu_obd.build.progress.Bar, or anything with its counting
+methods) are optional on each.  Not the HTTP client (registry.py) nor lazy
+range reads of layers (context.py, cache.py).
 """
 import hashlib
 import logging
@@ -15,13 +16,36 @@ from urllib.parse import urljoin
 
 from tcmu_obd.remote import distribution, registry
 from tcmu_obd.errors import RemoteError
-from tcmu_obd.build.progress import null_bar
 
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 FETCH_CHUNK = 8 * MiB
 UPLOAD_CHUNK = 16 * MiB
+
+
+class _NoBar:
+    """Counts nothing: the bar of a call that was given none (the build
+    tools pass a tcmu_obd.build.progress.Bar; this room does not import it)."""
+
+    def set_total(self, total):
+        pass
+
+    def update(self, n):
+        pass
+
+    def set(self, done):
+        pass
+
+    def skip(self, reason):
+        pass
+
+    def close(self, note=None):
+        pass
+
+
+def null_bar():
+    return _NoBar()
 
 
 class BlobError(RemoteError):

@@ -139,13 +139,6 @@ class FileCache:
                     self.stamps[blob.name] = blob.presence.last_used
                     blob._close_fd()
 
-    def persist_all(self):
-        """Write the presence file of every open blob (its data synced first)."""
-        with self.lock:
-            blobs = list(self.open_blobs.values())
-        for blob in blobs:
-            blob.persist()
-
     def _account(self, name, delta):
         with self.lock:
             if name in self.lru:

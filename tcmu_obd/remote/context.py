@@ -1,15 +1,16 @@
 """Remote lowers: the registry client, credentials and file cache that a
-device's layers share, built from the global config, and opening one layer
-blob lazily (only its headers and index are fetched at open).
+device's layers share, built from the global config, and opening one lower's
+blob through the cache (nothing is fetched yet).
 
-It wires tcmu_obd.remote.registry, tcmu_obd.remote.credentials and tcmu_obd.remote.cache
-together; it holds no HTTP, cache or format logic of its own.
+It wires tcmu_obd.remote.registry, tcmu_obd.remote.credentials and
+tcmu_obd.remote.cache together; it holds no HTTP, cache or format logic of
+its own, and does not open layers: tcmu_obd.image.assemble reads the blob's
+headers and index (tcmu_obd.image.layer.open_cached_layer).
 """
 from tcmu_obd.remote import registry
 from tcmu_obd.remote.cache import FileCache
 from tcmu_obd.remote.imageref import client_from_service_config
 from tcmu_obd.errors import ConfigError, UnsupportedError
-from tcmu_obd.image.layer import open_cached_layer
 
 
 class RemoteContext:
@@ -24,8 +25,9 @@ class RemoteContext:
         self.cache = FileCache(cache_cfg.cache_dir, cache_cfg.cache_size_gb, cache_cfg.refill_size)
         self.client = client_from_service_config(service_cfg)
 
-    def open_layer(self, repo_blob_url, lower, where):
-        """Open lowers[i] from the registry through the cache."""
+    def open_blob(self, repo_blob_url, lower, where):
+        """lowers[i]'s blob from the registry through the cache: (cache.CachedBlob, url).
+        `where` names the lower in messages."""
         digest = lower.get("digest", "")
         if not repo_blob_url:
             raise ConfigError(f"{where}: empty repoBlobUrl")
@@ -38,8 +40,7 @@ class RemoteContext:
         size = blob.size
         if lower.get("size") and lower["size"] != size:
             raise ConfigError(f"{where}.size = {lower['size']}: the registry says {url} has {size} bytes")
-        cached = self.cache.open(digest, size, blob)
-        return open_cached_layer(cached, url)
+        return self.cache.open(digest, size, blob), url
 
     def close(self):
         self.client.close()

@@ -4,7 +4,7 @@ from an index), and turning an overlaybd image's manifest into the
 config.v1.json the snapshotter would write (docs/runtime.md, Device config from a manifest).
 
 It also builds a RegistryClient from the global config.  It does not open
-layers or images (tcmu_obd.image.config does) and holds no HTTP logic of its own
+layers or images (tcmu_obd.image.assemble does) and holds no HTTP logic of its own
 (tcmu_obd.remote.registry)."""
 import json
 import logging
@@ -43,7 +43,7 @@ def client_from_service_config(svc, cred_file=""):
 _PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REPO = re.compile(rf"^{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*$")
 _TAG = re.compile(r"^[\w][\w.-]{0,127}$")
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")         # a sha256 digest, as manifests and configs carry it
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 _DOCKER_HUB = ("docker.io", "index.docker.io", "registry-1.docker.io")
 A_PREFIX = "containerd.io/snapshot/overlaybd/"
@@ -129,7 +129,7 @@ def parse_ref(text, plain_http=False, with_ref=True):
     if not _REPO.match(repo or ""):
         raise UsageError(f"{text!r}: {repo!r} is not a valid repository name "
                          f"(lowercase letters, digits, separators . _ __ -, and /)")
-    if ref is not None and not (_DIGEST.match(ref) or (not ref.startswith("sha256:")
+    if ref is not None and not (DIGEST_RE.match(ref) or (not ref.startswith("sha256:")
                                                        and _TAG.match(ref))):
         raise UsageError(f"{text!r}: {ref!r} is neither a tag nor a sha256:<64 hex> digest")
     if with_ref:
@@ -185,7 +185,7 @@ def fetch_image_manifest(client, ref, platform):
             raise UsageError(f"{where}: the index has no manifest for {'/'.join(platform)} "
                              f"(it has: {', '.join(have) or 'no platforms'}); use --platform")
         target = pick.get("digest", "")
-        if not _DIGEST.match(target):
+        if not DIGEST_RE.match(target):
             raise ManifestError(f"{where}: index entry digest {target!r} is not sha256:<64 hex>")
     raise ManifestError(f"{ref}: indexes nested more than 3 deep")
 
@@ -213,7 +213,7 @@ def overlaybd_lowers(manifest, where, dir_root=""):
         if not digest:
             plain.append(f"layers[{i}] {layer.get('digest', '?')}")
             continue
-        if not _DIGEST.match(digest):
+        if not DIGEST_RE.match(digest):
             raise ManifestError(f"{where}: layers[{i}] {A_BLOB_DIGEST} = {digest!r}: "
                               f"not sha256:<64 hex>")
         size_text = ann.get(A_BLOB_SIZE)

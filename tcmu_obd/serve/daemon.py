@@ -8,9 +8,10 @@ already exist: a restarted daemon picks up its devices); force a 4 MiB
 netlink receive buffer; block_netlink=0; tcmulib_register() when a system
 D-Bus is there (with a GLib main loop thread for its callbacks).  Then the
 main thread polls the master fd; libtcmu calls the handler from there.
+It does not open images or emulate SCSI (serve.handler, serve.scsi) and
+does not attach devices in configfs (serve.attach).
 """
 import ctypes
-import errno
 import logging
 import logging.handlers
 import os
@@ -423,7 +424,3 @@ def serve(config_path=None, workers=8, dbus="auto",
         d.stop()
     log.info("stopped")
     return 0
-
-
-def errno_name(e):
-    return errno.errorcode.get(e, str(e))

@@ -24,7 +24,8 @@ is subclassed to replace its read/write wrappers, which would otherwise copy
 every request through a bytes object.  libfuse installs SIGINT/SIGTERM/SIGHUP
 handlers only where the disposition is SIG_DFL, and the FUSE loop runs here
 in a background thread: the caller owns those signals and decides the
-teardown order (loop device first, then the FUSE mount).
+teardown order (loop device first, then the FUSE mount).  It does not
+open the image (the caller passes one) and is not the TCMU path.
 """
 import ctypes
 import errno

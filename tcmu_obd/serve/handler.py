@@ -2,7 +2,7 @@
 `user` backstore whose dev_config starts with `overlaybd/` (docs/runtime.md, TCMU side).
 
 added(dev): parse the cfgstring `overlaybd/<config path>[;<dev_id>]`, open
-the image (config.open_image writes the resultFile), set the geometry (512-byte
+the image (assemble.open_image writes the resultFile), set the geometry (512-byte
 blocks, num_lbas = vsize / 512, write-protected without an upper) and start
 the device's ring (tcmu_obd.serve._tcmu).  removed(dev): stop the ring, flush and
 close the image.  The per-command work is in _tcmu (its opcode table, the
@@ -11,11 +11,10 @@ through tcmu_obd.serve.scsi).
 """
 import errno
 import logging
-import os
 import threading
 import time
 
-from tcmu_obd.image import config
+from tcmu_obd.image import assemble
 from tcmu_obd.serve import scsi
 from tcmu_obd.errors import UsageError
 
@@ -100,7 +99,7 @@ class OverlaybdHandler:
         self.service_cfg = service_cfg
         self.inline_max = inline_max
         self.audit = audit or (lambda *a, **k: None)
-        self.open_image = open_image or config.open_image
+        self.open_image = open_image or assemble.open_image
         self.write_cache = write_cache
         self.lock = threading.Lock()
         self.dev_ids = {}           # dev_id -> uio name
@@ -125,8 +124,8 @@ class OverlaybdHandler:
         try:
             image = self.open_image(path, self.service_cfg)
         except Exception as e:          # noqa: BLE001 - any failure refuses the device
-            if self.open_image is not config.open_image:
-                _result_file(path, f"failed:{e}")   # config.open_image wrote it, whatever failed
+            if self.open_image is not assemble.open_image:
+                _result_file(path, f"failed:{e}")   # assemble.open_image wrote it, whatever failed
             self._forget(dev_id)
             log.error("%s: cannot open %s: %s", dev.uio_name, path, e)
             self.audit("open", dev=dev.uio_name, config=path, dev_id=dev_id, result=f"failed: {e}")
@@ -184,8 +183,4 @@ class OverlaybdHandler:
 
 def _result_file(path, text):
     """Write the config's resultFile (when the config names one)."""
-    config.write_result_of(path, text)
-
-
-def module_param_path(name):
-    return os.path.join("/sys/module/target_core_user/parameters", name)
+    assemble.write_result_of(path, text)

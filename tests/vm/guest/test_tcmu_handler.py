@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not os.path.isdir("/sys/module/target_core_user"
                                 reason="needs target_core_user (runs in the qemu guest)")
 
 from tcmu_obd.serve import attach as att  # noqa: E402
-from tcmu_obd.image import baselayer, config  # noqa: E402
+from tcmu_obd.image import assemble, baselayer  # noqa: E402
 from tcmu_obd.image.rw import RWLayer  # noqa: E402
 
 
@@ -187,7 +187,7 @@ def fs_layer(work):
     want = make_tree(src, 1)
     raw = work / "fs.img"
     sh(f"mke2fs -q -F -t ext4 -b 4096 -d {src} {raw} 64M")
-    vsize = config.open_image(write_config(work / "base.json", [baselayer.path()])).virtual_size
+    vsize = assemble.open_image(write_config(work / "base.json", [baselayer.path()])).virtual_size
     up = RWLayer.create(str(work / "fs.data"), str(work / "fs.index"), vsize)
     with open(raw, "rb") as f:
         pos = 0
@@ -216,7 +216,7 @@ def test_readonly_stack_reads_and_mounts(daemon, work):
     name = os.path.basename(dev)
     assert Path(f"/sys/block/{name}/ro").read_text().strip() == "1"
     assert Path(f"/sys/block/{name}/queue/max_sectors_kb").read_text().strip() == "1024"
-    image = config.open_image(cfg)
+    image = assemble.open_image(cfg)
     assert int(Path(f"/sys/block/{name}/size").read_text()) * 512 == image.virtual_size
     fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
     try:
@@ -326,7 +326,7 @@ def test_mkfs_discard_write_same(daemon, work):
     assert any(o <= 201 * 2048 and o + n >= 203 * 2048 for o, n in zeroed) or \
         sum(n for o, n in zeroed if 201 * 2048 <= o < 203 * 2048) >= 4096, zeroed[:20]
     up.close()
-    image = config.open_image(cfg)
+    image = assemble.open_image(cfg)
     try:
         assert image.read(201 * MiB, 2 * MiB) == bytes(2 * MiB)
         assert image.read(204 * MiB, MiB) == bytes(MiB)
@@ -366,7 +366,7 @@ def test_many_devices(daemon, work):
     try:
         assert not errors, errors
         assert len(set(devs.values())) == N_DEVICES
-        expect = config.open_image(cfg).read(0, 8192)
+        expect = assemble.open_image(cfg).read(0, 8192)
         for dev in devs.values():
             fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
             try:
@@ -382,7 +382,7 @@ def test_many_devices(daemon, work):
 def test_daemon_kill9_restart_under_load(daemon, work):
     cfg = write_config(work / "load.json", [baselayer.path()])
     dev = att.attach(cfg, "108")
-    image = config.open_image(cfg)
+    image = assemble.open_image(cfg)
     span = 32 * MiB
     expect = image.read(0, span)
     image.close()

@@ -30,7 +30,7 @@ pytestmark = [
 
 from tcmu_obd.serve import attach as att  # noqa: E402
 from tcmu_obd.serve import iscsi  # noqa: E402
-from tcmu_obd.image import baselayer, config  # noqa: E402
+from tcmu_obd.image import assemble, baselayer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_tcmu_handler import pread_direct, running_daemon, sh, write_config  # noqa: E402
@@ -107,7 +107,7 @@ def test_attach_iscsi_reads_and_detaches(idaemon):
     m = re.search(r"CmdRingSizeMB: (\d+)", info)      # attach asks for a 1 MiB command ring
     assert m is None or m.group(1) == str(att.CMD_RING_SIZE_MB), info
     max_kb = Path(f"/sys/block/{name}/queue/max_sectors_kb").read_text().strip()
-    image = config.open_image(cfg)
+    image = assemble.open_image(cfg)
     try:
         assert int(Path(f"/sys/block/{name}/size").read_text()) * 512 == image.virtual_size
         fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
@@ -144,7 +144,7 @@ def test_two_iscsi_devices_share_the_portal(idaemon):
             for dev_id in ("302", "303"):
                 np = os.listdir(f"{att.ISCSI}/{iscsi.iqn_for(dev_id)}/tpgt_1/np")
                 assert np == ["127.0.0.1:3260"], np
-            want = config.open_image(cfg).read(0, 65536)
+            want = assemble.open_image(cfg).read(0, 65536)
             for dev in (dev_a, dev_b):
                 fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
                 try:

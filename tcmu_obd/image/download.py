@@ -11,9 +11,11 @@ merged index in memory stays valid).  A file that fails its sha256 is never
 renamed and never read.  Downloads are resumable: chunks already in a
 partial `.download` (no hole under them) are not fetched again.
 
-It is not a cache (tcmu_obd.remote.cache serves reads while this runs), it does not
-open images (tcmu_obd.image.config does, and starts this), and it does not decide
-its settings (tcmu_obd.service_config.download_settings does).
+It is not a cache (tcmu_obd.remote.cache serves reads while this runs), it
+does not open images (tcmu_obd.image.assemble does, and starts this), and it
+does not decide its settings (tcmu_obd.service_config.download_settings does).
+It lives with the image, not in tcmu_obd.remote: it switches the layers of an
+open image.
 """
 import collections
 import errno
@@ -24,7 +26,7 @@ import random
 import threading
 import time
 
-from tcmu_obd.image import layer as layer_mod
+from tcmu_obd.image.layer import unwrap
 from tcmu_obd.remote import registry
 from tcmu_obd.errors import ObdError, ReadError
 from tcmu_obd.service_config import DEFAULT_DELAY_EXTRA, DownloadConfig, download_settings
@@ -115,7 +117,7 @@ class Downloader:
         self.items = []
         lowers = list(cfg.lowers)
         if cfg.raw.get("accelerationLayer") and lowers:
-            lowers = lowers[:-1]      # as config.open_image: the trace layer is not in the stack
+            lowers = lowers[:-1]      # as assemble.open_image: the trace layer is not in the stack
         if len(lowers) != len(image.lowers):
             raise ValueError(f"{cfg.path}: {len(lowers)} lowers in the config, "
                              f"{len(image.lowers)} in the image")
@@ -350,7 +352,7 @@ class Downloader:
         """Serve the layer from `path` from now on."""
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            backing, _wrappers, _zinfo, _extent = layer_mod.unwrap(fd, path)
+            backing, _wrappers, _zinfo, _extent = unwrap(fd, path)
             with self._lock:
                 if self._stop.is_set():
                     raise _Stopped()
