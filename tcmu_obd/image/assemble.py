@@ -1,4 +1,4 @@
-"""Assembling the image a config.v1.json describes (spec/runtime.md §a):
+"""Assembling the image a config.v1.json describes (docs/runtime.md, Opening the layers):
 each lower from its first local candidate or, through a RemoteContext, from
 the registry; the RW upper; the stack; then the background download and the
 trace prefetch.  Writes the resultFile: `success`, or `failed:<reason>` for
@@ -76,7 +76,7 @@ def open_image(cfg, service_cfg=None, remote=None):
         if dl.enable and remote is not None and not _recording_trace(cfg):
             from tcmu_obd.image.download import Downloader     # only devices that download load it
             downloader = Downloader(image, cfg, remote, dl)
-            if downloader.items:          # remote lowers with a dir (§f)
+            if downloader.items:          # remote lowers with a dir (background download)
                 image.downloader = downloader
                 downloader.start()
         image.prefetch = start_prefetch(image, cfg, service_cfg or getattr(remote, "cfg", None))
@@ -100,7 +100,7 @@ def open_image(cfg, service_cfg=None, remote=None):
 
 
 def _download_settings(cfg, service_cfg):
-    """The device's effective `download` settings (§a/§f); a bad object is a ConfigError."""
+    """The device's effective `download` settings (docs/runtime.md, Download settings); a bad object is a ConfigError."""
     if not isinstance(service_cfg, (service_config.ServiceConfig, service_config.DownloadConfig)):
         service_cfg = None
     return service_config.download_settings(cfg.download, service_cfg, cfg.path)
