@@ -25,6 +25,7 @@ import time
 from tcmu_obd.serve import handler as handler_mod
 from tcmu_obd import service_config
 
+from tcmu_obd.errors import ObdError
 from tcmu_obd.serve.configfs import PARAMS
 
 log = logging.getLogger("tcmu_obd.serve.daemon")
@@ -41,8 +42,8 @@ DBUS_SOCKET = "/run/dbus/system_bus_socket"
 LEVELS = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR}
 
 
-class StartError(Exception):
-    pass
+class StartError(ObdError):
+    """The daemon cannot start here (a kernel module or libtcmu is missing)."""
 
 
 def set_module_param(name, value):
