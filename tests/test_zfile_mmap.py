@@ -113,7 +113,7 @@ def test_zfile_mmap_foreign_sigbus_still_kills(tmp_path):
         f.write(b"x" * 8192)
     code = f"""
 import mmap, os
-from tcmu_obd import zfile
+from tcmu_obd.format import zfile
 fd = os.open({path!r}, os.O_RDONLY)
 b, _ = zfile.open_backing(fd, 0, os.fstat(fd).st_size, {path!r})
 assert b.map_blocks()
@@ -128,7 +128,8 @@ print(m[4096])
 
 FAULTING_DESTINATION = """
 import mmap, os, sys
-from tcmu_obd import _lsmt, zfile
+from tcmu_obd.core import _lsmt
+from tcmu_obd.format import zfile
 path, victim, how = sys.argv[1:]
 fd = os.open(path, os.O_RDONLY)
 b, _ = zfile.open_backing(fd, 0, os.fstat(fd).st_size, path)
