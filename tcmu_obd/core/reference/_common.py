@@ -23,12 +23,11 @@ ZSTD_LEVEL = 3
 COALESCE_MAX = 1 << 20               # largest single pread of compressed bytes
 VERIFY_STEP = 16 << 20               # verify_all decodes this many bytes per step
 LZ4_MAX_INPUT_SIZE = 0x7E000000
-U8, U32, U64 = (1 << 8) - 1, (1 << 32) - 1, (1 << 64) - 1
+U32, U64 = (1 << 32) - 1, (1 << 64) - 1
 
 # error codes of a failed backing read (the C core's Err.code): one table for both cores
-E_IO, E_SHORT, E_CRC, E_DECODE, E_RANGE, E_NOMEM, E_TAG, E_MISS = (
-    readerr.E_IO, readerr.E_SHORT, readerr.E_CRC, readerr.E_DECODE, readerr.E_RANGE, readerr.E_NOMEM,
-    readerr.E_TAG, readerr.E_MISS)
+E_IO, E_SHORT, E_CRC, E_DECODE, E_RANGE, E_TAG, E_MISS = (
+    readerr.E_IO, readerr.E_SHORT, readerr.E_CRC, readerr.E_DECODE, readerr.E_RANGE, readerr.E_TAG, readerr.E_MISS)
 MAX_CRC_RETRIES = 2      # evict-and-refetch rounds per cached block that fails its check
 MAX_MISS_ROUNDS = 64     # fetch rounds one read may need (misses evicted again before use)
 
