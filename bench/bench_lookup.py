@@ -1,6 +1,7 @@
 """Segment lookups ("first record whose end > x") per second, measured inside
-the core with Index.bench_find, at 1k and 1M records; with the bucket table
-(build_search) and without it (plain binary search).
+the core with bench_find (the core's benchmark-only entry point), at 1k and
+1M records; with the bucket table (build_search) and without it (plain
+binary search).
 
 Baseline: the same keys through Python's bisect.bisect_right over a list of
 record ends (one Python call per key), ratio = core rate / bisect rate.  Every
@@ -25,6 +26,11 @@ from array import array
 
 from _common import env_line, fmt, table
 from tcmu_obd import core
+
+if core.IMPLEMENTATION == "cython":         # the benchmark-only entry point of whichever core runs
+    from tcmu_obd.core._lsmt import bench_find
+else:
+    from tcmu_obd.core.reference.bench import bench_find
 
 
 def make_index(n, layout, rng):
@@ -77,7 +83,7 @@ def core_rate(idx, keys, rounds):
     rates = []
     acc = None
     for _ in range(rounds):
-        a, secs = idx.bench_find(keys)
+        a, secs = bench_find(idx, keys)
         if acc is not None and a != acc:
             raise SystemExit("bench_lookup: bench_find checksum changed between runs")
         acc = a
@@ -91,7 +97,7 @@ def gil_probe(idx, keys):
     finishes inside the hold; one that re-acquires it (as the core did when
     its nogil helpers lacked `noexcept`: Cython then checks for a Python
     error after each call, under the GIL) stalls until the hold ends."""
-    _, alone = idx.bench_find(keys)
+    _, alone = bench_find(idx, keys)
     t0 = time.perf_counter()
     sum(range(1_000_000))
     per_m = time.perf_counter() - t0
@@ -101,7 +107,7 @@ def gil_probe(idx, keys):
 
     def worker():
         go.set()
-        res["t"] = idx.bench_find(keys)[1]
+        res["t"] = bench_find(idx, keys)[1]
 
     th = threading.Thread(target=worker)
     th.start()
@@ -134,7 +140,7 @@ def main():
         want, b_rate = max((bisect_rate(ends, pykeys) for _ in range(3)), key=lambda r: r[1])
         # correctness: the core's positions for the Python keys must match bisect's
         for name, idx in (("bucket", fast), ("binary", plain)):
-            got, _ = idx.bench_find(pykeys)
+            got, _ = bench_find(idx, pykeys)
             if got != want:
                 raise SystemExit(f"bench_lookup: {name} search checksum {got} != bisect {want} "
                                  f"({n} records, {layout})")

@@ -66,7 +66,7 @@ def fields(e):
 def outcome(fn, M):
     try:
         res = fn(M)
-        if type(res).__module__ in (C.__name__, R.__name__):
+        if type(res).__module__ == C.__name__ or type(res).__module__.startswith(R.__name__ + "."):
             res = ("object", type(res).__name__)
         return ("ok", res)
     except (ObdError, TypeError, ValueError, OverflowError, IndexError, BufferError, MemoryError) as e:
@@ -250,7 +250,7 @@ def op_query(prog, st):
         both(f"lookup({x}, {n})", lambda M: ix[M].lookup(x, n))
     if prog.int(0, 7) == 0:
         keys = array.array("Q", [prog.int(0, 400) for _ in range(prog.int(0, 20))]).tobytes()
-        both("bench_find", lambda M: ix[M].bench_find(keys)[0])
+        both("bench_find", lambda M: M.bench_find(ix[M], keys)[0])
     if prog.bool():
         both("build_search", lambda M: ix[M].build_search())
 

@@ -31,13 +31,6 @@ obd_bcache *obd_bcache_new(unsigned nslots, size_t block_size)
     return c;
 }
 
-void obd_bcache_clear(obd_bcache *c)
-{
-    pthread_mutex_lock(&c->lock);
-    memset(c->tag, 0, c->nslots * sizeof(uint64_t));
-    pthread_mutex_unlock(&c->lock);
-}
-
 void obd_bcache_free(obd_bcache *c)
 {
     if (c == NULL)

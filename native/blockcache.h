@@ -16,7 +16,5 @@ int obd_bcache_get(obd_bcache *c, uint64_t blk, char *dst, size_t at, size_t n);
 /* Store *buf (a decoded block of block_size bytes) as block blk; *buf gets the
  * slot's previous buffer in exchange (possibly NULL). */
 void obd_bcache_put(obd_bcache *c, uint64_t blk, char **buf);
-/* Forget every cached block (after the file's bytes changed). */
-void obd_bcache_clear(obd_bcache *c);
 
 #endif

@@ -9,7 +9,7 @@
  * clear+punch, so no reader ever reads a hole it was told is data.
  * `used` is a use stamp from a process-wide clock, bumped by reads, so the
  * cache can evict the least recently used blob.  It knows no paths or
- * Python; tcmu_obd/core/_lsmt.pyx wraps it and tcmu_obd/remote/cache.py drives it. */
+ * Python; tcmu_obd/core/_lsmt_cache.pxi wraps it and tcmu_obd/remote/cache.py drives it. */
 #ifndef OBD_PRESENCE_H
 #define OBD_PRESENCE_H
 #include <pthread.h>

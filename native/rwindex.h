@@ -4,7 +4,7 @@
  * end is past a sector and walk the leaf chain.
  *
  * It is not thread-safe by itself and knows nothing of Python: the caller
- * (cdef class Index in tcmu_obd/core/_lsmt.pyx) holds a writer-preferring rwlock
+ * (cdef class Index in tcmu_obd/core/_lsmt_index.pxi) holds a writer-preferring rwlock
  * around every call, which obd_rwlock_init_wpref sets up.  Read-only
  * (committed) indexes do not use it; they stay flat arrays. */
 #ifndef OBD_RWINDEX_H

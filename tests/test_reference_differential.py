@@ -52,7 +52,7 @@ def fields(e):
 def outcome(fn, *args):
     try:
         res = fn(*args)
-        if type(res).__module__ in (C.__name__, R.__name__):   # an object: compare its class name
+        if type(res).__module__ == C.__name__ or type(res).__module__.startswith(R.__name__ + "."):   # an object: compare its class name
             res = ("object", type(res).__name__)
         return ("ok", res)
     except (ObdError, TypeError, ValueError, OverflowError, IndexError, BufferError, MemoryError) as e:
@@ -150,13 +150,13 @@ def test_crc32c_vectors():
         assert M.crc32c(b"123456789") == 0x58E3FA20
         assert M.crc32c(b"") == 0 and M.crc32c(b"", 7) == 7
         assert M.SALT == 100007
-    assert R._crc32c_table(0, b"123456789") == 0x58E3FA20
+    assert R.crc32c_table(0, b"123456789") == 0x58E3FA20
 
 
 @FAST
 @given(st.binary(max_size=300), st.integers(0, 2**32 - 1))
 def test_crc32c_agrees(data, seed):
-    assert C.crc32c(data, seed) == R.crc32c(data, seed) == R._crc32c_table(seed, data)
+    assert C.crc32c(data, seed) == R.crc32c(data, seed) == R.crc32c_table(seed, data)
     assert C.crc32c(bytearray(data), seed) == R.crc32c(memoryview(data), seed)
 
 
@@ -353,7 +353,7 @@ def test_merge_large_uses_bucket_search(gaps, seed, shift):
     for k in keys:
         assert a.find(k) == b.find(k)
     buf = array.array("Q", keys).tobytes()
-    assert a.bench_find(buf)[0] == b.bench_find(buf)[0]
+    assert C.bench_find(a, buf)[0] == R.bench_find(b, buf)[0]
     a.build_search()
     b.build_search()
     assert [a.find(k) for k in keys] == [b.find(k) for k in keys]
