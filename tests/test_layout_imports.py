@@ -20,11 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "tcmu_obd"
 ROOMS = ["base", "core", "format", "remote", "image", "serve", "build", "cli"]
 
 # (importer, imported module or name) -> why it must stay
-ALLOWED_UPWARD = {
-    ("tcmu_obd.core.reference", "tcmu_obd.image.rw"):
-        "the pure-Python twin's Presence.evict punches holes with image.rw.punch_hole; "
-        "reference.py is being split in parallel (not edited here): punch_hole belongs in core",
-}
+ALLOWED_UPWARD = {}
 ALLOWED_CLI_IMPORTERS = {
     "tcmu_obd.__main__": "`python -m tcmu_obd` is the tcmu-obd console script, the CLI's entry point",
 }
@@ -33,14 +29,9 @@ ALLOWED_PRIVATE = {
         "the TCMU ring reads through the core's C entry point (a PyCapsule of _lsmt) without the GIL",
 }
 # (importer, imported) -> why the import is function-level
-ALLOWED_CYCLE_BREAKERS = {
-    ("tcmu_obd.core.reference", "tcmu_obd.image.rw"):
-        "image.rw imports the core; the twin's evict needs punch_hole (see ALLOWED_UPWARD)",
-}
+ALLOWED_CYCLE_BREAKERS = {}
 # cycle breakers whose comment is still owed, and why it cannot be written here
-COMMENT_OWED = {
-    ("tcmu_obd.core.reference", "tcmu_obd.image.rw"): "reference.py is being split in parallel, not edited here",
-}
+COMMENT_OWED = {}
 
 
 def module_name(path):
@@ -60,8 +51,20 @@ def room_of(mod):
     return "base"          # tcmu_obd itself and its top-level modules
 
 
-def parse(path):
+def source_of(path):
+    """A file's text; a Cython module's with the .pxi files it includes
+    spliced in (their imports are the module's)."""
     text = path.read_text()
+    if path.suffix != ".pyx":
+        return text
+    def expand(t):
+        return re.sub(r'(?m)^include\s+"([^"]+)"[ \t]*(?:#.*)?$',
+                      lambda m: expand((path.parent / m.group(1)).read_text()), t)
+    return expand(text)
+
+
+def parse(path):
+    text = source_of(path)
     if path.suffix == ".py":
         return ast.parse(text), text.splitlines()
     # a Cython file: only its (c)import-free Python import statements, parsed one by one

@@ -6,13 +6,13 @@ discards, syncs, resizes and seals.  Reads go through the core Stack built
 by tcmu_obd.image.stack over `backing` and `index`; committing lives in
 tcmu_obd.image.commit.  Not the read-only layers (image.layer).
 """
-import ctypes
 import errno
 import os
 import struct
 import threading
 
 from tcmu_obd import core
+from tcmu_obd.core.fileio import punch_hole, pwrite_all
 from tcmu_obd.format import lsmt
 from tcmu_obd.errors import FormatError, UsageError
 from tcmu_obd.format.lsmt import (FLAG_DATA, FLAG_HEADER, FLAG_SEALED, FLAG_SPARSE, HT_SPACE, MAX_INDEX, MAX_IO,
@@ -20,19 +20,10 @@ from tcmu_obd.format.lsmt import (FLAG_DATA, FLAG_HEADER, FLAG_SEALED, FLAG_SPAR
 
 _REC = struct.Struct("<QQ")
 _VSIZE_AT = 48
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-FALLOC_PUNCH = 0x01 | 0x02   # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 
 
 def encode_record(offset, length, moffset, zeroed=0, tag=0):
     return _REC.pack(offset | (length << 50), moffset | (zeroed << 55) | (tag << 56))
-
-
-def punch_hole(fd, offset, length):
-    if _libc.fallocate(fd, FALLOC_PUNCH, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 class RWLayer:
@@ -224,16 +215,6 @@ def _check_aligned(offset, length):
         raise UsageError(f"I/O of {length} bytes at {offset} is not 512-byte aligned")
 
 
-def pwrite_all(fd, data, offset):
-    n = os.pwrite(fd, data, offset)
-    if n == len(data):                  # nearly always: one call, no memoryview
-        return
-    view = memoryview(data)[n:]
-    offset += n
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 def _sparse_index(fd, path):

@@ -11,7 +11,7 @@ import time
 
 from tcmu_obd.errors import AttachError, UsageError
 from tcmu_obd.image import config
-from tcmu_obd.serve import iscsi
+from tcmu_obd.serve import iscsi as fabric_iscsi
 from tcmu_obd.serve.configfs import (CMD_RING_SIZE_MB, CMD_TIME_OUT, CORE, DEV_ID, ENABLE_RETRIES,
                                      ENABLE_SLEEP, HBA, ISCSI, LOOPBACK, MAX_DATA_AREA_MB, PARAMS,
                                      core_dir, daemon_pids, listdir, load_module, naa_for,
@@ -98,8 +98,8 @@ def attach(config_path, dev_id=None, iscsi=False, hba=HBA, wait=60.0, enable_tim
     iSCSI on 127.0.0.1 (port iscsi_port, default the first free one from
     3260) and log in with open-iscsi instead of using tcm_loop."""
     if iscsi:
-        load_module("iscsi_target_mod")     # iscsi.checks() below says what is missing
-        problems = [f"{what}: {fix}" for ok, what, fix in iscsi.checks() if not ok]
+        load_module("iscsi_target_mod")     # fabric_iscsi.checks() below says what is missing
+        problems = [f"{what}: {fix}" for ok, what, fix in fabric_iscsi.checks() if not ok]
         if problems:
             raise AttachError("--iscsi cannot work here: " + "; ".join(problems))
     config_path = os.path.abspath(config_path)
@@ -149,7 +149,7 @@ def attach(config_path, dev_id=None, iscsi=False, hba=HBA, wait=60.0, enable_tim
                                  "; the daemon log has the reason") + hint) from None
         write(f"{ddir}/attrib/cmd_time_out", str(cmd_time_out))
         if iscsi:
-            sd = iscsi.export(dev_id, ddir, iscsi_port, wait)
+            sd = fabric_iscsi.export(dev_id, ddir, iscsi_port, wait)
         else:
             tpg = f"{LOOPBACK}/{naa}/tpgt_1"
             os.makedirs(f"{tpg}/lun/lun_0", exist_ok=True)
@@ -175,9 +175,9 @@ def _teardown(dev_id, hba=HBA):
     initiator session and node record first, then the target; then the
     loopback fabric; the core backstore last."""
     errors = []
-    iqn = iscsi.iqn_for(dev_id)
+    iqn = fabric_iscsi.iqn_for(dev_id)
     if os.path.isdir(f"{ISCSI}/{iqn}"):
-        errors += iscsi.teardown(iqn)
+        errors += fabric_iscsi.teardown(iqn)
     naa = naa_for(dev_id)
     tpg = f"{LOOPBACK}/{naa}/tpgt_1"
     lun = f"{tpg}/lun/lun_0"
@@ -193,9 +193,9 @@ def _id_of_disk(dev):
     target = os.path.basename(devpath)                                          # h:c:t:l
     m = re.search(r"/(session[0-9]+)/", devpath)
     if m:
-        iqn = read_text(f"{iscsi.ISCSI_SESSIONS}/{m.group(1)}/targetname")
-        if iqn.startswith(iscsi.ISCSI_IQN_PREFIX) and DEV_ID.match(iqn[len(iscsi.ISCSI_IQN_PREFIX):]):
-            return iqn[len(iscsi.ISCSI_IQN_PREFIX):]
+        iqn = read_text(f"{fabric_iscsi.ISCSI_SESSIONS}/{m.group(1)}/targetname")
+        if iqn.startswith(fabric_iscsi.ISCSI_IQN_PREFIX) and DEV_ID.match(iqn[len(fabric_iscsi.ISCSI_IQN_PREFIX):]):
+            return iqn[len(fabric_iscsi.ISCSI_IQN_PREFIX):]
     for naa in listdir(LOOPBACK):
         addr = read_text(f"{LOOPBACK}/{naa}/tpgt_1/address")
         if addr and target == f"{addr}:0":
@@ -232,7 +232,7 @@ def detach(target, hba=HBA, force=False):
 
 def fabric_of(dev_id):
     """'iscsi', 'loopback' or '' (not exported)."""
-    if os.path.isdir(f"{ISCSI}/{iscsi.iqn_for(dev_id)}"):
+    if os.path.isdir(f"{ISCSI}/{fabric_iscsi.iqn_for(dev_id)}"):
         return "iscsi"
     if os.path.isdir(f"{LOOPBACK}/{naa_for(dev_id)}"):
         return "loopback"
@@ -240,8 +240,8 @@ def fabric_of(dev_id):
 
 
 def device_of(dev_id):
-    if os.path.isdir(f"{ISCSI}/{iscsi.iqn_for(dev_id)}"):
-        name = iscsi.disk_of(iscsi.iqn_for(dev_id))
+    if os.path.isdir(f"{ISCSI}/{fabric_iscsi.iqn_for(dev_id)}"):
+        name = fabric_iscsi.disk_of(fabric_iscsi.iqn_for(dev_id))
         return f"/dev/{name}" if name else ""
     naa = naa_for(dev_id)
     addr = read_text(f"{LOOPBACK}/{naa}/tpgt_1/address")
@@ -273,7 +273,7 @@ def list_devices():
             out.append({"hba": hba_dir[5:], "name": dev, "dev_id": dev_id, "config": path,
                         "cfg_dev_id": sid, "enabled": read_text(f"{base}/enable") == "1",
                         "disk": device_of(dev_id) if ok_id else "", "fabric": fabric,
-                        "target": iscsi.iqn_for(dev_id) if fabric == "iscsi" else
+                        "target": fabric_iscsi.iqn_for(dev_id) if fabric == "iscsi" else
                         (naa_for(dev_id) if fabric == "loopback" else ""),
-                        "portal": iscsi.portal_of(iscsi.iqn_for(dev_id)) if fabric == "iscsi" else ""})
+                        "portal": fabric_iscsi.portal_of(fabric_iscsi.iqn_for(dev_id)) if fabric == "iscsi" else ""})
     return out

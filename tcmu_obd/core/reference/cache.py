@@ -10,6 +10,7 @@ import os
 import errno as _errno
 import threading
 
+from tcmu_obd.core.fileio import punch_hole
 from tcmu_obd.errors import ReadError, UsageError
 from tcmu_obd.core.reference._common import (E_CRC, E_DECODE, E_MISS, MAX_CRC_RETRIES, MAX_MISS_ROUNDS,
                                              ReadFail, u64)
@@ -93,7 +94,6 @@ class Presence:
                 return freed, 0
             lo, hi = units.start * self._unit, min(units.stop * self._unit, self._size)
             try:
-                from tcmu_obd.image.rw import punch_hole
                 punch_hole(fd, lo, hi - lo)
             except OSError as e:
                 return freed, e.errno

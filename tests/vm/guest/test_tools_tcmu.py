@@ -27,7 +27,8 @@ import test_tcmu_handler as th  # noqa: E402
 from registry_server import Registry  # noqa: E402
 
 from tcmu_obd.build import apply, run
-from tcmu_obd.serve import attach as att, blockdev, configfs
+from tcmu_obd.serve import attach as att, blockdev
+from tcmu_obd.serve.configfs import daemon_pids
 from tcmu_obd.image import baselayer  # noqa: E402
 
 MiB = 1 << 20
@@ -36,7 +37,7 @@ MiB = 1 << 20
 @pytest.fixture(autouse=True)
 def tcmu_only(configfs, monkeypatch):
     monkeypatch.setenv(blockdev.FRONTEND_ENV, "tcmu")
-    assert not configfs.daemon_pids(), "a daemon from another test is still running"
+    assert not daemon_pids(), "a daemon from another test is still running"
     yield
     hba = f"{att.CORE}/user_{att.HBA}"
     left = os.listdir(hba) if os.path.isdir(hba) else []

@@ -1,0 +1,29 @@
+"""Two file primitives every room above the core uses: punching a hole (the
+space of a range goes back to the file system, its bytes read as zeros) and a
+pwrite that writes everything.  Not buffering, not fsync policy."""
+import ctypes
+import os
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+FALLOC_PUNCH = 0x01 | 0x02   # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+
+
+def punch_hole(fd, offset, length):
+    """Deallocate [offset, offset+length) of fd, keeping its size; OSError on failure."""
+    if _libc.fallocate(fd, FALLOC_PUNCH, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def pwrite_all(fd, data, offset):
+    """Write all of data at offset (a short write is continued)."""
+    n = os.pwrite(fd, data, offset)
+    if n == len(data):                  # nearly always: one call, no memoryview
+        return
+    view = memoryview(data)[n:]
+    offset += n
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
