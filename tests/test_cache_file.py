@@ -11,21 +11,9 @@ import pytest
 
 from tcmu_obd.remote.cache import FileCache
 from tcmu_obd.errors import ReadError
+from conftest import FileSource
 
 UNIT = 65536
-
-
-class FileSource:
-    def __init__(self, path):
-        self.fd = os.open(path, os.O_RDONLY)
-        self.size = os.fstat(self.fd).st_size
-        self.reads = []
-        self.lock = threading.Lock()
-
-    def read(self, offset, length):
-        with self.lock:
-            self.reads.append((offset, length))
-        return os.pread(self.fd, min(length, self.size - offset), offset)
 
 
 @pytest.fixture
