@@ -11,7 +11,11 @@ runtime (fuzz/asan.sh builds into build/asan, leaving the in-place build alone).
 import os
 import sys
 
+import shutil
+import sysconfig
+
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 from Cython.Build import cythonize
 
 CFLAGS = ["-O2"]
@@ -53,4 +57,21 @@ elif _have_libtcmu():
         extra_compile_args=CFLAGS,
     ))
 
-setup(ext_modules=cythonize(exts, compiler_directives={"language_level": 3}))
+class BuildExt(build_ext):
+    """build_ext that says in one line what to install when the C compiler
+    or the Python headers are missing, instead of a compiler traceback."""
+
+    def build_extensions(self):
+        cc = self.compiler.compiler_so[0] if getattr(self.compiler, "compiler_so", None) else "gcc"
+        if shutil.which(cc) is None:
+            sys.exit(f"tcmu-obd: no C compiler ({cc!r} not found): install gcc "
+                     "(apt-get install gcc python3-dev), or set CC")
+        include = sysconfig.get_paths()["include"]
+        if not os.path.isfile(os.path.join(include, "Python.h")):
+            sys.exit(f"tcmu-obd: no Python headers ({include}/Python.h missing): "
+                     "install them (apt-get install python3-dev)")
+        super().build_extensions()
+
+
+setup(ext_modules=cythonize(exts, compiler_directives={"language_level": 3}),
+      cmdclass={"build_ext": BuildExt})
