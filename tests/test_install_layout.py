@@ -12,9 +12,11 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 
+from tcmu_obd import service_config
 from tcmu_obd.image import baselayer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -53,6 +55,9 @@ def test_install_layout_every_path_and_wrappers_run(tmp_path):
     layer = root / "opt/overlaybd/baselayers/ext4_64"
     assert hashlib.sha256(layer.read_bytes()).hexdigest() == baselayer.SHA256
     cfg = json.loads((root / "etc/overlaybd/overlaybd.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")             # no unknown key, nothing refused
+        assert service_config.load(root / "etc/overlaybd/overlaybd.json") == service_config.ServiceConfig()
     assert cfg["cacheConfig"]["cacheDir"] == "/opt/overlaybd/registry_cache"
     assert cfg["credentialFilePath"] == "/opt/overlaybd/cred.json"
     unit = (root / "etc/systemd/system/overlaybd-tcmu.service").read_text()
