@@ -260,7 +260,9 @@ def missing_module_help():
 
 class Daemon:
     def __init__(self, cfg, workers=8, dbus="auto", pid_file=DEFAULT_PID_FILE, write_cache=True,
-                 inline_max=INLINE_MAX):
+                 inline_max=INLINE_MAX, metrics=True):
+        """metrics: serve exporterConfig's endpoint when it is enabled (a tool's
+        private daemon does not: the port belongs to the real daemon)."""
         from tcmu_obd.serve import _tcmu
         self._tcmu = _tcmu
         self.cfg = cfg
@@ -275,6 +277,7 @@ class Daemon:
         self.glib = None
         self.dbus_service = None
         self.metrics = None
+        self.want_metrics = metrics
         self.stopping = False
 
     def start(self):
@@ -303,7 +306,8 @@ class Daemon:
                 log.info("D-Bus: exporting subtype %s", handler_mod.SUBTYPE)
             except (OSError, AttributeError) as e:
                 log.warning("D-Bus registration skipped: %s", e)
-        self.metrics = exporter.start(self.cfg, tcmu_devices=self._devices)
+        if self.want_metrics:
+            self.metrics = exporter.start(self.cfg, tcmu_devices=self._devices)
         if self.pid_file:
             try:
                 os.makedirs(os.path.dirname(self.pid_file), exist_ok=True)
