@@ -11,6 +11,8 @@ import urllib.error
 import urllib.request
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from registry_server import free_port
@@ -149,3 +151,17 @@ def test_exporter_text_daemon_serves_its_devices():
     finally:
         d.stop()
     assert d.metrics is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(stats.LAT_BOUNDS), st.floats(0, 10, allow_nan=False))))
+def test_exporter_text_histogram_matches_model(latencies):
+    """The FUSE histogram as exported: bucket le=b counts the latencies <= b."""
+    h = stats.Hist()
+    for x in latencies:
+        h.observe(x)
+    bounds, counts, total = h.value()
+    got = exporter._buckets(bounds, counts)
+    want = [(repr(float(b)), sum(1 for x in latencies if x <= b)) for b in bounds] + [("+Inf", len(latencies))]
+    assert got == want
+    assert total == pytest.approx(sum(latencies))
