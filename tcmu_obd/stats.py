@@ -127,9 +127,13 @@ def read_healed(healed):
         crc_healed += healed
 
 
-def pread_done(nbytes, ns):
+def pread_done(nbytes, ns, hist=None):
+    """One FUSE read of `nbytes` that took `ns`; also observed in `hist` (one lock for both)."""
     with _lock:
         pread.add(nbytes, ns)
+        if hist is not None:
+            hist.counts[bisect.bisect_left(LAT_BOUNDS, ns / 1e9)] += 1
+            hist.sum += ns / 1e9
 
 
 def track_cache(cache):

@@ -197,8 +197,7 @@ class DiskOps:
                 self.image.read_into(scratch[:hi - lo], lo)
                 dst[:] = scratch[offset - lo:offset - lo + n]
             ns = time.monotonic_ns() - t0              # two counter updates per request, not per byte
-            stats.pread_done(n, ns)
-            self.latency.observe(ns / 1e9)
+            stats.pread_done(n, ns, self.latency)
             return n
         except ObdError:
             log.exception("read of %d bytes at %d failed", size, offset)
