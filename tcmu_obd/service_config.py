@@ -12,8 +12,8 @@ Parsing is tcmu_obd.configfile's, with a table made from the dataclasses
 below, the same mechanism and rules as config.v1.json.  Strictness: a key
 present with the wrong JSON type (overlaybd asserts there) is a ConfigError
 naming the file, the key path and the value.  A key that
-turns on a feature tcmu-obd does not have yet (exporterConfig.enable,
-p2pConfig.enable, serviceConfig.enable) is an UnsupportedError: start-up is
+turns on a feature tcmu-obd does not have yet (p2pConfig.enable,
+serviceConfig.enable) is an UnsupportedError: start-up is
 refused rather than the feature silently missing.  A path given explicitly
 must exist; only "no path given" falls back (load_given).  Integers must
 be JSON integers inside the range of the C++ field (uint32/int32/uint64).  An
@@ -342,9 +342,9 @@ def _check(cfg, source):
                       "overlaybd treats anything but v2 as v1", ConfigWarning, stacklevel=3)
     if cfg.exporter_config.enable and not 1 <= cfg.exporter_config.port <= 65535:
         bad("exporterConfig.port", cfg.exporter_config.port, "must be a TCP port (1..65535)")
-    for key, on, what in ((("exporterConfig.enable", cfg.exporter_config.enable,
-                            "Prometheus metrics are not supported yet")),
-                          ("p2pConfig.enable", cfg.p2p_config.enable,
+    if cfg.exporter_config.enable and not cfg.exporter_config.uri_prefix.startswith("/"):
+        bad("exporterConfig.uriPrefix", cfg.exporter_config.uri_prefix, "must start with '/'")
+    for key, on, what in (("p2pConfig.enable", cfg.p2p_config.enable,
                            "P2P registry access is not supported yet"),
                           ("serviceConfig.enable", cfg.service_config.enable,
                            "the live-snapshot HTTP API is not supported yet")):

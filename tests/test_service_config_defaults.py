@@ -314,12 +314,11 @@ def test_service_config_defaults_io_engine_range_ok(engine):
 
 
 # ------------------------------------------------------------------ unimplemented features
-UNSUPPORTED = [({"exporterConfig": {"enable": True}}, "exporterConfig.enable = true: Prometheus metrics"),
-               ({"p2pConfig": {"enable": True}}, "p2pConfig.enable = true: P2P"),
+UNSUPPORTED = [({"p2pConfig": {"enable": True}}, "p2pConfig.enable = true: P2P"),
                ({"serviceConfig": {"enable": True}}, "serviceConfig.enable = true: the live-snapshot")]
 
 
-@pytest.mark.parametrize("obj,msg", UNSUPPORTED, ids=["exporter", "p2p", "snapshot-api"])
+@pytest.mark.parametrize("obj,msg", UNSUPPORTED, ids=["p2p", "snapshot-api"])
 def test_service_config_defaults_unimplemented_feature_refused(tmp_path, obj, msg):
     path = write(tmp_path, obj)
     with pytest.raises(UnsupportedError) as info:

@@ -30,7 +30,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import urllib3
 
-from tcmu_obd import __version__
+from tcmu_obd import __version__, stats
 from tcmu_obd.errors import (AuthError, BlobNotFound, ConnectionFailed, RemoteError, RemoteTimeout,
                              TooManyRequests, UnexpectedResponse, UsageError)
 
@@ -374,15 +374,19 @@ class RegistryClient:
                 if isinstance(e, (AuthError, BlobNotFound)):
                     hard += 1
                     if hard > st.retries:
+                        stats.registry_error(url)
                         raise
                 elif meta and attempt >= st.retries:
+                    stats.registry_error(url)
                     raise
             delay = st.delay(attempt)
             attempt += 1
             log.debug("retry %d of %s in %.3f s after: %s", attempt, url, delay, last)
             if time.monotonic() + delay + _MIN_ATTEMPT >= deadline:
+                stats.registry_error(url)
                 raise RemoteTimeout(url, last.status, f"gave up after {attempt} attempts in "
                                     f"{time.monotonic() - start:.2f} s; last error: {last}") from last
+            stats.registry_retry(url)
             time.sleep(delay)
 
     def _blob_size(self, url):
@@ -419,6 +423,7 @@ class RegistryClient:
             res = self.resolve(url)
             start = time.monotonic()
             until = min(deadline, start + self.settings.timeout)
+            stats.registry_request(url)
             resp = self._data_get(url, res, offset, length, deadline)
             drain = True
             try:
@@ -443,7 +448,10 @@ class RegistryClient:
                 raise _status_error(url, status, f"reading bytes {offset}+{length}")
             finally:
                 _close(resp, drain)
-        return self._retry(url, op, meta=False)
+        t0 = time.monotonic_ns()
+        data = self._retry(url, op, meta=False)
+        stats.registry_read(url, len(data), time.monotonic_ns() - t0)
+        return data
 
     # -- generic authenticated requests (uploads, manifests) -----------------------------------
 
