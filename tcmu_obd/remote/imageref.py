@@ -36,7 +36,8 @@ def client_from_service_config(svc, cred_file=""):
     settings = registry.RegistrySettings(
         timeout=own.registry_timeout_sec, retries=own.registry_retries,
         read_deadline=own.read_deadline_sec, user_agent=svc.user_agent,
-        cert_file=svc.cert_config.cert_file, key_file=svc.cert_config.key_file)
+        cert_file=svc.cert_config.cert_file, key_file=svc.cert_config.key_file,
+        p2p_address=svc.p2p_config.address if svc.p2p_config.enable else "")
     return registry.RegistryClient(settings, creds)
 
 
