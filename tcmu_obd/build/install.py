@@ -20,10 +20,10 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 
 import tcmu_obd
 from tcmu_obd import service_config
+from tcmu_obd.core import fileio
 from tcmu_obd.errors import InstallError
 from tcmu_obd.image import baselayer
 
@@ -146,18 +146,7 @@ def load_manifest(root):
 
 
 def _write(path, data, mode):
-    fd, tmp = tempfile.mkstemp(prefix=".tcmu-obd-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    fileio.write_atomic(path, data, mode, prefix=".tcmu-obd-")
 
 
 def _makedirs(root, rel, manifest):

@@ -10,9 +10,9 @@ import json
 import logging
 import os
 import re
-import tempfile
 from urllib.parse import urlsplit
 
+from tcmu_obd.core import fileio
 from tcmu_obd.remote import distribution, registry
 from tcmu_obd.remote.credentials import CredentialProvider
 from tcmu_obd.errors import ManifestError, UsageError
@@ -260,22 +260,8 @@ def go_json(obj):
 
 
 def write_atomic(path, data, mode=0o600):
-    """Write data to path through a temporary file and rename (as the
-    snapshotter writes config.v1.json: atomically, mode 0600)."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".config-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write data to path atomically, mode 0600 (as the snapshotter writes
+    config.v1.json)."""
+    fileio.write_atomic(path, data, mode, prefix=".config-")
 
 
