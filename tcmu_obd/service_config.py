@@ -157,12 +157,20 @@ class TcmuObdConfig:
     read_deadline_sec: how long one device read keeps retrying while the
         registry is unreachable before it fails with EIO; 0 = retry forever,
         as overlaybd does.
+    write_cache: what TCMU devices report as their write cache (WCE).  False,
+        as overlaybd-tcmu reports: the initiator sends no SYNCHRONIZE CACHE,
+        so tcmu-obd makes each write of a writable device durable (fsync of
+        the upper's data and index) before acknowledging it.  True: WCE=1,
+        writes are acknowledged once written to the upper's files and made
+        durable when the initiator flushes.  `tcmu-obd serve --write-cache`
+        / `--no-write-cache` override it.
     """
     registry_timeout_sec: float = _p("registryTimeoutSec", "num", 30,
                                      lambda v: "must be > 0" if v <= 0 else None)
     registry_retries: int = _p("registryRetries", "u32", 3)
     read_deadline_sec: float = _p("readDeadlineSec", "num", 60, lambda v: "must be >= 0 (0 = retry forever)"
                                   if v < 0 else None)
+    write_cache: bool = _p("writeCache", "bool", False)
 
 
 def _default_user_agent():

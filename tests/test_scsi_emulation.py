@@ -201,6 +201,68 @@ def test_scsi_emulation_every_opcode_outside_the_table_is_invalid(ro, rw):
                 assert st == scsi.INVALID_CMD, hex(op)
 
 
+def test_scsi_emulation_counts_rejections_apart_from_errors(ro, tmp_path):
+    """The per-device counters: answers the initiator expects (the kernel's
+    REPORT SUPPORTED OPERATION CODES probe on every attach, an opcode nobody
+    implements, a read past the end, a write to a read-only device) count as
+    `rejected`; a read the device fails (its layer file cut short under it)
+    counts as `errors`."""
+    n = ro.virtual_size // 512
+
+    def counted(image, c, data=b"", data_in=4096):
+        counts = {}
+        info = scsi.DeviceInfo(image.virtual_size // 512, 512, image.writable, SERIAL)
+        st = _tcmu.run_cdb(Backend(image, info), image.virtual_size // 512, image.writable,
+                           bytes(c), data, data_in, 1, counts)[0]
+        return st, counts
+
+    probe = cdb(0xA3, 0x0C, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0)      # REPORT SUPPORTED OPCODES
+    assert counted(ro, probe) == (scsi.INVALID_CMD, {"errors": 0, "rejected": 1})
+    assert counted(ro, cdb(0x2F, 0, 0, 0, 0, 0, 0, 0, 1, 0))[1] == {"errors": 0, "rejected": 1}
+    past = cdb(0x88, 0, *struct.pack(">Q", n), 0, 0, 0, 1, 0, 0)
+    assert counted(ro, past) == (scsi.RANGE, {"errors": 0, "rejected": 1})
+    st, counts = counted(ro, cdb(0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0), data=bytes(512))
+    assert st == PASSTHROUGH and counts == {"errors": 0, "rejected": 1}
+    assert counted(ro, cdb(0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0)) == (scsi.OK, {"errors": 0, "rejected": 0})
+    path = make_layer(str(tmp_path), "cut", [(0, os.urandom(1 << 20))], vsize=1 << 30)
+    img = Image([open_layer(path)])
+    try:
+        os.truncate(path, 8192)
+        st, counts = counted(img, cdb(0x28, 0, 0, 0, 0x04, 0, 0, 0, 8, 0))
+        assert st == scsi.RD_ERR and counts == {"errors": 1, "rejected": 0}
+    finally:
+        img.close()
+
+
+def test_scsi_emulation_write_cache_off_makes_each_write_durable(rw):
+    """WCE=0 (overlaybd's answer, the daemon's default): no SYNCHRONIZE CACHE
+    will come, so every acknowledged write has been fsync'ed; WCE=1 leaves
+    it to the initiator's flush."""
+    calls = []
+
+    class Counting:                      # the real image, its fsync counted
+        def __init__(self, image):
+            self.image = image
+            self.stack, self.writable = image.stack, image.writable
+
+        def write(self, buf, offset):
+            return self.image.write(buf, offset)
+
+        def fsync(self):
+            calls.append(1)
+            self.image.fsync()
+
+    n = rw.virtual_size // 512
+    for wce, want in ((False, 1), (True, 0)):
+        calls.clear()
+        info = scsi.DeviceInfo(n, 512, True, SERIAL, write_cache=wce)
+        st = _tcmu.run_cdb(Backend(Counting(rw), info), n, True,
+                           cdb(0x2A, 0, 0, 0, 0x10, 0, 0, 0, 1, 0), os.urandom(512))[0]
+        assert st == scsi.OK and len(calls) == want, (wce, calls)
+    from tcmu_obd.service_config import ServiceConfig
+    assert ServiceConfig().tcmu_obd.write_cache is False       # overlaybd: write cache off
+
+
 def test_scsi_emulation_table_names_all_have_a_handler(rw):
     """Each emulated command in the C table has its data builder in scsi.py,
     and an unknown name is a clear error, not a silent default."""

@@ -64,6 +64,7 @@ SPEC_DEFAULTS = {
     "tcmuObd.registryTimeoutSec": 30,
     "tcmuObd.registryRetries": 3,
     "tcmuObd.readDeadlineSec": 60,
+    "tcmuObd.writeCache": False,
 }
 
 

@@ -24,7 +24,7 @@ def cmd_serve(args):
     return daemon.serve(args.config or args.service_config,
                         workers=args.workers, dbus=args.dbus, pid_file=args.pid_file,
                         log_stderr=args.log_stderr, verbose=args.verbose,
-                        write_cache=not args.no_write_cache)
+                        write_cache=args.write_cache)
 
 
 def cmd_attach(args):
@@ -85,8 +85,13 @@ def add_subcommands(sub, common):
                    help="register the handler on the system D-Bus (auto: when a bus is there)")
     s.add_argument("--pid-file", default="/run/tcmu-obd/serve.pid", help="written once ready")
     s.add_argument("--log-stderr", action="store_true", help="log to stderr too")
-    s.add_argument("--no-write-cache", action="store_true",
-                   help="report WCE=0 (no SYNCHRONIZE CACHE from the initiator), as overlaybd does")
+    wc = s.add_mutually_exclusive_group()
+    wc.add_argument("--write-cache", dest="write_cache", action="store_const", const=True, default=None,
+                    help="report WCE=1: writes are acknowledged before they are durable and made "
+                         "durable when the initiator flushes (default: tcmuObd.writeCache, false)")
+    wc.add_argument("--no-write-cache", dest="write_cache", action="store_const", const=False,
+                    help="report WCE=0, as overlaybd does: each write is durable before it is "
+                         "acknowledged (the default)")
     s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("attach", parents=[common],
                        help="attach a config.v1.json as /dev/sdX through configfs "

@@ -51,6 +51,7 @@ cdef extern from "libtcmu.h" nogil:
         TCMU_STS_INVALID_PARAM_LIST_LEN
         TCMU_STS_HW_ERR
         TCMU_STS_RANGE
+        TCMU_STS_NOTSUPP_SAVE_PARAMS
 
     tcmulib_context *tcmulib_initialize(tcmulib_handler *handlers, size_t handler_count)
     void tcmulib_register(tcmulib_context *ctx)

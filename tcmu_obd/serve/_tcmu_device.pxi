@@ -41,7 +41,7 @@ cdef class Device:
     cdef public object user         # whatever the handler wants to keep here
     # statistics
     cdef public uint64_t n_cmds, n_reads, n_writes, n_other, bytes_read, bytes_written
-    cdef public uint64_t max_read, max_write, n_errors
+    cdef public uint64_t max_read, max_write, n_errors, n_rejected
     # latency of every command, ring to completion (owner thread only; read at scrape time)
     cdef uint64_t lat_count[LAT_NBOUNDS + 1]     # per bucket, not cumulative; the last is +Inf
     cdef uint64_t lat_sum_ns
@@ -127,7 +127,8 @@ cdef class Device:
         return {"commands": self.n_cmds, "reads": self.n_reads, "writes": self.n_writes,
                 "other": self.n_other, "bytes_read": self.bytes_read,
                 "bytes_written": self.bytes_written, "max_read": self.max_read,
-                "max_write": self.max_write, "errors": self.n_errors}
+                "max_write": self.max_write, "errors": self.n_errors,
+                "rejected": self.n_rejected}
 
     def latency(self, bint reset_max=False):
         """(bucket upper bounds in seconds, per-bucket counts with +Inf last,
@@ -205,8 +206,7 @@ cdef class Device:
                         j.kind = -1
                         rc = self.submit(cmd)
                         if rc != QUEUED:
-                            if rc != TCMU_STS_OK:
-                                self.n_errors += 1
+                            self.count_status(rc, cmd)
                             self.timed(j.t0, j.kind)
                             tcmulib_command_complete(self.dev, cmd, rc)
                             completed += 1
@@ -218,8 +218,7 @@ cdef class Device:
             while j != NULL:
                 nxt = j.next
                 self.inflight -= 1
-                if j.result != TCMU_STS_OK:
-                    self.n_errors += 1
+                self.count_status(j.result, j.cmd)
                 self.timed(j.t0, j.kind)
                 tcmulib_command_complete(self.dev, j.cmd, j.result)    # frees cmd and j
                 completed += 1
@@ -228,6 +227,23 @@ cdef class Device:
                 tcmulib_processing_complete(self.dev)
             if self.stopping and self.inflight == 0:
                 break
+
+    cdef void count_status(self, int rc, tcmulib_cmd *cmd) noexcept nogil:
+        """Count a non-GOOD completion: `rejected` when the answer is one the
+        initiator expects for a command or field the device does not support
+        or a request it may not make (ILLEGAL REQUEST, DATA PROTECT: the
+        kernel probes REPORT SUPPORTED OPERATION CODES on every attach),
+        `errors` when the device failed (MEDIUM ERROR, HARDWARE ERROR, BUSY)."""
+        if rc == TCMU_STS_OK:
+            return
+        if rc == TCMU_STS_NOT_HANDLED or rc == TCMU_STS_INVALID_CMD or rc == TCMU_STS_INVALID_CDB \
+                or rc == TCMU_STS_INVALID_PARAM_LIST or rc == TCMU_STS_INVALID_PARAM_LIST_LEN \
+                or rc == TCMU_STS_RANGE or rc == TCMU_STS_NOTSUPP_SAVE_PARAMS \
+                or (rc == TCMU_STS_PASSTHROUGH_ERR
+                    and ((cmd.sense_buf[2] & 0x0f) == 0x05 or (cmd.sense_buf[2] & 0x0f) == 0x07)):
+            self.n_rejected += 1
+        else:
+            self.n_errors += 1
 
     cdef int submit(self, tcmulib_cmd *cmd) noexcept nogil:
         """Check a command; queue it (QUEUED) or return its status now."""
@@ -414,14 +430,16 @@ cdef class Device:
 
 
 def run_cdb(backend, uint64_t num_lbas, bint writable, cdb, data=b"", Py_ssize_t data_in=0,
-            int iovecs=1):
+            int iovecs=1, dict counts=None):
     """Run one command through the data path without a kernel: the CDB goes
     through Device.dispatch (what the ring's owner thread calls for every
     command) and, when queued, Device.work (what a worker runs), against
     `backend` (a handler.Backend over a real image).  `data`: the data-out
     bytes; data_in: the size of the data-in buffer; the buffer is cut into
     `iovecs` iovecs.  Returns (status, data-in bytes, sense bytes): the data
-    is what an emulated command produced, or the whole buffer for a read."""
+    is what an emulated command produced, or the whole buffer for a read.
+    `counts`: a dict whose "errors" and "rejected" are increased as the
+    ring's owner thread counts this command's completion."""
     cdef Device d = Device.__new__(Device)
     cdef tcmulib_cmd cmd
     cdef Job job
@@ -465,6 +483,10 @@ def run_cdb(backend, uint64_t num_lbas, bint writable, cdb, data=b"", Py_ssize_t
                 rc = job.result
     finally:
         free(scratch)
+    if counts is not None:
+        d.count_status(rc, &cmd)
+        counts["errors"] = counts.get("errors", 0) + d.n_errors
+        counts["rejected"] = counts.get("rejected", 0) + d.n_rejected
     if rc == TCMU_STS_OK and job.kind == K_EMULATE:
         out = bytes(buf[:job.length])
     else:

@@ -203,7 +203,7 @@ class PrivateDaemon:
         self._take_lock()
         try:
             d = daemon.Daemon(self.svc, workers=PRIVATE_WORKERS, dbus="no", pid_file=None,
-                              metrics=False)
+                              metrics=False, write_cache=True)   # the tool flushes at its end
             d.handler.open_image = self._open
             d.start()
             self.daemon = d

@@ -259,7 +259,7 @@ def missing_module_help():
 
 
 class Daemon:
-    def __init__(self, cfg, workers=8, dbus="auto", pid_file=DEFAULT_PID_FILE, write_cache=True,
+    def __init__(self, cfg, workers=8, dbus="auto", pid_file=DEFAULT_PID_FILE, write_cache=None,
                  inline_max=INLINE_MAX, metrics=True):
         """metrics: serve exporterConfig's endpoint when it is enabled (a tool's
         private daemon does not: the port belongs to the real daemon)."""
@@ -270,6 +270,8 @@ class Daemon:
         self.dbus = dbus
         self.pid_file = pid_file
         self.audit = Audit(cfg)
+        if write_cache is None:
+            write_cache = cfg.tcmu_obd.write_cache
         self.handler = handler_mod.OverlaybdHandler(cfg, self.audit, write_cache=write_cache,
                                                     inline_max=inline_max)
         self.ctx = None
@@ -407,7 +409,7 @@ class Daemon:
 
 
 def serve(config_path=None, workers=8, dbus="auto",
-          pid_file=DEFAULT_PID_FILE, log_stderr=False, verbose=False, write_cache=True,
+          pid_file=DEFAULT_PID_FILE, log_stderr=False, verbose=False, write_cache=None,
           inline_max=INLINE_MAX):
     """Run the daemon in the foreground; returns the exit status.  config_path
     None: DEFAULT_PATH when it exists, else the built-in defaults; a path

@@ -128,8 +128,11 @@ class Collector:
         yield c
 
         cmds = C("tcmu_obd_scsi_commands", "SCSI commands per TCMU device", labels=["device", "kind"])
-        errs = C("tcmu_obd_scsi_errors", "SCSI commands completed with a non-GOOD status",
-                 labels=["device"])
+        errs = C("tcmu_obd_scsi_errors", "SCSI commands the device failed (MEDIUM ERROR, "
+                 "HARDWARE ERROR, BUSY)", labels=["device"])
+        rej = C("tcmu_obd_scsi_rejected", "SCSI commands answered ILLEGAL REQUEST or DATA PROTECT "
+                "(unsupported opcodes the kernel probes, out-of-range or write-protected requests)",
+                labels=["device"])
         lat = H("tcmu_obd_device_latency_seconds", "command latency per device: TCMU ring to "
                 "completion, or one FUSE read", labels=["device"])
         for name, d in sorted(devs.items()):
@@ -137,6 +140,7 @@ class Collector:
             for kind, key in (("read", "reads"), ("write", "writes"), ("other", "other")):
                 cmds.add_metric([name, kind], st[key])
             errs.add_metric([name], st["errors"])
+            rej.add_metric([name], st["rejected"])
             bounds, counts, total, _ = d.latency()
             lat.add_metric([name], _buckets(bounds, counts), total)
         for name, ops in sorted(disks.items()):
@@ -144,6 +148,7 @@ class Collector:
             lat.add_metric([name], _buckets(bounds, counts), total)
         yield cmds
         yield errs
+        yield rej
         yield lat
 
 

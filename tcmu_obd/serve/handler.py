@@ -51,7 +51,12 @@ class Backend:
         self.writable = image.writable
 
     def write(self, buf, offset):
-        return self.image.write(buf, offset)
+        n = self.image.write(buf, offset)
+        if not self.info.write_cache:
+            # WCE=0: the initiator will not flush, so this write must be
+            # durable before the ring acknowledges it
+            self.image.fsync()
+        return n
 
     def emulate(self, name, cdb, data_out):
         return scsi.emulate(name, cdb, self.info, data_out)
@@ -95,7 +100,7 @@ class Backend:
 class OverlaybdHandler:
     """added()/removed() for libtcmu (called on the daemon's netlink thread)."""
 
-    def __init__(self, service_cfg, audit=None, open_image=None, write_cache=True, inline_max=0):
+    def __init__(self, service_cfg, audit=None, open_image=None, write_cache=False, inline_max=0):
         self.service_cfg = service_cfg
         self.inline_max = inline_max
         self.audit = audit or (lambda *a, **k: None)
