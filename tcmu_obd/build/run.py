@@ -90,11 +90,14 @@ class RunningImage:
             self._stack.callback(shutil.rmtree, self.work, True)
             ref = imageref.parse_ref(self.ref_text, self.plain_http)
             svc = self.svc or service_config.load(None)
+            from tcmu_obd.image import turbometa
             with imageref.client_from_service_config(svc, self.cred_file) as client:
                 manifest, where = imageref.fetch_image_manifest(client, ref, self.platform)
+                self.lowers = imageref.overlaybd_lowers(manifest, where, turbo_ok=True)
+                self.lowers = turbometa.resolve(client, ref, self.lowers,
+                                                os.path.join(self.work, "layers"))
             self.where = where
-            self.lowers = imageref.overlaybd_lowers(manifest, where)
-            self.image_size = sum(low["size"] for low in self.lowers)
+            self.image_size = sum(low.get("size", 0) for low in self.lowers)
             self.config_path = os.path.join(self.work, "config.v1.json")
             doc = {"repoBlobUrl": ref.repo_blob_url, "lowers": self.lowers, "upper": {},
                    "resultFile": os.path.join(self.work, "init-debug.log")}

@@ -157,10 +157,12 @@ def cmd_push_layer(args):
 def cmd_image_config(args):
     ref = imageref.parse_ref(args.ref, args.plain_http)
     platform = imageref.parse_platform(args.platform)
+    from tcmu_obd.image import turbometa
+    dir_root = os.path.abspath(args.dir_root) if args.dir_root else ""
     with registry_client(args) as client:
         manifest, where = imageref.fetch_image_manifest(client, ref, platform)
-    dir_root = os.path.abspath(args.dir_root) if args.dir_root else ""
-    lowers = imageref.overlaybd_lowers(manifest, where, dir_root)
+        lowers = imageref.overlaybd_lowers(manifest, where, dir_root, turbo_ok=True)
+        lowers = turbometa.resolve(client, ref, lowers, dir_root)
     doc = {"repoBlobUrl": ref.repo_blob_url, "lowers": lowers, "upper": {},
            "resultFile": os.path.abspath(args.result_file) if args.result_file else ""}
     imageref.write_atomic(args.out, imageref.go_json(doc).encode())

@@ -191,11 +191,30 @@ def fetch_image_manifest(client, ref, platform):
     raise ManifestError(f"{ref}: indexes nested more than 3 deep")
 
 
-def overlaybd_lowers(manifest, where, dir_root=""):
+A_TURBO_MEDIA = (A_PREFIX + "turbo-oci/target-media-type", A_PREFIX + "fastoci/target-media-type")
+
+
+def _turbo_lower(layer, ann, i, where):
+    """The placeholder lower of a TurboOCI layer: what tcmu_obd.image.turbometa
+    needs to fetch its meta blob and fill in file, targetDigest and gzipIndex."""
+    target = next(ann[k] for k in A_TURBO if ann.get(k))
+    if not isinstance(target, str) or not DIGEST_RE.match(target):
+        raise ManifestError(f"{where}: layers[{i}] {A_TURBO[0]} = {target!r}: not sha256:<64 hex>")
+    meta = ann.get(A_BLOB_DIGEST) or layer.get("digest")
+    if not isinstance(meta, str) or not DIGEST_RE.match(meta):
+        raise ManifestError(f"{where}: layers[{i}] (TurboOCI) digest = {meta!r}: not sha256:<64 hex>")
+    media = next((ann[k] for k in A_TURBO_MEDIA if ann.get(k)), "")
+    return {"_turbo": {"index": i, "meta": meta, "size": layer.get("size"), "target": target,
+                       "media_type": media if isinstance(media, str) else ""}}
+
+
+def overlaybd_lowers(manifest, where, dir_root="", turbo_ok=False):
     """config.v1.json lowers for an overlaybd image manifest, bottom to top,
     from the layers' overlaybd annotations (docs/formats.md, Image manifests and annotations).  The
     acceleration (trace) layer is left out.  Every other layer must carry
-    the blob-digest annotation: a plain OCI layer is not guessed at."""
+    the blob-digest annotation: a plain OCI layer is not guessed at.
+    TurboOCI layers are refused unless `turbo_ok`; then each is a
+    placeholder {"_turbo": {...}} for tcmu_obd.image.turbometa.resolve."""
     lowers, plain, turbo = [], [], []
     for i, layer in enumerate(manifest["layers"]):
         if not isinstance(layer, dict):
@@ -209,6 +228,8 @@ def overlaybd_lowers(manifest, where, dir_root=""):
             continue
         if any(ann.get(k) for k in A_TURBO):
             turbo.append(i)
+            if turbo_ok:
+                lowers.append(_turbo_lower(layer, ann, i, where))
             continue
         digest = ann.get(A_BLOB_DIGEST)
         if not digest:
@@ -234,8 +255,8 @@ def overlaybd_lowers(manifest, where, dir_root=""):
         if dir_root:
             lower["dir"] = os.path.join(dir_root, digest.split(":", 1)[1])
         lowers.append(lower)
-    if turbo:
-        raise UsageError(f"{where}: layers {turbo} are TurboOCI layers; image-config handles "
+    if turbo and not turbo_ok:
+        raise UsageError(f"{where}: layers {turbo} are TurboOCI layers; this command handles "
                          f"only native overlaybd images")
     if plain:
         raise UsageError(f"{where}: not an overlaybd image: {len(plain)} of "
