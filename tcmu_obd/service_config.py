@@ -156,12 +156,21 @@ class TcmuObdConfig:
     read_deadline_sec: how long one device read keeps retrying while the
         registry is unreachable before it fails with EIO; 0 = retry forever,
         as overlaybd does.
+    read_ahead_bytes: largest read-ahead window of a blob read sequentially
+        (0: no read-ahead).
+    registry_max_requests: range requests in flight per registry, at most.
+    fetch_buffer_bytes: bytes fetched but not yet in the cache, at most.
     """
     registry_timeout_sec: float = _p("registryTimeoutSec", "num", 30,
                                      lambda v: "must be > 0" if v <= 0 else None)
     registry_retries: int = _p("registryRetries", "u32", 3)
     read_deadline_sec: float = _p("readDeadlineSec", "num", 60, lambda v: "must be >= 0 (0 = retry forever)"
                                   if v < 0 else None)
+    read_ahead_bytes: int = _p("readAheadBytes", "u64", 8 << 20)
+    registry_max_requests: int = _p("registryMaxRequests", "u32", 32,
+                                    lambda v: "must be >= 1" if v < 1 else None)
+    fetch_buffer_bytes: int = _p("fetchBufferBytes", "u64", 64 << 20,
+                                 lambda v: "must be >= 1" if v < 1 else None)
 
 
 def _default_user_agent():
