@@ -234,3 +234,12 @@ def test_cache_readahead_bytes_match_the_model(tmp_path_factory, reads, readahea
     assert not errors, errors[0]
     assert cache.buffer.peak <= 3 * 4096
     assert cache.slots_for(src).peak <= max_requests
+
+
+@pytest.mark.parametrize("kw,shown", [({"readahead": -1}, "readahead = -1"),
+                                      ({"max_requests": 0}, "max_requests = 0"),
+                                      ({"max_buffer": 0}, "max_buffer = 0"),
+                                      ({"max_requests": 2.5}, "max_requests = 2.5")])
+def test_cache_readahead_bad_settings_refused(tmp_path, kw, shown):
+    with pytest.raises(ValueError, match=f"FileCache {shown}: must be an integer"):
+        FileCache(str(tmp_path / "c"), 1, UNIT, **kw)
