@@ -174,7 +174,7 @@ def test_cache_readahead_close_cancels(tmp_path, proxy, client):
     # one slot for read-ahead, a slow registry: most of the window is still queued at close
     cache, cb = _open(tmp_path, proxy, client, readahead=8 * MiB, max_requests=2)
     proxy.delay = 0.05
-    for off in range(0, 4 * UNIT, UNIT):
+    for off in range(0, 6 * UNIT, UNIT):
         assert cb.read_at(off, UNIT) == BLOB[off:off + UNIT]
     with cb.lock:
         pending = sorted(cb.inflight)

@@ -56,6 +56,7 @@ MAX_ROUNDS = 64                 # fill rounds one request may take (its units ev
 MiB = 1 << 20
 PIECE = 1 * MiB                 # runs longer than this are fetched as concurrent pieces of this size
 RA_WORKERS = 8                  # read-ahead threads per cache
+STREAK = 2                      # read ahead from the 3rd miss in a row (not for an open's header + index)
 
 
 def _is_blob_name(name):
@@ -379,6 +380,7 @@ class CachedBlob:
         self._ra_idle = threading.Condition(self.lock)
         self._seq_lo = self._ra_end = -1    # units where a sequential reader's next miss falls
         self._window = 0                # current read-ahead window, bytes
+        self._streak = 0                # misses in a row that followed the one before
         self.readahead_units = 0        # units read ahead (for tests and benchmarks)
         path = cache.path(name)
         self.path = path
@@ -593,9 +595,10 @@ class CachedBlob:
                 return
             sequential = self._seq_lo <= u0 <= self._ra_end
             self._seq_lo = u1 - 1
-            if not sequential:
+            self._streak = self._streak + 1 if sequential else 0
+            if self._streak < STREAK:
                 self._window = 0
-                self._ra_end = u1
+                self._ra_end = max(self._ra_end, u1) if sequential else u1
                 return
             self._window = min(cache.readahead, max(2 * self._window, PIECE, self.unit))
             stop = min(self.presence_units, u1 + max(1, self._window // self.unit))
