@@ -56,7 +56,8 @@ MAX_ROUNDS = 64                 # fill rounds one request may take (its units ev
 MiB = 1 << 20
 PIECE = 1 * MiB                 # runs longer than this are fetched as concurrent pieces of this size
 RA_WORKERS = 8                  # read-ahead threads per cache
-STREAK = 2                      # read ahead from the 3rd miss in a row (not for an open's header + index)
+STREAK = 1                      # read ahead from the 2nd miss in a row (2 needs 3: too rare when the
+                                # kernel's own read-ahead interleaves a stream's misses)
 
 
 def _is_blob_name(name):
