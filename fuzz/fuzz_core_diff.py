@@ -294,35 +294,39 @@ def op_zfile_backing(prog, st):
     enc = prog.pick([C, R])
     stored, lens = enc.compress_blocks(algo, data, bs, verify)
     stored = bytearray(stored)
+    original = bytes(stored) + array.array("I", lens).tobytes()     # what the blocks' bytes were
     base = prog.pick([0, 3, 4096])
     size = len(data)
     data_end = 512 + len(stored)
     lenient = False
-    bad_table = False           # the constructor must refuse it
-    bad_blocks = False          # with CRCs, verify_all must fail
     lens_changed = False
     for _ in range(prog.int(0, 2)):       # damage
         how = prog.int(0, 5)
         if how == 0 and stored:
             stored[prog.int(0, len(stored) - 1)] ^= prog.int(1, 255)
             lenient |= algo == 2 and not verify
-            bad_blocks |= verify
         elif how == 1 and lens:
             new = prog.pick([0, 4, 5, 70000, prog.int(0, 5000)])
             i = prog.int(0, len(lens) - 1)
             lens_changed |= new != lens[i]
             lens[i] = new
             lenient |= algo == 2 and not verify
-            bad_table |= new == 0 or new == 70000 or (verify and new == 4)
         elif how == 2:
             size = prog.pick([size + 1, max(0, size - 1), size + bs, prog.u64(100000)])
-            bad_table |= -(-size // bs) != len(lens)
         elif how == 3:
             data_end = prog.pick([data_end - 1, data_end + 1000, prog.u64(5000)])
-            bad_table |= not lens_changed and data_end < 512 + sum(lens)
         elif how == 4 and stored:
             stored = stored[:prog.int(0, len(stored) - 1)]
-            bad_blocks |= verify
+    # what the constructor must refuse, judged on the final values (a second
+    # damage can undo the first: size + 1, then size - 1)
+    bad_table = (any(n == 0 or n == 70000 or (verify and n == 4) for n in lens)
+                 or -(-size // bs) != len(lens)
+                 or (not lens_changed and data_end < 512 + sum(lens)))
+    # with CRCs, verify_all must fail when a byte the blocks cover changed (a
+    # flip undone, or a cut that the table's first bytes happen to refill, is no damage)
+    covered = sum(lens)
+    now = bytes(stored) + array.array("I", lens).tobytes()
+    bad_blocks = verify and now[:covered] != original[:covered]
     image = bytes(base) + b"H" * 512 + bytes(stored) + array.array("I", lens).tobytes()
     fd = new_fd(st, image)
     table = array.array("I", lens).tobytes() + (b"\1" if prog.int(0, 7) == 0 else b"")

@@ -1,11 +1,10 @@
 /* Per-thread zstd contexts (see codec.h).  Contexts are freed when their
  * thread exits.  Nothing else lives here: LZ4 needs no context. */
-#define ZSTD_STATIC_LINKING_ONLY        /* ZSTD_customMem, ZSTD_create?Ctx_advanced */
 #include "codec.h"
 #include "mapguard.h"
 #include <pthread.h>
 #include <stdlib.h>
-#include <zstd.h>
+#include "lz4zstd.h"              /* our declarations: no libzstd-dev needed */
 
 static pthread_key_t dkey, ckey;
 static pthread_once_t once = PTHREAD_ONCE_INIT;

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 need_apt=()
-for pkg in liblz4-dev libzstd-dev e2fsprogs gcc docker-registry apache2-utils fuse3 libfuse3-3 libtcmu2 qemu-system-x86 busybox-static kmod tcmu-runner sg3-utils targetcli-fb dbus open-iscsi fio; do
+for pkg in e2fsprogs gcc systemd docker-registry apache2-utils fuse3 libfuse3-3 libtcmu2 qemu-system-x86 busybox-static kmod tcmu-runner sg3-utils targetcli-fb dbus open-iscsi fio prometheus; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -16,7 +16,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 "$PY" -m pip install -q --disable-pip-version-check \
-    "cython>=3.0" cffi zstandard lz4 requests pytest hypothesis atheris crc32c wheel "setuptools>=64" PyJWT cryptography mfusepy \
+    "cython>=3.0" cffi zstandard lz4 requests pytest hypothesis atheris crc32c wheel build "setuptools>=64" PyJWT cryptography mfusepy prometheus_client \
     2>&1 | grep -v -e "Location" -e "Running pip as the 'root'" || true
 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation -e . \
     2>&1 | grep -v -e "Location" -e "Running pip as the 'root'" || true

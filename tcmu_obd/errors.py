@@ -127,3 +127,8 @@ def _show(value):
     if isinstance(value, (bytes, bytearray)):
         return bytes(value[:32]).hex() + ("..." if len(value) > 32 else "")
     return repr(value)
+
+
+class InstallError(ObdError):
+    """`tcmu-obd install`/`uninstall` refused or failed: e.g. a foreign
+    overlaybd installation is in the way; the message names the path."""

@@ -12,8 +12,8 @@ Parsing is tcmu_obd.configfile's, with a table made from the dataclasses
 below, the same mechanism and rules as config.v1.json.  Strictness: a key
 present with the wrong JSON type (overlaybd asserts there) is a ConfigError
 naming the file, the key path and the value.  A key that
-turns on a feature tcmu-obd does not have yet (exporterConfig.enable,
-p2pConfig.enable, serviceConfig.enable) is an UnsupportedError: start-up is
+turns on a feature tcmu-obd does not have yet (serviceConfig.enable)
+is an UnsupportedError: start-up is
 refused rather than the feature silently missing.  A path given explicitly
 must exist; only "no path given" falls back (load_given).  Integers must
 be JSON integers inside the range of the C++ field (uint32/int32/uint64).  An
@@ -26,6 +26,7 @@ is `cfg.cache_config.cache_size_gb`); `key_path(cls, attr)` maps back.
 import os
 import warnings
 from dataclasses import dataclass, field, fields, replace
+from urllib.parse import urlsplit
 
 from tcmu_obd import __version__
 from tcmu_obd.configfile import Key, Table, read, read_json, refuse
@@ -351,12 +352,14 @@ def _check(cfg, source):
                       "overlaybd treats anything but v2 as v1", ConfigWarning, stacklevel=3)
     if cfg.exporter_config.enable and not 1 <= cfg.exporter_config.port <= 65535:
         bad("exporterConfig.port", cfg.exporter_config.port, "must be a TCP port (1..65535)")
-    for key, on, what in ((("exporterConfig.enable", cfg.exporter_config.enable,
-                            "Prometheus metrics are not supported yet")),
-                          ("p2pConfig.enable", cfg.p2p_config.enable,
-                           "P2P registry access is not supported yet"),
-                          ("serviceConfig.enable", cfg.service_config.enable,
-                           "the live-snapshot HTTP API is not supported yet")):
+    if cfg.exporter_config.enable and not cfg.exporter_config.uri_prefix.startswith("/"):
+        bad("exporterConfig.uriPrefix", cfg.exporter_config.uri_prefix, "must start with '/'")
+    if cfg.p2p_config.enable:
+        why = _p2p_address_problem(cfg.p2p_config.address)
+        if why:
+            bad("p2pConfig.address", cfg.p2p_config.address, why)
+    for key, on, what in (("serviceConfig.enable", cfg.service_config.enable,
+                           "the live-snapshot HTTP API is not supported yet"),):
         if on:
             raise UnsupportedError(f"{source}: {key} = true: {what}")
     if cfg.gzip_cache_config.enable:
@@ -367,6 +370,28 @@ def _check(cfg, source):
         warnings.warn(f"{source}: ioEngine = {cfg.io_engine} ({IO_ENGINES[cfg.io_engine]}): "
                       "tcmu-obd reads local layers with pread or a mapping (psync); the same bytes, "
                       "another engine", ConfigWarning, stacklevel=3)
+
+
+def _p2p_address_problem(address):
+    """Why a P2P proxy address cannot be used, or None.  Like overlaybd's
+    example "localhost:19145/dadip2p", the scheme may be left out (http)."""
+    text = address.strip()
+    if not text:
+        return "must not be empty with p2pConfig.enable = true"
+    if "://" not in text:
+        text = "http://" + text
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 -- raises on a bad port
+    except ValueError as e:
+        return f"not a URL ({e})"
+    if parts.scheme not in ("http", "https"):
+        return f"scheme {parts.scheme!r}: expected http or https"
+    if not parts.hostname:
+        return "no host"
+    if parts.query or parts.fragment:
+        return "must not have a query or fragment (blob URLs are appended to it)"
+    return None
 
 
 def _refill_problem(size):

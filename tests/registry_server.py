@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import struct
@@ -174,9 +175,10 @@ class Registry:
 
     auth: None, "basic" (htpasswd of `users`) or "token" (a TokenServer with
     `users`, reachable as .tokens).  token_kw goes to TokenServer.
+    access_log: keep the registry's access log; access() lists its requests.
     """
 
-    def __init__(self, auth=None, users=None, start_timeout=15.0, **token_kw):
+    def __init__(self, auth=None, users=None, start_timeout=15.0, access_log=False, **token_kw):
         require("docker-registry")
         self.start_timeout = start_timeout     # the qemu guest (TCG) needs far longer
         if auth == "basic":
@@ -186,6 +188,7 @@ class Registry:
         self.auth = auth
         self.users = users or {}
         self.token_kw = token_kw
+        self.access_log = access_log
         self.tokens = None
         self.proc = None
         self.tmp = tempfile.mkdtemp(prefix="obd-registry-")
@@ -216,7 +219,7 @@ class Registry:
         cfg = os.path.join(self.tmp, "config.yml")
         with open(cfg, "w") as f:
             f.write("version: 0.1\n"
-                    "log: {level: warn, accesslog: {disabled: true}}\n"
+                    f"log: {{level: warn, accesslog: {{disabled: {str(not self.access_log).lower()}}}}}\n"
                     "storage:\n"
                     "  cache: {blobdescriptor: inmemory}\n"
                     f"  filesystem: {{rootdirectory: {os.path.join(self.tmp, 'data')}}}\n"
@@ -248,6 +251,15 @@ class Registry:
                 return f.read()[-2000:].decode(errors="replace")
         except OSError:
             return ""
+
+    def access(self):
+        """(method, path, status) of every request in the access log so far
+        (needs access_log=True)."""
+        assert self.access_log, "Registry(access_log=True) keeps the access log"
+        with open(self.log_path, "rb") as f:
+            text = f.read().decode(errors="replace")
+        return [(m, p, int(st)) for m, p, st in
+                re.findall(r'"([A-Z]+) (\S+) HTTP/[\d.]+" (\d{3}) ', text)]
 
     def __exit__(self, *exc):
         if self.proc is not None:

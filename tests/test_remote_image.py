@@ -218,3 +218,44 @@ def test_config_errors_for_remote_lowers(pushed, tmp_path):
 def test_blob_url_joins_like_overlaybd():
     assert blob_url("http://h/v2/r/blobs", "sha256:ab") == "http://h/v2/r/blobs/sha256:ab"
     assert blob_url("http://h/v2/r/blobs/", "sha256:ab") == "http://h/v2/r/blobs/sha256:ab"
+
+
+def test_damaged_cache_block_heals_and_is_counted(pushed, tmp_path):
+    """Bytes of a ZFile layer damaged on the cache disk after they were
+    cached: the read evicts and refetches the blocks that fail their CRC,
+    returns the right bytes, and tcmu_obd.stats (the exporter's
+    tcmu_obd_crc_healed_total) counts the heal."""
+    from tcmu_obd import stats
+    cfg, svc = _configs(pushed, tmp_path)
+    off, n = (1 << 30) + 8192, 256 << 10          # inside the ZFile layer's data
+    image = assemble.open_image(str(cfg), svc)
+    try:
+        want = image.read(off, n)
+    finally:
+        image.close()
+    low = pushed["lowers"][1]
+    cpath = tmp_path / "cache" / low["digest"]
+    fd = os.open(cpath, os.O_RDWR)
+    try:           # flip a byte every 4 KiB of cached data, away from the headers and the index
+        pos, flipped = 64 << 10, 0
+        limit = low["size"] - (1 << 20) - (64 << 10)
+        while pos < limit:
+            try:
+                b = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            e = min(os.lseek(fd, b, os.SEEK_HOLE), limit)
+            for at in range(b, e, 4096):
+                os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0x5A]), at)
+                flipped += 1
+            pos = max(e, b + 1)
+    finally:
+        os.close(fd)
+    assert flipped, "nothing cached to damage"
+    before = stats.snapshot()["crc_healed"]
+    image = assemble.open_image(str(cfg), svc)
+    try:
+        assert image.read(off, n) == want
+    finally:
+        image.close()
+    assert stats.snapshot()["crc_healed"] > before

@@ -322,12 +322,10 @@ def test_service_config_defaults_io_engine_range_ok(engine):
 
 
 # ------------------------------------------------------------------ unimplemented features
-UNSUPPORTED = [({"exporterConfig": {"enable": True}}, "exporterConfig.enable = true: Prometheus metrics"),
-               ({"p2pConfig": {"enable": True}}, "p2pConfig.enable = true: P2P"),
-               ({"serviceConfig": {"enable": True}}, "serviceConfig.enable = true: the live-snapshot")]
+UNSUPPORTED = [({"serviceConfig": {"enable": True}}, "serviceConfig.enable = true: the live-snapshot")]
 
 
-@pytest.mark.parametrize("obj,msg", UNSUPPORTED, ids=["exporter", "p2p", "snapshot-api"])
+@pytest.mark.parametrize("obj,msg", UNSUPPORTED, ids=["snapshot-api"])
 def test_service_config_defaults_unimplemented_feature_refused(tmp_path, obj, msg):
     path = write(tmp_path, obj)
     with pytest.raises(UnsupportedError) as info:
@@ -337,6 +335,31 @@ def test_service_config_defaults_unimplemented_feature_refused(tmp_path, obj, ms
     key = next(iter(obj))
     with no_warnings():
         sc.from_dict({key: {"enable": False}})        # off (the default) is fine
+
+
+def test_service_config_defaults_p2p_enable_accepted():
+    with no_warnings():
+        cfg = sc.from_dict({"p2pConfig": {"enable": True}})
+    assert cfg.p2p_config.enable and cfg.p2p_config.address == "http://localhost:9731/accelerator"
+    with no_warnings():      # overlaybd's own example leaves the scheme out
+        assert sc.from_dict({"p2pConfig": {"enable": True, "address": "localhost:19145/dadip2p"}}) \
+            .p2p_config.address == "localhost:19145/dadip2p"
+
+
+@pytest.mark.parametrize("address,why", [("", "must not be empty"), ("   ", "must not be empty"),
+                                         ("ftp://h:1/p", "scheme 'ftp'"),
+                                         ("http://:19145/dadip2p", "no host"),
+                                         ("localhost:99999/dadip2p", "not a URL"),
+                                         ("http://h:1/p?x=1", "query or fragment")])
+def test_service_config_defaults_p2p_bad_address_refused(tmp_path, address, why):
+    path = write(tmp_path, {"p2pConfig": {"enable": True, "address": address}})
+    with pytest.raises(ConfigError) as info:
+        sc.load(path)
+    text = str(info.value)
+    assert str(path) in text and "p2pConfig.address" in text and json.dumps(address) in text \
+        and why in text, text
+    with no_warnings():        # only checked when P2P is on
+        sc.from_dict({"p2pConfig": {"enable": False, "address": address}})
 
 
 def test_service_config_defaults_gzip_cache_enable_warns():

@@ -213,7 +213,9 @@ def parser():
                    help="cred.json to use instead of the global config's credentials")
     s.set_defaults(fn=cmd_image_config)
     from tcmu_obd.cli import convert, mount, serve  # image building; FUSE + loop; TCMU daemon and devices
+    from tcmu_obd.cli import install                # overlaybd's file layout
     mount.add_subcommands(sub, common)
+    install.add_subcommands(sub, common)
     serve.add_subcommands(sub, common)
     convert.add_subcommands(sub, common)
     return p

@@ -29,7 +29,8 @@ import threading
 import time
 import traceback
 
-from tcmu_obd.serve import fuse
+from tcmu_obd import service_config
+from tcmu_obd.serve import exporter, fuse
 from tcmu_obd.errors import UsageError
 from tcmu_obd.cli.common import open_target, run, subcommand_main
 
@@ -167,10 +168,14 @@ def serve(args, ready):
     image = open_target(args.config, args.service_config)
     disk = None
     dev = None
+    metrics = None
     clean = True
     ready_sent = [False]
     try:
         disk = fuse.FuseDisk(image, args.dir, direct_io=args.direct_io)
+        # before the mount is ready: a port in use fails the mount, it does not go unnoticed
+        metrics = exporter.start(service_config.load_given(args.service_config),
+                                 fuse_disks=lambda: {disk.path: disk.ops})
         if disk.start(args.timeout, cancel=wake):
             if args.loop and not wake.is_set():
                 dev = fuse.loop_attach(disk.path, read_only=not image.writable)
@@ -186,6 +191,8 @@ def serve(args, ready):
             log.warning("%s before the mount was ready: tearing down", stop["sig"])
     finally:
         try:
+            if metrics is not None:
+                metrics.stop()
             if dev is not None:
                 _detach_or_wait(dev, disk)
         finally:

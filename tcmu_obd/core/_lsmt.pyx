@@ -28,6 +28,7 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from tcmu_obd.errors import FormatError, ReadError, UsageError
 from tcmu_obd.core import readerr
+from tcmu_obd import stats
 
 # The parts, by concept; one extension module, because the TCMU ring takes a
 # C function pointer from it (STACK_READ) and the parts share cdef functions

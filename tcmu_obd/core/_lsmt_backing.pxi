@@ -338,6 +338,8 @@ cdef class Backing:
                     break
         finally:
             unpin_all(tries)
+        if tries:
+            count_recovered(rc, tries)
         if rc:
             raise_err(&err, files)
         return out

@@ -210,6 +210,17 @@ cdef int recover(Err *err, list files, dict tries) except -1:
     return 0
 
 
+cdef count_recovered(int rc, dict tries):
+    """Tell tcmu_obd.stats about a read that went through recover(): it
+    fetched (a "miss" round), and the blocks it refetched after a failed
+    check, which count as healed when the read then succeeded."""
+    healed = sum(1 for k in tries if type(k) is tuple) if rc == 0 else 0
+    if "miss" in tries:
+        stats.read_fetched(healed)
+    elif healed:
+        stats.read_healed(healed)
+
+
 cdef int raise_err(Err *err, list files) except -1:
     """Raise the exception for a failed read (the messages: tcmu_obd.core.readerr)."""
     name = files[err.which].name if 0 <= err.which < len(files) else "<backing>"

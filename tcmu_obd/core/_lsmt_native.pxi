@@ -12,7 +12,7 @@ cdef extern from "crc32c.h" nogil:
     uint32_t obd_crc32c(uint32_t seed, const void *data, size_t n)
     int obd_crc32c_hw()
 
-cdef extern from "lz4.h" nogil:
+cdef extern from "lz4zstd.h" nogil:           # our declarations (native/lz4zstd.h)
     int LZ4_decompress_safe(const char *src, char *dst, int csize, int cap)
     int LZ4_compress_default(const char *src, char *dst, int size, int cap)
     int LZ4_compressBound(int size)
@@ -64,7 +64,7 @@ cdef extern from "mapguard.h" nogil:
     int obd_map(int fd, uint64_t off, uint64_t length, const char **base, void **mapping, size_t *maplen)
     void obd_unmap(void *mapping, size_t maplen)
 
-cdef extern from "zstd.h" nogil:
+cdef extern from "lz4zstd.h" nogil:
     size_t ZSTD_compressBound(size_t size)
     unsigned ZSTD_isError(size_t code)
 

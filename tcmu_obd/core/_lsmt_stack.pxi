@@ -197,6 +197,8 @@ cdef class Stack:
         finally:
             unpin_all(tries)
             PyBuffer_Release(&view)
+        if tries:
+            count_recovered(rc, tries)
         if rc:
             raise_err(&err, self.files_py)
         return None

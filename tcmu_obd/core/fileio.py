@@ -1,8 +1,10 @@
-"""Two file primitives every room above the core uses: punching a hole (the
-space of a range goes back to the file system, its bytes read as zeros) and a
-pwrite that writes everything.  Not buffering, not fsync policy."""
+"""File primitives every room above the core uses: punching a hole (the
+space of a range goes back to the file system, its bytes read as zeros), a
+pwrite that writes everything, and an atomic whole-file write.  Not
+buffering, not fsync policy beyond the atomic write's own."""
 import ctypes
 import os
+import tempfile
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
@@ -27,3 +29,23 @@ def pwrite_all(fd, data, offset):
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+def write_atomic(path, data, mode=0o600, prefix=".tmp-"):
+    """Write data to path through a synced temporary file in the same
+    directory and a rename, so a reader sees the old file or the new one."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

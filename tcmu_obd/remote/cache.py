@@ -41,7 +41,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
-from tcmu_obd import core
+from tcmu_obd import core, stats
 from tcmu_obd.errors import FormatError, ReadError
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,7 @@ class FileCache:
         self.used = 0
         self.evictions = 0              # whole blobs evicted (for tests and benchmarks)
         self._scan()
+        stats.track_cache(self)
 
     def _scan(self):
         """Rebuild the accounting from the directory (state survives restarts)."""

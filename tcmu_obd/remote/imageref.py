@@ -10,9 +10,9 @@ import json
 import logging
 import os
 import re
-import tempfile
 from urllib.parse import urlsplit
 
+from tcmu_obd.core import fileio
 from tcmu_obd.remote import distribution, registry
 from tcmu_obd.remote.credentials import CredentialProvider
 from tcmu_obd.errors import ManifestError, UsageError
@@ -36,7 +36,8 @@ def client_from_service_config(svc, cred_file=""):
     settings = registry.RegistrySettings(
         timeout=own.registry_timeout_sec, retries=own.registry_retries,
         read_deadline=own.read_deadline_sec, user_agent=svc.user_agent,
-        cert_file=svc.cert_config.cert_file, key_file=svc.cert_config.key_file)
+        cert_file=svc.cert_config.cert_file, key_file=svc.cert_config.key_file,
+        p2p_address=svc.p2p_config.address if svc.p2p_config.enable else "")
     return registry.RegistryClient(settings, creds)
 
 
@@ -259,22 +260,8 @@ def go_json(obj):
 
 
 def write_atomic(path, data, mode=0o600):
-    """Write data to path through a temporary file and rename (as the
-    snapshotter writes config.v1.json: atomically, mode 0600)."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".config-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write data to path atomically, mode 0600 (as the snapshotter writes
+    config.v1.json)."""
+    fileio.write_atomic(path, data, mode, prefix=".config-")
 
 

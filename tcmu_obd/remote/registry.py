@@ -7,8 +7,15 @@ on top of RegistryClient.send.
 This is not a cache and not a file system: it returns exactly the bytes the
 registry sent for a range, checked for status, range and length, but it cannot
 tell flipped bytes from good ones (a raw blob has no checksum per range; the
-ZFile CRCs above catch that).  Credentials come from a CredentialProvider;
-p2p prefixes are not handled here.
+ZFile CRCs above catch that).  Credentials come from a CredentialProvider.
+
+P2P (p2pConfig): with `p2p_address` set, every data GET (range reads and the
+size probe) goes to `<p2p_address>/<resolved blob URL>`, the form overlaybd
+and dadi-p2proxy use, with the same Range and Authorization headers; the
+challenge, token and redirect resolution still talk to the registry itself.
+A proxy that fails 1 + `retries` times in a row for one request is logged and
+the request goes to the registry directly; the proxy is then skipped for
+`p2p_recheck` seconds (so a dead proxy costs one warning, not a stall per read).
 
 Differences from overlaybd, on purpose: a read retries for at most
 `read_deadline` seconds (overlaybd retries for days); a cached token is
@@ -30,7 +37,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import urllib3
 
-from tcmu_obd import __version__
+from tcmu_obd import __version__, stats
 from tcmu_obd.errors import (AuthError, BlobNotFound, ConnectionFailed, RemoteError, RemoteTimeout,
                              TooManyRequests, UnexpectedResponse, UsageError)
 
@@ -60,6 +67,9 @@ class RegistrySettings:
     raises RemoteTimeout; 0 means retry transient failures forever.
     cert_file / key_file: TLS client certificate (certConfig).  ca_bundle: CA
     file to trust instead of requests' default.  verify: check server certs.
+    p2p_address: the P2P proxy's address (p2pConfig.address when enabled), ""
+    for none; one without a scheme is taken as http://.  p2p_recheck: seconds
+    the proxy is skipped after it failed a request (see the module docstring).
     """
     timeout: float = 30.0
     retries: int = 3
@@ -71,6 +81,8 @@ class RegistrySettings:
     key_file: str = ""
     ca_bundle: str = ""
     verify: bool = True
+    p2p_address: str = ""
+    p2p_recheck: float = 30.0
 
     def delay(self, attempt):
         return min(self.max_backoff, self.backoff * (2 ** min(attempt, 30)))
@@ -79,6 +91,15 @@ class RegistrySettings:
 def blob_url(repo_blob_url, digest):
     """overlaybd's blob URL: repoBlobUrl + ("/" unless it ends with "/") + digest."""
     return repo_blob_url + ("" if repo_blob_url.endswith("/") else "/") + digest
+
+
+def p2p_url(address, url):
+    """The URL a P2P proxy at `address` serves `url` under: the two joined by
+    one '/' (a trailing '/' of address is dropped; no scheme means http://)."""
+    address = address.strip().rstrip("/")
+    if "://" not in address:
+        address = "http://" + address
+    return address + "/" + url
 
 
 def parse_challenge(header):
@@ -182,6 +203,7 @@ class RegistryClient:
         self._sessions = []
         self._tokens = {}     # (realm, service, scope) -> (token, expires)
         self._resolved = {}   # url -> _Resolution
+        self._p2p_skip_until = 0.0   # monotonic time before which the P2P proxy is not tried
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -374,23 +396,23 @@ class RegistryClient:
                 if isinstance(e, (AuthError, BlobNotFound)):
                     hard += 1
                     if hard > st.retries:
+                        stats.registry_error(url)
                         raise
                 elif meta and attempt >= st.retries:
+                    stats.registry_error(url)
                     raise
             delay = st.delay(attempt)
             attempt += 1
             log.debug("retry %d of %s in %.3f s after: %s", attempt, url, delay, last)
             if time.monotonic() + delay + _MIN_ATTEMPT >= deadline:
+                stats.registry_error(url)
                 raise RemoteTimeout(url, last.status, f"gave up after {attempt} attempts in "
                                     f"{time.monotonic() - start:.2f} s; last error: {last}") from last
+            stats.registry_retry(url)
             time.sleep(delay)
 
     def _blob_size(self, url):
-        def op(deadline):
-            res = self.resolve(url)
-            if res.size is not None:
-                return res.size
-            resp = self._data_get(url, res, 0, 1, deadline)
+        def take(resp):
             try:
                 if resp.status_code == 416 and _size_from(resp) == 0:
                     return 0
@@ -402,48 +424,98 @@ class RegistryClient:
                 return size
             finally:
                 _close(resp)
+
+        def op(deadline):
+            res = self.resolve(url)
+            if res.size is not None:
+                return res.size
+            return self._fetch(url, res, 0, 1, deadline, take)
         return self._retry(url, op, meta=True)
 
-    def _data_get(self, url, res, offset, length, deadline):
+    def _range_headers(self, res, offset, length):
         headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
         if res.authorization and not res.redirect:
             headers["Authorization"] = res.authorization
+        return headers
+
+    def _data_get(self, url, res, offset, length, deadline):
         timeout = min(self.settings.timeout, max(0.001, deadline - time.monotonic()))
-        return self._request("GET", res.actual_url, headers=headers, timeout=timeout,
-                             allow_redirects=res.redirect)
+        return self._request("GET", res.actual_url, headers=self._range_headers(res, offset, length),
+                             timeout=timeout, allow_redirects=res.redirect)
+
+    def _fetch(self, url, res, offset, length, deadline, take):
+        """take(response) for a data GET of bytes offset+length: through the
+        P2P proxy when one is set and not being skipped, else (or after the
+        proxy failed 1 + retries times) from the registry.  take checks and
+        closes the response; its RemoteError is a failure of that source."""
+        st = self.settings
+        if st.p2p_address and time.monotonic() >= self._p2p_skip_until:
+            last = None
+            for attempt in range(st.retries + 1):
+                if attempt:
+                    delay = st.delay(attempt - 1)
+                    if time.monotonic() + delay + _MIN_ATTEMPT >= deadline:
+                        break
+                    time.sleep(delay)
+                    if isinstance(last, AuthError):
+                        # the registry behind the proxy refused the credentials: re-authenticate
+                        self.invalidate(url, last)
+                        res = self.resolve(url)
+                via = p2p_url(st.p2p_address, res.actual_url)
+                timeout = min(st.timeout, max(0.001, deadline - time.monotonic()))
+                try:
+                    # the proxy may send an agent on to another node with a redirect
+                    resp = self._request("GET", via, headers=self._range_headers(res, offset, length),
+                                         timeout=timeout, allow_redirects=True)
+                    return take(resp)
+                except RemoteError as e:
+                    last = e
+                    log.debug("p2p proxy attempt %d for %s failed: %s", attempt + 1, via, e)
+            with self._lock:
+                first = time.monotonic() >= self._p2p_skip_until
+                self._p2p_skip_until = time.monotonic() + st.p2p_recheck
+            (log.warning if first else log.info)(
+                "p2p proxy %s failed for bytes %d+%d of %s (last error: %s); reading from the "
+                "registry directly, and skipping the proxy for %.0f s",
+                st.p2p_address, offset, length, url, last, st.p2p_recheck)
+        return take(self._data_get(url, res, offset, length, deadline))
 
     def _read(self, blob, offset, length):
         url = blob.url
 
         def op(deadline):
-            res = self.resolve(url)
-            start = time.monotonic()
-            until = min(deadline, start + self.settings.timeout)
-            resp = self._data_get(url, res, offset, length, deadline)
-            drain = True
-            try:
-                status = resp.status_code
-                drain = status not in (200, 206)
-                if status == 206:
-                    cr = parse_content_range(resp.headers.get("Content-Range"))
-                    end = offset + length - 1
-                    if not cr or cr[0] is None or cr[0] > offset or cr[1] < end:
-                        raise UnexpectedResponse(url, status, f"Content-Range "
-                                                 f"{resp.headers.get('Content-Range')!r} does not "
-                                                 f"cover bytes {offset}-{end}")
-                    exact = cr[0] == offset and cr[1] == end
-                    return _read_body(url, resp, offset - cr[0], length, until, exact)
-                if status == 200:
-                    n = resp.headers.get("Content-Length")
-                    if n is not None and n.isdigit() and int(n) != blob.size:
-                        raise UnexpectedResponse(url, status, f"a 200 answer of {n} bytes to a "
-                                                 f"range request on a {blob.size}-byte blob")
-                    return _read_body(url, resp, offset, length, until,
-                                      exact=offset == 0 and length == blob.size)
-                raise _status_error(url, status, f"reading bytes {offset}+{length}")
-            finally:
-                _close(resp, drain)
-        return self._retry(url, op, meta=False)
+            def take(resp):
+                until = min(deadline, time.monotonic() + self.settings.timeout)
+                drain = True
+                try:
+                    status = resp.status_code
+                    drain = status not in (200, 206)
+                    if status == 206:
+                        cr = parse_content_range(resp.headers.get("Content-Range"))
+                        end = offset + length - 1
+                        if not cr or cr[0] is None or cr[0] > offset or cr[1] < end:
+                            raise UnexpectedResponse(url, status, f"Content-Range "
+                                                     f"{resp.headers.get('Content-Range')!r} does not "
+                                                     f"cover bytes {offset}-{end}")
+                        exact = cr[0] == offset and cr[1] == end
+                        return _read_body(url, resp, offset - cr[0], length, until, exact)
+                    if status == 200:
+                        n = resp.headers.get("Content-Length")
+                        if n is not None and n.isdigit() and int(n) != blob.size:
+                            raise UnexpectedResponse(url, status, f"a 200 answer of {n} bytes to a "
+                                                     f"range request on a {blob.size}-byte blob")
+                        return _read_body(url, resp, offset, length, until,
+                                          exact=offset == 0 and length == blob.size)
+                    raise _status_error(url, status, f"reading bytes {offset}+{length}")
+                finally:
+                    _close(resp, drain)
+
+            stats.registry_request(url)
+            return self._fetch(url, self.resolve(url), offset, length, deadline, take)
+        t0 = time.monotonic_ns()
+        data = self._retry(url, op, meta=False)
+        stats.registry_read(url, len(data), time.monotonic_ns() - t0)
+        return data
 
     # -- generic authenticated requests (uploads, manifests) -----------------------------------
 

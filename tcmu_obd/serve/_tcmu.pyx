@@ -36,8 +36,24 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy, memset
 from posix.unistd cimport close, read, write
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 log = logging.getLogger("tcmu_obd.tcmu")
+
+# Upper bounds (µs) of the per-device command latency histogram (Device.latency).
+_LAT_BOUNDS_PY = (50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000,
+                  500000, 1000000, 2500000)
+cdef enum:
+    LAT_NBOUNDS = 15
+cdef uint64_t LAT_BOUNDS_US[LAT_NBOUNDS]
+for _k, _b in enumerate(_LAT_BOUNDS_PY):
+    LAT_BOUNDS_US[_k] = _b
+
+
+cdef inline uint64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:

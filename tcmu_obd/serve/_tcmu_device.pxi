@@ -42,6 +42,10 @@ cdef class Device:
     # statistics
     cdef public uint64_t n_cmds, n_reads, n_writes, n_other, bytes_read, bytes_written
     cdef public uint64_t max_read, max_write, n_errors
+    # latency of every command, ring to completion (owner thread only; read at scrape time)
+    cdef uint64_t lat_count[LAT_NBOUNDS + 1]     # per bucket, not cumulative; the last is +Inf
+    cdef uint64_t lat_sum_ns
+    cdef uint64_t read_lat_max_ns               # since the last latency() call that reset it
 
     def __cinit__(self):
         self.efd = -1
@@ -125,6 +129,30 @@ cdef class Device:
                 "bytes_written": self.bytes_written, "max_read": self.max_read,
                 "max_write": self.max_write, "errors": self.n_errors}
 
+    def latency(self, bint reset_max=False):
+        """(bucket upper bounds in seconds, per-bucket counts with +Inf last,
+        sum of latencies in seconds, largest read latency in seconds since
+        the last call with reset_max).  Read without a lock: a scrape may see
+        a count one command ahead of the sum."""
+        cdef int k
+        counts = [self.lat_count[k] for k in range(LAT_NBOUNDS + 1)]
+        mx = self.read_lat_max_ns
+        if reset_max:
+            self.read_lat_max_ns = 0
+        return [LAT_BOUNDS_US[k] / 1e6 for k in range(LAT_NBOUNDS)], counts, self.lat_sum_ns / 1e9, mx / 1e9
+
+    cdef void timed(self, uint64_t t0, int kind) noexcept nogil:
+        """Count one completed command that left the ring at t0 (owner thread)."""
+        cdef uint64_t ns = now_ns() - t0
+        cdef uint64_t us = ns // 1000
+        cdef int k = 0
+        while k < LAT_NBOUNDS and us > LAT_BOUNDS_US[k]:
+            k += 1
+        self.lat_count[k] += 1
+        self.lat_sum_ns += ns
+        if kind == K_READ and ns > self.read_lat_max_ns:
+            self.read_lat_max_ns = ns
+
     # -------------------------------------------------------------- owner thread
     def _owner(self):
         with nogil:
@@ -172,10 +200,14 @@ cdef class Device:
                         nxt_cmd = tcmulib_get_next_command(self.dev, sizeof(Job))
                         self.solo = nxt_cmd == NULL
                         self.n_cmds += 1
+                        j = <Job *>cmd.hm_private
+                        j.t0 = now_ns()
+                        j.kind = -1
                         rc = self.submit(cmd)
                         if rc != QUEUED:
                             if rc != TCMU_STS_OK:
                                 self.n_errors += 1
+                            self.timed(j.t0, j.kind)
                             tcmulib_command_complete(self.dev, cmd, rc)
                             completed += 1
                         cmd = nxt_cmd
@@ -188,6 +220,7 @@ cdef class Device:
                 self.inflight -= 1
                 if j.result != TCMU_STS_OK:
                     self.n_errors += 1
+                self.timed(j.t0, j.kind)
                 tcmulib_command_complete(self.dev, j.cmd, j.result)    # frees cmd and j
                 completed += 1
                 j = nxt

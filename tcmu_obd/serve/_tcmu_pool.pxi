@@ -16,6 +16,7 @@ cdef struct Job:
     int result
     uint64_t offset        # bytes
     uint64_t length        # bytes
+    uint64_t t0            # CLOCK_MONOTONIC ns when the owner thread took it from the ring
 
 
 cdef struct Queue:

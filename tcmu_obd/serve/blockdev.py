@@ -202,7 +202,8 @@ class PrivateDaemon:
         from tcmu_obd.serve import daemon
         self._take_lock()
         try:
-            d = daemon.Daemon(self.svc, workers=PRIVATE_WORKERS, dbus="no", pid_file=None)
+            d = daemon.Daemon(self.svc, workers=PRIVATE_WORKERS, dbus="no", pid_file=None,
+                              metrics=False)
             d.handler.open_image = self._open
             d.start()
             self.daemon = d

@@ -23,6 +23,7 @@ import threading
 import time
 
 from tcmu_obd.serve import handler as handler_mod
+from tcmu_obd.serve import exporter
 from tcmu_obd import service_config
 
 from tcmu_obd.errors import ObdError
@@ -259,7 +260,9 @@ def missing_module_help():
 
 class Daemon:
     def __init__(self, cfg, workers=8, dbus="auto", pid_file=DEFAULT_PID_FILE, write_cache=True,
-                 inline_max=INLINE_MAX):
+                 inline_max=INLINE_MAX, metrics=True):
+        """metrics: serve exporterConfig's endpoint when it is enabled (a tool's
+        private daemon does not: the port belongs to the real daemon)."""
         from tcmu_obd.serve import _tcmu
         self._tcmu = _tcmu
         self.cfg = cfg
@@ -273,6 +276,8 @@ class Daemon:
         self.pool = None
         self.glib = None
         self.dbus_service = None
+        self.metrics = None
+        self.want_metrics = metrics
         self.stopping = False
 
     def start(self):
@@ -301,6 +306,8 @@ class Daemon:
                 log.info("D-Bus: exporting subtype %s", handler_mod.SUBTYPE)
             except (OSError, AttributeError) as e:
                 log.warning("D-Bus registration skipped: %s", e)
+        if self.want_metrics:
+            self.metrics = exporter.start(self.cfg, tcmu_devices=self._devices)
         if self.pid_file:
             try:
                 os.makedirs(os.path.dirname(self.pid_file), exist_ok=True)
@@ -313,6 +320,10 @@ class Daemon:
                  handler_mod.SUBTYPE, self.workers, len(self.ctx.devices), nofile,
                  ", D-Bus" if self.glib else "")
         self.audit("start", pid=os.getpid(), devices=len(self.ctx.devices))
+
+    def _devices(self):
+        ctx = self.ctx
+        return dict(ctx.devices) if ctx is not None else {}
 
     def run(self):
         """Serve until SIGTERM/SIGINT (or stop()); main thread only (signals)."""
@@ -375,6 +386,9 @@ class Daemon:
 
     def stop(self):
         n = len(self.ctx.devices) if self.ctx else 0
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         if self.ctx is not None:
             t0 = time.monotonic()
             self.ctx.close()            # flushes and closes every image
@@ -412,7 +426,7 @@ def serve(config_path=None, workers=8, dbus="auto",
         return 1
     try:
         d.start()
-    except StartError as e:
+    except ObdError as e:      # StartError, or the metrics port in use
         log.error("%s", e)
         if not log_stderr:
             print(f"tcmu-obd serve: {e}", file=sys.stderr)
