@@ -167,7 +167,7 @@ class TcmuObdConfig:
     registry_retries: int = _p("registryRetries", "u32", 3)
     read_deadline_sec: float = _p("readDeadlineSec", "num", 60, lambda v: "must be >= 0 (0 = retry forever)"
                                   if v < 0 else None)
-    read_ahead_bytes: int = _p("readAheadBytes", "u64", 8 << 20)
+    read_ahead_bytes: int = _p("readAheadBytes", "u64", 32 << 20)
     registry_max_requests: int = _p("registryMaxRequests", "u32", 32,
                                     lambda v: "must be >= 1" if v < 1 else None)
     fetch_buffer_bytes: int = _p("fetchBufferBytes", "u64", 64 << 20,

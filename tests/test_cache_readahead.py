@@ -100,6 +100,79 @@ def test_cache_readahead_fills_ahead_of_a_sequential_reader(tmp_path, proxy, cli
         cb.close()
 
 
+def test_cache_readahead_large_window_in_several_large_requests(tmp_path, proxy, client):
+    # a 16 MiB window is fetched as 4 MiB requests (a quarter of it), several in flight at once
+    cache, cb = _open(tmp_path, proxy, client, readahead=16 * MiB)
+    try:
+        proxy.delay = 0.02
+        proxy.peak = 0
+        first = len(proxy.seen)
+        step = 128 << 10
+        for off in range(0, 12 * MiB, step):
+            assert cb.read_at(off, step) == BLOB[off:off + step]
+        _settle(cb)
+        gets = _data_gets(proxy, first)
+        assert max(n for _o, n in gets) == 4 * MiB, gets
+        fetched = sum(n for _o, n in gets)
+        assert len(gets) * 2 * MiB <= fetched, gets        # 2 MiB a request on average at least
+        assert proxy.peak > 1, "read-ahead requests went one at a time"
+        assert fetched <= 12 * MiB + 16 * MiB + UNIT
+    finally:
+        cb.close()
+
+
+def test_cache_readahead_stray_miss_keeps_the_stream(tmp_path, proxy, client):
+    # a miss elsewhere (another file's block, metadata) between a stream's reads neither
+    # resets its window nor starts a new stream from one miss
+    cache, cb = _open(tmp_path, proxy, client, readahead=4 * MiB)
+    try:
+        step = 128 << 10
+        for off in range(0, 2 * MiB, step):
+            assert cb.read_at(off, step) == BLOB[off:off + step]
+        _settle(cb)
+        window = cb._window
+        assert window >= 2 * MiB
+        far = 20 * MiB
+        assert cb.read_at(far, 4096) == BLOB[far:far + 4096]     # the stray miss
+        _settle(cb)
+        assert not cb.presence.has(far + UNIT, UNIT), "one stray miss started read-ahead"
+        assert cb._window == window
+        for off in range(2 * MiB, 6 * MiB, step):                # the stream goes on, read ahead
+            assert cb.read_at(off, step) == BLOB[off:off + step]
+        _settle(cb)
+        assert cb.presence.has(6 * MiB, 2 * MiB), "the stream lost its read-ahead"
+    finally:
+        cb.close()
+
+
+def test_cache_readahead_waiters_on_one_unit_start_nothing(tmp_path, proxy, client):
+    # readers that all miss on the same unit (an open's header reads) are not a sequential stream
+    cache, cb = _open(tmp_path, proxy, client, readahead=8 * MiB)
+    try:
+        proxy.delay = 0.05
+        barrier = threading.Barrier(8)
+        errors = []
+
+        def reader(k):
+            try:
+                barrier.wait()
+                off = 512 * k
+                assert cb.read_at(off, 512) == BLOB[off:off + 512]
+            except BaseException as e:
+                errors.append(e)
+        threads = [threading.Thread(target=reader, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        _settle(cb)
+        assert not errors, errors[0]
+        assert cb.readahead_units == 0
+        assert not cb.presence.has(UNIT, 1)
+    finally:
+        cb.close()
+
+
 def test_cache_readahead_random_reads_get_none(tmp_path, proxy, client):
     cache, cb = _open(tmp_path, proxy, client, readahead=4 * MiB)
     try:

@@ -64,7 +64,7 @@ SPEC_DEFAULTS = {
     "tcmuObd.registryTimeoutSec": 30,
     "tcmuObd.registryRetries": 3,
     "tcmuObd.readDeadlineSec": 60,
-    "tcmuObd.readAheadBytes": 8 << 20,
+    "tcmuObd.readAheadBytes": 32 << 20,
     "tcmuObd.registryMaxRequests": 32,
     "tcmuObd.fetchBufferBytes": 64 << 20,
 }

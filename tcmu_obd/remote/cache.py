@@ -55,9 +55,8 @@ PERSIST_EVERY = 5.0             # seconds between sidecar writes while a blob is
 MAX_ROUNDS = 64                 # fill rounds one request may take (its units evicted again meanwhile)
 MiB = 1 << 20
 PIECE = 1 * MiB                 # runs longer than this are fetched as concurrent pieces of this size
-RA_WORKERS = 8                  # read-ahead threads per cache
-STREAK = 1                      # read ahead from the 2nd miss in a row (2 needs 3: too rare when the
-                                # kernel's own read-ahead interleaves a stream's misses)
+RA_PIECE = 4 * MiB              # the largest read-ahead request (a quarter of the window, >= PIECE)
+RA_WORKERS = 16                 # read-ahead threads per cache
 
 
 def _is_blob_name(name):
@@ -380,9 +379,9 @@ class CachedBlob:
         self.closing = False            # set when the last reference goes: read-ahead stops
         self._ra_active = 0             # read-ahead fills running (close waits for them)
         self._ra_idle = threading.Condition(self.lock)
-        self._seq_lo = self._ra_end = -1    # units where a sequential reader's next miss falls
-        self._window = 0                # current read-ahead window, bytes
-        self._streak = 0                # misses in a row that followed the one before
+        self._seq_lo = self._ra_end = -1    # the stream: last unit of its last miss, end of its read-ahead
+        self._window = 0                # its read-ahead window, bytes (0: no stream)
+        self._cand_lo = -2              # last unit of the last miss outside the stream
         self.readahead_units = 0        # units read ahead (for tests and benchmarks)
         path = cache.path(name)
         self.path = path
@@ -559,9 +558,9 @@ class CachedBlob:
             raise ReadError(f"{self.path}: bytes {missing[0][0]}..{sum(missing[0])} were evicted again "
                             f"before they could be used, {MAX_ROUNDS} times (cache too small?)")
 
-    def _pieces(self, lo, hi):
-        """Unit runs of at most PIECE bytes covering [lo, hi)."""
-        step = max(1, PIECE // self.unit)
+    def _pieces(self, lo, hi, step=None):
+        """Unit runs of at most `step` units (PIECE bytes) covering [lo, hi)."""
+        step = step or max(1, PIECE // self.unit)
         return [(u, min(hi, u + step)) for u in range(lo, hi, step)]
 
     def _fill_all(self, pieces):
@@ -588,24 +587,41 @@ class CachedBlob:
 
     # ------------------------------------------------------------ read-ahead
     def _readahead(self, u0, u1):
-        """A miss at units [u0, u1): if it follows the last miss (or falls in
-        what was read ahead for it), grow the window and queue read-ahead of
-        the units after it that are neither present nor in flight."""
+        """A miss at units [u0, u1).  A miss at the unit after the previous
+        stray miss starts a stream.  A miss past the stream's last one and
+        inside what was read ahead for it grows the window and queues
+        read-ahead of the units after it that are neither present nor in
+        flight, in pieces a quarter of the window long (several GETs in
+        flight at once), once at least a piece's worth is due.  A miss at
+        most PIECE behind the stream's last (the kernel's reads arrive out of
+        order; several readers wait on one unit) does nothing; other misses
+        leave the stream as it is."""
         cache = self.cache
         with self.lock:
             if self.closing:
                 return
-            sequential = self._seq_lo <= u0 <= self._ra_end
-            self._seq_lo = u1 - 1
-            self._streak = self._streak + 1 if sequential else 0
-            if self._streak < STREAK:
-                self._window = 0
-                self._ra_end = max(self._ra_end, u1) if sequential else u1
+            back = max(1, PIECE // self.unit)
+            if self._window and self._seq_lo - back <= u0 <= self._ra_end:
+                if u1 - 1 <= self._seq_lo:
+                    return              # behind or at its last miss (another waiter): no progress
+                self._seq_lo = u1 - 1
+            elif self._cand_lo < u0 <= self._cand_lo + 1:
+                self._seq_lo, self._ra_end, self._window = u1 - 1, u1, 0    # a new stream
+                self._cand_lo = -2
+            else:
+                self._cand_lo = u1 - 1
                 return
             self._window = min(cache.readahead, max(2 * self._window, PIECE, self.unit))
+            piece = max(1, min(RA_PIECE, max(PIECE, self._window // 4)) // self.unit)
             stop = min(self.presence_units, u1 + max(1, self._window // self.unit))
+            start = max(u1, self._ra_end)
+            if stop < self.presence_units:
+                if stop - start < min(piece, max(1, self._window // self.unit // 2)):
+                    return              # too little due yet: a later miss asks for more at once
+                if stop - start > piece:
+                    stop -= (stop - start) % piece      # whole pieces; the rest comes with the next
             todo = []
-            for u in range(max(u1, self._ra_end), stop):
+            for u in range(start, stop):
                 if u not in self.inflight and not self.presence.has(u * self.unit, 1):
                     self.inflight[u] = threading.Event()
                     todo.append(u)
@@ -613,7 +629,7 @@ class CachedBlob:
             self.readahead_units += len(todo)
         pool = cache._pool("ra")
         for lo, hi in _runs(todo):
-            for a, b in self._pieces(lo, hi):
+            for a, b in self._pieces(lo, hi, piece):
                 pool.submit(self._readahead_fill, a, b)
 
     def _readahead_fill(self, lo, hi):
