@@ -145,6 +145,28 @@ def test_cache_readahead_stray_miss_keeps_the_stream(tmp_path, proxy, client):
         cb.close()
 
 
+def test_cache_readahead_out_of_order_stream(tmp_path, proxy, client):
+    # the kernel has several reads of a sequential stream in flight: they reach the cache
+    # shuffled within a few MiB; the stream is still followed and read ahead in large requests
+    cache, cb = _open(tmp_path, proxy, client, readahead=8 * MiB)
+    try:
+        first = len(proxy.seen)
+        rng = random.Random(3)
+        group = 4 * MiB // UNIT
+        for g in range(0, 16 * MiB // UNIT, group):
+            units = list(range(g, g + group))
+            rng.shuffle(units)
+            for u in units:
+                off = u * UNIT
+                assert cb.read_at(off, UNIT) == BLOB[off:off + UNIT]
+        _settle(cb)
+        gets = _data_gets(proxy, first)
+        assert cb.readahead_units >= 16 * MiB // UNIT // 2, (cb.readahead_units, gets)
+        assert len(gets) * 4 * UNIT <= sum(n for _o, n in gets), gets
+    finally:
+        cb.close()
+
+
 def test_cache_readahead_waiters_on_one_unit_start_nothing(tmp_path, proxy, client):
     # readers that all miss on the same unit (an open's header reads) are not a sequential stream
     cache, cb = _open(tmp_path, proxy, client, readahead=8 * MiB)

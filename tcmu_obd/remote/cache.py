@@ -32,6 +32,7 @@ of a cache-wide buffer budget (`max_buffer`); read-ahead takes at most half
 of either, so demand reads always find room.  Closing a blob cancels its
 queued read-ahead and waits for the running one before the file is closed.
 """
+import collections
 import errno
 import logging
 import os
@@ -57,6 +58,7 @@ MiB = 1 << 20
 PIECE = 1 * MiB                 # runs longer than this are fetched as concurrent pieces of this size
 RA_PIECE = 4 * MiB              # the largest read-ahead request (a quarter of the window, >= PIECE)
 RA_WORKERS = 16                 # read-ahead threads per cache
+SLACK = 8 * MiB                 # how far out of order a stream's misses may arrive
 
 
 def _is_blob_name(name):
@@ -381,7 +383,7 @@ class CachedBlob:
         self._ra_idle = threading.Condition(self.lock)
         self._seq_lo = self._ra_end = -1    # the stream: last unit of its last miss, end of its read-ahead
         self._window = 0                # its read-ahead window, bytes (0: no stream)
-        self._cand_lo = -2              # last unit of the last miss outside the stream
+        self._strays = collections.deque(maxlen=4)     # the last misses outside the stream, (lo, hi)
         self.readahead_units = 0        # units read ahead (for tests and benchmarks)
         path = cache.path(name)
         self.path = path
@@ -587,34 +589,44 @@ class CachedBlob:
 
     # ------------------------------------------------------------ read-ahead
     def _readahead(self, u0, u1):
-        """A miss at units [u0, u1).  A miss at the unit after the previous
-        stray miss starts a stream.  A miss past the stream's last one and
-        inside what was read ahead for it grows the window and queues
-        read-ahead of the units after it that are neither present nor in
-        flight, in pieces a quarter of the window long (several GETs in
-        flight at once), once at least a piece's worth is due.  A miss at
-        most PIECE behind the stream's last (the kernel's reads arrive out of
-        order; several readers wait on one unit) does nothing; other misses
+        """A miss at units [u0, u1).  A miss at the unit after one of the last
+        stray misses starts a stream (keeping the window of a stream it is
+        near: one that outran the old stream).  The kernel has several reads
+        of a stream in flight and they arrive out of order, so a miss up to a
+        window (SLACK at most) behind the stream's last one or past its
+        read-ahead belongs to it:
+        behind does nothing; inside what was read ahead doubles the window;
+        past it moves the stream on with the window as it is.  Moving on
+        queues read-ahead of the units from the end of the last read-ahead to
+        a window past the miss that are neither present nor in flight, in
+        pieces a quarter of the window long (several GETs in flight at once),
+        once at least a piece's worth is due.  Other misses are strays and
         leave the stream as it is."""
         cache = self.cache
         with self.lock:
             if self.closing:
                 return
-            back = max(1, PIECE // self.unit)
-            if self._window and self._seq_lo - back <= u0 <= self._ra_end:
+            slack = max(2, min(SLACK, self._window) // self.unit)
+            if self._window and self._seq_lo - slack <= u0 <= self._ra_end + slack:
                 if u1 - 1 <= self._seq_lo:
                     return              # behind or at its last miss (another waiter): no progress
                 self._seq_lo = u1 - 1
-            elif self._cand_lo < u0 <= self._cand_lo + 1:
-                self._seq_lo, self._ra_end, self._window = u1 - 1, u1, 0    # a new stream
-                self._cand_lo = -2
+                grow = u0 <= self._ra_end
             else:
-                self._cand_lo = u1 - 1
-                return
-            self._window = min(cache.readahead, max(2 * self._window, PIECE, self.unit))
+                near = [hi for _lo, hi in self._strays if u0 == hi]
+                if not near:
+                    self._strays.append((u0, u1))
+                    return
+                self._strays.clear()    # a new stream (replacing the old one)
+                far = SLACK // self.unit
+                # one that the old stream's reads outran keeps its window
+                keep = self._window // 2 if self._seq_lo - far <= u0 <= self._ra_end + far else 0
+                self._seq_lo, self._ra_end, self._window, grow = u1 - 1, u1, keep, True
+            if grow:
+                self._window = min(cache.readahead, max(2 * self._window, PIECE, self.unit))
             piece = max(1, min(RA_PIECE, max(PIECE, self._window // 4)) // self.unit)
             stop = min(self.presence_units, u1 + max(1, self._window // self.unit))
-            start = max(u1, self._ra_end)
+            start = self._ra_end        # the gap a miss past it left is read ahead too
             if stop < self.presence_units:
                 if stop - start < min(piece, max(1, self._window // self.unit // 2)):
                     return              # too little due yet: a later miss asks for more at once
@@ -622,7 +634,7 @@ class CachedBlob:
                     stop -= (stop - start) % piece      # whole pieces; the rest comes with the next
             todo = []
             for u in range(start, stop):
-                if u not in self.inflight and not self.presence.has(u * self.unit, 1):
+                if not u0 <= u < u1 and u not in self.inflight and not self.presence.has(u * self.unit, 1):
                     self.inflight[u] = threading.Event()
                     todo.append(u)
             self._ra_end = max(self._ra_end, stop)
