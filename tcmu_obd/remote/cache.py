@@ -25,8 +25,9 @@ is the last use, which the core stamps on every read (Presence.last_used).
 Cold reads overlap (for far registries): one request's missing runs, and
 pieces of a long run, are fetched concurrently; a blob whose misses follow
 each other gets read-ahead (a window doubling up to `readahead` bytes,
-fetched by a small thread pool, its units registered in flight so readers
-wait for them instead of fetching again).  Every fetch holds a slot of its
+fetched by a thread pool in requests a quarter of the window long, its
+units registered in flight so readers wait for them instead of fetching
+again).  Every fetch holds a slot of its
 source's origin (at most `max_requests` requests per registry) and its bytes
 of a cache-wide buffer budget (`max_buffer`); read-ahead takes at most half
 of either, so demand reads always find room.  Closing a blob cancels its
