@@ -164,6 +164,10 @@ class TcmuObdConfig:
         writes are acknowledged once written to the upper's files and made
         durable when the initiator flushes.  `tcmu-obd serve --write-cache`
         / `--no-write-cache` override it.
+    read_ahead_bytes: largest read-ahead window of a blob read sequentially
+        (0: no read-ahead).
+    registry_max_requests: range requests in flight per registry, at most.
+    fetch_buffer_bytes: bytes fetched but not yet in the cache, at most.
     """
     registry_timeout_sec: float = _p("registryTimeoutSec", "num", 30,
                                      lambda v: "must be > 0" if v <= 0 else None)
@@ -171,6 +175,11 @@ class TcmuObdConfig:
     read_deadline_sec: float = _p("readDeadlineSec", "num", 60, lambda v: "must be >= 0 (0 = retry forever)"
                                   if v < 0 else None)
     write_cache: bool = _p("writeCache", "bool", False)
+    read_ahead_bytes: int = _p("readAheadBytes", "u64", 32 << 20)
+    registry_max_requests: int = _p("registryMaxRequests", "u32", 32,
+                                    lambda v: "must be >= 1" if v < 1 else None)
+    fetch_buffer_bytes: int = _p("fetchBufferBytes", "u64", 64 << 20,
+                                 lambda v: "must be >= 1" if v < 1 else None)
 
 
 def _default_user_agent():

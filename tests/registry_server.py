@@ -324,6 +324,9 @@ class FaultProxy:
     1-byte probe (so open_blob is left alone), or every blob GET with
     probes=True.  `/cdn/...` paths are forwarded with `cdn_headers` added, and
     record whether the client sent Authorization there (redirect tests).
+    `delay` seconds are slept before forwarding each blob GET (a far
+    registry); `in_flight` / `peak` count the blob GETs being answered now
+    and at most at once.
     """
 
     def __init__(self, upstream, cdn_headers=None):
@@ -332,6 +335,9 @@ class FaultProxy:
         self.faults = []           # [fault, remaining or None]
         self.probes = False
         self.seen = []             # (method, path, range, fault or None)
+        self.delay = 0.0
+        self.in_flight = 0
+        self.peak = 0
         self.cdn_auth = []
         self.release = threading.Event()
         self.lock = threading.Lock()
@@ -419,10 +425,27 @@ class FaultProxy:
                     path = path[len("/cdn"):]
                     headers.update(proxy.cdn_headers)
                 fault = proxy._pick(self.command, path, self.headers.get("Range"))
-                proxy.seen.append((self.command, self.path, self.headers.get("Range"), fault))
-                if fault is None:
-                    return self._send(*proxy.forward(self.command, path, headers, body))
-                return getattr(self, "_f_" + fault)(path, headers)
+                blob_get = self.command == "GET" and "/blobs/sha256:" in path
+                with proxy.lock:
+                    proxy.seen.append((self.command, self.path, self.headers.get("Range"), fault))
+                    if blob_get:
+                        proxy.in_flight += 1
+                        proxy.peak = max(proxy.peak, proxy.in_flight)
+                counted = blob_get
+                try:
+                    if blob_get and proxy.delay:
+                        time.sleep(proxy.delay)
+                    if fault is None:
+                        answer = proxy.forward(self.command, path, headers, body)
+                        with proxy.lock:        # answered: no longer in flight (counted before the client
+                            proxy.in_flight -= counted     # can see the answer and send its next request)
+                        counted = False
+                        return self._send(*answer)
+                    return getattr(self, "_f_" + fault)(path, headers)
+                finally:
+                    if counted:
+                        with proxy.lock:
+                            proxy.in_flight -= 1
 
             do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _any
 

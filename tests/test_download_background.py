@@ -48,7 +48,8 @@ def pushed(tmp_path_factory):
         yield {"reg": reg, "files": files, "lowers": lowers}
 
 
-def _configs(pushed, tmp_path, url, dirs=(0, 1), cache="cache", name="config.v1.json", **download):
+def _configs(pushed, tmp_path, url, dirs=(0, 1), cache="cache", name="config.v1.json", readahead=8 << 20,
+             **download):
     dl = {"enable": True, "delay": 0, "delayExtra": 1, "maxMBps": 0}
     dl.update(download)
     svc = tmp_path / "overlaybd.json"
@@ -56,7 +57,8 @@ def _configs(pushed, tmp_path, url, dirs=(0, 1), cache="cache", name="config.v1.
         "cacheConfig": {"cacheType": "file", "cacheDir": str(tmp_path / cache), "cacheSizeGB": 1,
                         "refillSize": 262144},
         "credentialConfig": {"mode": "file", "path": str(tmp_path / "cred.json")},
-        "tcmuObd": {"registryTimeoutSec": 2, "registryRetries": 1, "readDeadlineSec": 3},
+        "tcmuObd": {"registryTimeoutSec": 2, "registryRetries": 1, "readDeadlineSec": 3,
+                    "readAheadBytes": readahead},
     }))
     lowers = [dict(low) for low in pushed["lowers"]]
     for i in dirs:
@@ -140,7 +142,8 @@ def test_corrupt_download_is_never_used(pushed, tmp_path):
     digest, size = pushed["lowers"][1]["digest"], pushed["lowers"][1]["size"]
     d = tmp_path / "layer1"
     with FaultProxy(pushed["reg"].url) as proxy:
-        cfg, svc = _configs(pushed, tmp_path, proxy.url, dirs=(1,), delay=1, tryCnt=1)
+        # no read-ahead: a read-ahead request after open could take the one flip meant for the download
+        cfg, svc = _configs(pushed, tmp_path, proxy.url, dirs=(1,), delay=1, tryCnt=1, readahead=0)
         image = assemble.open_image(cfg, svc)
         try:
             proxy.inject("flip")        # before the download starts (delay 1 s)
@@ -176,7 +179,8 @@ def test_corrupt_download_is_never_used(pushed, tmp_path):
 def test_failed_digest_refetches_everything(pushed, tmp_path):
     digest, size = pushed["lowers"][1]["digest"], pushed["lowers"][1]["size"]
     with FaultProxy(pushed["reg"].url) as proxy:
-        cfg, svc = _configs(pushed, tmp_path, proxy.url, dirs=(1,), delay=1, tryCnt=2)
+        # no read-ahead: its requests after open would mix with the download's
+        cfg, svc = _configs(pushed, tmp_path, proxy.url, dirs=(1,), delay=1, tryCnt=2, readahead=0)
         image = assemble.open_image(cfg, svc)
         try:
             at_open = len(proxy.seen)        # the cache's header/index reads

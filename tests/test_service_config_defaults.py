@@ -65,6 +65,9 @@ SPEC_DEFAULTS = {
     "tcmuObd.registryRetries": 3,
     "tcmuObd.readDeadlineSec": 60,
     "tcmuObd.writeCache": False,
+    "tcmuObd.readAheadBytes": 32 << 20,
+    "tcmuObd.registryMaxRequests": 32,
+    "tcmuObd.fetchBufferBytes": 64 << 20,
 }
 
 
@@ -233,6 +236,9 @@ WRONG_TYPES = [
     ({"tcmuObd": {"registryTimeoutSec": "30"}}, "tcmuObd.registryTimeoutSec", '"30"'),
     ({"tcmuObd": {"registryRetries": -1}}, "tcmuObd.registryRetries", "-1"),
     ({"tcmuObd": {"readDeadlineSec": False}}, "tcmuObd.readDeadlineSec", "false"),
+    ({"tcmuObd": {"readAheadBytes": -1}}, "tcmuObd.readAheadBytes", "-1"),
+    ({"tcmuObd": {"registryMaxRequests": 2.5}}, "tcmuObd.registryMaxRequests", "2.5"),
+    ({"tcmuObd": {"fetchBufferBytes": "64M"}}, "tcmuObd.fetchBufferBytes", '"64M"'),
 ]
 
 
@@ -258,7 +264,9 @@ def test_service_config_defaults_duplicate_key_keeps_first(tmp_path):
 
 
 @pytest.mark.parametrize("tc,key", [({"registryTimeoutSec": 0}, "tcmuObd.registryTimeoutSec"),
-                                    ({"readDeadlineSec": -1}, "tcmuObd.readDeadlineSec")])
+                                    ({"readDeadlineSec": -1}, "tcmuObd.readDeadlineSec"),
+                                    ({"registryMaxRequests": 0}, "tcmuObd.registryMaxRequests"),
+                                    ({"fetchBufferBytes": 0}, "tcmuObd.fetchBufferBytes")])
 def test_service_config_defaults_tcmuobd_ranges(tc, key):
     with pytest.raises(ConfigError, match=key):
         sc.from_dict({"tcmuObd": tc})

@@ -21,13 +21,27 @@ Eviction is safe against readers: a read checks presence and reads the
 bytes under the blob's Presence lock held shared (in the core, without the
 GIL); eviction clears and punches under it held exclusive.  Eviction order
 is the last use, which the core stamps on every read (Presence.last_used).
+
+Cold reads overlap (for far registries): one request's missing runs, and
+pieces of a long run, are fetched concurrently; a blob whose misses follow
+each other gets read-ahead (a window doubling up to `readahead` bytes,
+fetched by a thread pool in requests a quarter of the window long, its
+units registered in flight so readers wait for them instead of fetching
+again).  Every fetch holds a slot of its
+source's origin (at most `max_requests` requests per registry) and its bytes
+of a cache-wide buffer budget (`max_buffer`); read-ahead takes at most half
+of either, so demand reads always find room.  Closing a blob cancels its
+queued read-ahead and waits for the running one before the file is closed.
 """
+import collections
 import errno
 import logging
 import os
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 from tcmu_obd import core, stats
 from tcmu_obd.errors import FormatError, ReadError
@@ -41,6 +55,11 @@ _HDR = struct.Struct("<8sQIIQQQ16s")   # magic, blob size, unit, flags, st_dev, 
 _ID_XATTR = "user.tcmu_obd.cache_id"    # a random id of the blob file, where xattrs work
 PERSIST_EVERY = 5.0             # seconds between sidecar writes while a blob is being filled
 MAX_ROUNDS = 64                 # fill rounds one request may take (its units evicted again meanwhile)
+MiB = 1 << 20
+PIECE = 1 * MiB                 # runs longer than this are fetched as concurrent pieces of this size
+RA_PIECE = 4 * MiB              # the largest read-ahead request (a quarter of the window, >= PIECE)
+RA_WORKERS = 16                 # read-ahead threads per cache
+SLACK = 8 * MiB                 # how far out of order a stream's misses may arrive
 
 
 def _is_blob_name(name):
@@ -64,10 +83,68 @@ def reports_holes(directory):
         os.close(fd)
 
 
+class Budget:
+    """A counted resource (request slots, buffered bytes) shared by fetches.
+    take(n, cap) waits until `n` more fit under `cap` (<= total: read-ahead
+    passes a lower cap so it never holds all of it) and returns n, or 0 if
+    `cancelled()` became true first; a request larger than the cap waits
+    for the budget to be empty and then takes it all.  Counts peak use."""
+
+    def __init__(self, total):
+        self.total = total
+        self.used = 0
+        self.peak = 0
+        self.cond = threading.Condition()
+
+    def take(self, n, cap=None, cancelled=None):
+        cap = self.total if cap is None else min(cap, self.total)
+        n = min(n, max(1, cap))
+        with self.cond:
+            while self.used + n > cap and self.used:
+                if cancelled is not None and cancelled():
+                    return 0
+                self.cond.wait(0.05 if cancelled is not None else None)
+            if cancelled is not None and cancelled():
+                return 0
+            self.used += n
+            self.peak = max(self.peak, self.used)
+            return n
+
+    def give(self, n):
+        if n:
+            with self.cond:
+                self.used -= n
+                self.cond.notify_all()
+
+
+def _origin(source):
+    """What the per-registry request bound counts by: a source's URL's
+    scheme://host:port, or the source object itself."""
+    url = getattr(source, "url", None)
+    if isinstance(url, str):
+        p = urlsplit(url)
+        return f"{p.scheme}://{p.netloc}"
+    return id(source)
+
+
 class FileCache:
-    def __init__(self, cache_dir, size_gb=4, refill_size=262144):
+    def __init__(self, cache_dir, size_gb=4, refill_size=262144, readahead=0, max_requests=32,
+                 max_buffer=64 * MiB):
+        """readahead: largest read-ahead window in bytes (0: none); max_requests:
+        fetches in flight per registry; max_buffer: bytes fetched and not yet
+        stored, all blobs together (tcmuObd.* in docs/runtime.md)."""
         if refill_size <= 0 or refill_size % PAGE or refill_size & (refill_size - 1):
             raise ValueError(f"refillSize {refill_size}: must be a power of two and a multiple of {PAGE}")
+        for key, value, low in (("readahead", readahead, 0), ("max_requests", max_requests, 1),
+                                ("max_buffer", max_buffer, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"FileCache {key} = {value!r}: must be an integer >= {low}")
+        self.readahead = readahead
+        self.max_requests = max_requests
+        self.buffer = Budget(max_buffer)
+        self.slots = {}                 # origin -> Budget of requests in flight
+        self._ra_pool = None
+        self._demand_pool = None
         os.makedirs(cache_dir, exist_ok=True)
         self.dir = cache_dir
         self.capacity = int(size_gb * GiB)
@@ -110,6 +187,26 @@ class FileCache:
     def path(self, name):
         return os.path.join(self.dir, os.path.basename(name))
 
+    def slots_for(self, source):
+        with self.lock:
+            key = _origin(source)
+            b = self.slots.get(key)
+            if b is None:
+                b = self.slots[key] = Budget(self.max_requests)
+            return b
+
+    def _pool(self, kind):
+        """The read-ahead pool, or the pool for a request's extra runs (made on first use)."""
+        with self.lock:
+            if kind == "ra":
+                if self._ra_pool is None:
+                    self._ra_pool = ThreadPoolExecutor(RA_WORKERS, thread_name_prefix="obd-readahead")
+                return self._ra_pool
+            if self._demand_pool is None:
+                self._demand_pool = ThreadPoolExecutor(max(4, self.max_requests),
+                                                       thread_name_prefix="obd-fill")
+            return self._demand_pool
+
     def open(self, name, size, source):
         """A CachedBlob for blob `name` (e.g. 'sha256:<hex>') of `size` bytes."""
         name = os.path.basename(name)
@@ -120,6 +217,7 @@ class FileCache:
                     raise ReadError(f"{blob.path}: blob {name} is open with {blob.size} bytes; "
                                     f"cannot open it again with {size} bytes")
                 blob.refs += 1
+                blob.closing = False
                 return blob
             blob = CachedBlob(self, name, size, source)
             self.open_blobs[name] = blob
@@ -132,6 +230,11 @@ class FileCache:
     def _release(self, blob):
         with self.lock:
             blob.refs -= 1
+            if blob.refs:
+                return
+            blob.closing = True         # no new read-ahead; queued read-ahead gives up
+        blob.wait_readahead()           # the running one ends before the file closes (it takes self.lock)
+        with self.lock:
             if blob.refs == 0 and self.open_blobs.get(blob.name) is blob:
                 del self.open_blobs[blob.name]
                 try:
@@ -276,6 +379,13 @@ class CachedBlob:
         self.persist_lock = threading.Lock()    # orders presence-file writes against evictions
         self.dirty = False              # units filled since the presence file was written
         self.last_persist = time.monotonic()
+        self.closing = False            # set when the last reference goes: read-ahead stops
+        self._ra_active = 0             # read-ahead fills running (close waits for them)
+        self._ra_idle = threading.Condition(self.lock)
+        self._seq_lo = self._ra_end = -1    # the stream: last unit of its last miss, end of its read-ahead
+        self._window = 0                # its read-ahead window, bytes (0: no stream)
+        self._strays = collections.deque(maxlen=4)     # the last misses outside the stream, (lo, hi)
+        self.readahead_units = 0        # units read ahead (for tests and benchmarks)
         path = cache.path(name)
         self.path = path
         self.sidecar = path + SIDECAR
@@ -417,6 +527,8 @@ class CachedBlob:
         u0, u1 = offset // self.unit, (end - 1) // self.unit + 1
         token = self.pin(offset, end - offset)
         try:
+            if self.cache.readahead:
+                self._readahead(u0, u1)
             self._ensure(offset, end, u0, u1)
         finally:
             self.unpin(token)
@@ -437,8 +549,7 @@ class CachedBlob:
             if not mine and not theirs:
                 return
             try:
-                for lo, hi in _runs(mine):
-                    self._fill(lo, hi)
+                self._fill_all([p for lo, hi in _runs(mine) for p in self._pieces(lo, hi)])
             finally:
                 with self.lock:
                     for u in mine:
@@ -450,10 +561,137 @@ class CachedBlob:
             raise ReadError(f"{self.path}: bytes {missing[0][0]}..{sum(missing[0])} were evicted again "
                             f"before they could be used, {MAX_ROUNDS} times (cache too small?)")
 
-    def _fill(self, u_lo, u_hi):
+    def _pieces(self, lo, hi, step=None):
+        """Unit runs of at most `step` units (PIECE bytes) covering [lo, hi)."""
+        step = step or max(1, PIECE // self.unit)
+        return [(u, min(hi, u + step)) for u in range(lo, hi, step)]
+
+    def _fill_all(self, pieces):
+        """Fill unit runs concurrently: the first in this thread, the others
+        in the cache's fill pool; the first error is raised after all end."""
+        if len(pieces) <= 1:
+            for lo, hi in pieces:
+                self._fill(lo, hi)
+            return
+        pool = self.cache._pool("fill")
+        futures = [pool.submit(self._fill, lo, hi) for lo, hi in pieces[1:]]
+        error = None
+        try:
+            self._fill(*pieces[0])
+        except BaseException as e:
+            error = e
+        for fut in futures:
+            try:
+                fut.result()
+            except BaseException as e:
+                error = error or e
+        if error is not None:
+            raise error
+
+    # ------------------------------------------------------------ read-ahead
+    def _readahead(self, u0, u1):
+        """A miss at units [u0, u1).  A miss at the unit after one of the last
+        stray misses starts a stream (keeping the window of a stream it is
+        near: one that outran the old stream).  The kernel has several reads
+        of a stream in flight and they arrive out of order, so a miss up to a
+        window (SLACK at most) behind the stream's last one or past its
+        read-ahead belongs to it:
+        behind does nothing; inside what was read ahead doubles the window;
+        past it moves the stream on with the window as it is.  Moving on
+        queues read-ahead of the units from the end of the last read-ahead to
+        a window past the miss that are neither present nor in flight, in
+        pieces a quarter of the window long (several GETs in flight at once),
+        once at least a piece's worth is due.  Other misses are strays and
+        leave the stream as it is."""
+        cache = self.cache
+        with self.lock:
+            if self.closing:
+                return
+            slack = max(2, min(SLACK, self._window) // self.unit)
+            if self._window and self._seq_lo - slack <= u0 <= self._ra_end + slack:
+                if u1 - 1 <= self._seq_lo:
+                    return              # behind or at its last miss (another waiter): no progress
+                self._seq_lo = u1 - 1
+                grow = u0 <= self._ra_end
+            else:
+                near = [hi for _lo, hi in self._strays if u0 == hi]
+                if not near:
+                    self._strays.append((u0, u1))
+                    return
+                self._strays.clear()    # a new stream (replacing the old one)
+                far = SLACK // self.unit
+                # one that the old stream's reads outran keeps its window
+                keep = self._window // 2 if self._seq_lo - far <= u0 <= self._ra_end + far else 0
+                self._seq_lo, self._ra_end, self._window, grow = u1 - 1, u1, keep, True
+            if grow:
+                self._window = min(cache.readahead, max(2 * self._window, PIECE, self.unit))
+            piece = max(1, min(RA_PIECE, max(PIECE, self._window // 4)) // self.unit)
+            stop = min(self.presence_units, u1 + max(1, self._window // self.unit))
+            start = self._ra_end        # the gap a miss past it left is read ahead too
+            if stop < self.presence_units:
+                if stop - start < min(piece, max(1, self._window // self.unit // 2)):
+                    return              # too little due yet: a later miss asks for more at once
+                if stop - start > piece:
+                    stop -= (stop - start) % piece      # whole pieces; the rest comes with the next
+            todo = []
+            for u in range(start, stop):
+                if not u0 <= u < u1 and u not in self.inflight and not self.presence.has(u * self.unit, 1):
+                    self.inflight[u] = threading.Event()
+                    todo.append(u)
+            self._ra_end = max(self._ra_end, stop)
+            self.readahead_units += len(todo)
+        pool = cache._pool("ra")
+        for lo, hi in _runs(todo):
+            for a, b in self._pieces(lo, hi, piece):
+                pool.submit(self._readahead_fill, a, b)
+
+    def _readahead_fill(self, lo, hi):
+        with self.lock:
+            started = not self.closing
+            self._ra_active += started
+        try:
+            if started:
+                self._fill(lo, hi, ahead=True)
+        except Exception as e:          # the reader that needs these units fetches them and sees the error
+            log.info("cache: %s: read-ahead of bytes %d..%d failed: %s", self.path, lo * self.unit,
+                     min(self.size, hi * self.unit), e)
+        finally:
+            with self.lock:
+                for u in range(lo, hi):
+                    self.inflight.pop(u).set()
+                self._ra_active -= started
+                self._ra_idle.notify_all()
+
+    def wait_readahead(self):
+        """Wait until no read-ahead of this blob is running (set closing first)."""
+        with self.lock:
+            while self._ra_active:
+                self._ra_idle.wait()
+
+    def _fill(self, u_lo, u_hi, ahead=False):
         start = u_lo * self.unit
         stop = min(self.size, u_hi * self.unit)
-        data = self.source.read(start, stop - start)
+        slots, buffer = self.cache.slots_for(self.source), self.cache.buffer
+        # read-ahead takes at most half of either budget and gives up when the blob closes
+        cancelled = (lambda: self.closing) if ahead else None
+        slot = slots.take(1, max(1, slots.total // 2) if ahead else None, cancelled)
+        held = 0
+        try:
+            if slot:
+                held = buffer.take(stop - start, max(1, buffer.total // 2) if ahead else None, cancelled)
+            if not held:
+                return
+            try:
+                data = self.source.read(start, stop - start)
+            finally:
+                slots.give(slot)
+                slot = 0
+            self._store(data, start, stop)
+        finally:
+            slots.give(slot)
+            buffer.give(held)
+
+    def _store(self, data, start, stop):
         if len(data) != stop - start:
             raise ReadError(f"{self.name}: source returned {len(data)} bytes for a read of "
                             f"{stop - start} at {start}")

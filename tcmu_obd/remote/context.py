@@ -22,7 +22,10 @@ class RemoteContext:
         if cache_cfg.cache_type not in ("file", "download", "ocf"):
             raise ConfigError(f"cacheConfig.cacheType = {cache_cfg.cache_type!r}: not supported")
         # ocf and download caches are served with file-cache semantics (documented choice)
-        self.cache = FileCache(cache_cfg.cache_dir, cache_cfg.cache_size_gb, cache_cfg.refill_size)
+        own = service_cfg.tcmu_obd
+        self.cache = FileCache(cache_cfg.cache_dir, cache_cfg.cache_size_gb, cache_cfg.refill_size,
+                               readahead=own.read_ahead_bytes, max_requests=own.registry_max_requests,
+                               max_buffer=own.fetch_buffer_bytes)
         self.client = client_from_service_config(service_cfg)
 
     def open_blob(self, repo_blob_url, lower, where):

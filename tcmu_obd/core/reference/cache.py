@@ -157,9 +157,25 @@ def check_present(backing, foff, n):
 
 
 def fetch_all(jobs):
-    """Run fetcher.ensure(off, n) for every job (one after another here)."""
-    for fetcher, off, n in jobs:
-        fetcher.ensure(off, n)
+    """Run fetcher.ensure(off, n) for every job, concurrently when there are
+    several (one thread each; the first error is raised after all end)."""
+    if len(jobs) == 1:
+        jobs[0][0].ensure(jobs[0][1], jobs[0][2])
+        return
+    errors = []
+
+    def run(fetcher, off, n):
+        try:
+            fetcher.ensure(off, n)
+        except BaseException as e:
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=job, name="obd-ref-fetch") for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def recover(err, files, tries):
