@@ -185,7 +185,14 @@ def load_ro(backing, path, warp=False):
             raise FormatError(path, f"index record {bad} tag", index.record(bad)[4] + _lo,
                               f"a warp layer's tags are {_lo} (this file) and {_lo + 1} (the target) "
                               "only (the smallest tag present counts as 0)")
-    check_index(index, path, 8, trailer.index_offset // SECTOR, tag=0 if warp else -1)
+    try:
+        check_index(index, path, 8, trailer.index_offset // SECTOR, tag=0 if warp else -1)
+    except FormatError as e:
+        if warp or core.Index.from_raw(raw, keep_tags=True).normalise_tags(0)[1] < 0:
+            raise
+        # mixed tags: a TurboOCI meta layer, whose tag-1 records point into its target
+        raise FormatError(path, e.field, e.value, f"{e.why}; the records carry two tags: a TurboOCI meta "
+                          "layer opened without its targetFile / targetDigest?") from None
     index.build_search()
     return header, trailer, index
 
