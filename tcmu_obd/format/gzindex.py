@@ -55,7 +55,7 @@ class GzIndex:
         self.window_area = window_area
         self.window_start = HEADER_SIZE
 
-    def window(self, i):
+    def window_bytes(self, i):
         """Access point i's 32 KiB dictionary."""
         e = self.entries[i]
         raw = self.window_area[e.win_pos - HEADER_SIZE:e.win_pos - HEADER_SIZE + e.win_len]
