@@ -42,6 +42,7 @@ cdef struct BackingC:
     obd_bcache *cache      # decoded partial blocks (NULL: none)
     obd_presence *presence # cached remote file: which units are there (NULL: all)
     const char *map        # ZFile: the stored blocks mapped (block i at map + boff[i] - boff[0]), or NULL
+    void *gz               # GzipBacking: its GzC (_lsmt_gzip.pxi)
     int zero_tail          # a warp layer's target: bytes past `size` read as zeros, not E_RANGE
 
 
@@ -258,9 +259,7 @@ cdef int backing_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Er
         return 0
     if off + n < off:
         return set_err(err, E_RANGE, off, n, b.size)
-    if off + n > b.size:
-        if not b.zero_tail:
-            return set_err(err, E_RANGE, off, n, b.size)
+    if off + n > b.size and b.zero_tail:
         # a warp target (the tar) ends inside the piece: the rest reads as
         # zeros, as overlaybd's warp file zero-fills after a short read
         inside = b.size - off if off < b.size else 0
@@ -268,6 +267,10 @@ cdef int backing_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Er
         n = inside
         if n == 0:
             return 0
+    if b.kind == K_GZIP:        # reads its target through backing_read; E_SHORT past the end
+        return gz_read(<GzC *>b.gz, dst, off, n, err)
+    if off + n > b.size:
+        return set_err(err, E_RANGE, off, n, b.size)
     if b.presence == NULL:
         return backing_read_locked(b, dst, off, n, err)
     # a cached remote file: presence check and read under the blob's shared
