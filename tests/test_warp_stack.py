@@ -115,7 +115,7 @@ def test_warp_stack_reads_equal_model(tmp_path_factory, data):
         RWLayer.create(*upper, 0).close()
     cfg = warp_config(tmp, "c", lowers, upper)
     if only_target:
-        with pytest.raises(FormatError, match=r"/meta: index record 0 moffset = \d+: data record .* outside"):
+        with pytest.raises(FormatError, match=r"/meta: index record 0 moffset = .*: data record .* outside"):
             assemble.open_image(cfg)
         assert open(os.path.join(tmp, "c.result")).read().startswith(f"failed:{meta}: index record 0")
         return

@@ -61,7 +61,10 @@ def open_image(cfg, service_cfg=None, remote=None):
             remote = own_remote = RemoteContext(service_cfg or service_config.load(None))
         dl = _download_settings(cfg, service_cfg or getattr(remote, "cfg", None))
         with ThreadPoolExecutor(max_workers=max(1, min(32, len(lowers)))) as pool:
-            futures = [pool.submit(_open_lower, cfg, remote, i, low) for i, low in enumerate(lowers)]
+            gz_cfg = None
+            if any(low.get("gzipIndex") and low.get("targetDigest") for low in lowers):
+                gz_cfg = service_cfg or getattr(remote, "cfg", None) or service_config.load(None)
+            futures = [pool.submit(_open_lower, cfg, remote, i, low, gz_cfg) for i, low in enumerate(lowers)]
             errors = []
             for i, fut in enumerate(futures):
                 try:
@@ -115,7 +118,7 @@ def _recording_trace(cfg):
     return bool(path) and trace.detect_mode(path) == trace.MODE_RECORD
 
 
-def _open_lower(cfg, remote, i, lower):
+def _open_lower(cfg, remote, i, lower, service_cfg=None):
     """lowers[i]: its meta/layer file (local or remote), and for a TurboOCI
     lower its target, attached (tcmu_obd.image.warp)."""
     is_warp = warp.has_target(lower)
@@ -131,7 +134,7 @@ def _open_lower(cfg, remote, i, lower):
     if not is_warp:
         return layer
     try:
-        target, closer = warp.open_target(cfg, remote, i, lower)
+        target, closer = warp.open_target(cfg, remote, i, lower, service_cfg)
         layer.set_target(target, closer)
         warp.check_target(layer, target)
     except BaseException:
