@@ -805,3 +805,29 @@ def test_warp_tags_and_bases_errors():
     on_both_fails(lambda M: M.merge([M.Index.from_records([(0, 1, 0, 0, 1)])], [255]), FormatError)
     assert on_both(lambda M: M.merge([M.Index.from_records([(0, 1, 0, 0, 1)])], [254]).records()) == \
         ("ok", [(0, 1, 0, 0, 255)])
+
+
+def test_warp_gzip_target_zero_fill(tmp_path):
+    """A gzip target (GzipBacking) flagged as a warp target reads zeros past
+    the decompressed end, in a stack and through pread, in both modules;
+    unflagged it fails (E_SHORT) as before."""
+    import gzip as _gzip
+    from tcmu_obd.format import gzindex
+    plain = os.urandom(3000)
+    (tmp_path / "t.gz").write_bytes(_gzip.compress(plain))
+    with open(tmp_path / "t.gz", "rb") as f:
+        gzindex.build_index(f, tmp_path / "t.idx", span=1 << 16)
+    with open(tmp_path / "t.gz", "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+
+        def view(M, flag):
+            g = M.GzipBacking(M.RawBacking(f.fileno(), 0, size, "gz"), str(tmp_path / "t.idx"), "view")
+            g.zero_fill_past_end = flag
+            return g
+        want = plain[2560:] + bytes(1536 - 440)
+        assert on_both(lambda M: view(M, True).pread(2560, 1536)) == ("ok", want)
+        assert on_both(lambda M: view(M, False).pread(2560, 1536)) == ("ok", plain[2560:])   # clamped
+        stack = lambda M, flag: M.Stack([view(M, flag)], M.Index.from_records([(0, 8, 4, 0, 0)]))  # noqa: E731
+        assert on_both(lambda M: stack(M, True).read(0, 4096)) == ("ok", plain[2048:] + bytes(4096 - 952))
+        got = on_both(lambda M: stack(M, False).read(0, 4096))
+        assert got[0] == "err" and got[1] is ReadError
