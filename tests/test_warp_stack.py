@@ -1,9 +1,11 @@
-"""TurboOCI warp lowers opened from config.v1.json (targetFile, a plain tar):
+"""TurboOCI warp lowers opened from config.v1.json (targetFile: a plain tar, or a
+.tar.gz with its gzipIndex):
 random tag-0 / tag-1 / zeroed records over a random target read like a
 bytearray model, with ordinary layers above and below and a writable upper,
 whether the meta layer is plain, ZFile- or tar-wrapped; the stored tags are
 normalised; without a target the same file is an ordinary layer; and the
 CLI's export and overlaybd-merge (flatten) of a warp stack equal the model."""
+import gzip
 import json
 import os
 import random
@@ -16,6 +18,7 @@ from conftest import make_layer
 from test_cli_tools import tool
 from warp_layers import model_warp, write_warp_layer
 from tcmu_obd.errors import FormatError
+from tcmu_obd.format import gzindex
 from tcmu_obd.image import assemble
 from tcmu_obd.image.layer import open_layer
 from tcmu_obd.image.stack import Image
@@ -69,10 +72,18 @@ def apply_plain(model, writes):
             model[w[0]:w[0] + len(w[1])] = w[1]
 
 
+def _lower(low):
+    if isinstance(low, (str, os.PathLike)):
+        return {"file": str(low)}
+    out = {"file": str(low[0]), "targetFile": str(low[1])}
+    if len(low) > 2:
+        out["gzipIndex"] = str(low[2])
+    return out
+
+
 def warp_config(tmp, name, lowers, upper=None):
-    """Write config.v1.json: lowers are paths (ordinary) or (meta, target) pairs."""
-    doc = {"lowers": [{"file": str(low)} if isinstance(low, (str, os.PathLike))
-                      else {"file": str(low[0]), "targetFile": str(low[1])} for low in lowers],
+    """Write config.v1.json: lowers are paths (ordinary) or (meta, target[, gzip index]) tuples."""
+    doc = {"lowers": [_lower(low) for low in lowers],
            "resultFile": os.path.join(tmp, name + ".result")}
     if upper:
         doc["upper"] = {"data": upper[0], "index": upper[1]}
@@ -100,7 +111,14 @@ def test_warp_stack_reads_equal_model(tmp_path_factory, data):
     if below:
         lowers.append(make_layer(tmp, "below", below, VSIZE))
         apply_plain(model, below)
-    lowers.append((meta, os.path.join(tmp, "layer.tar")))
+    if draw(st.booleans()):         # the same tar as a .tar.gz read through its gzip index
+        with open(os.path.join(tmp, "layer.tar.gz"), "wb") as f:
+            f.write(gzip.compress(target, draw(st.sampled_from([1, 6, 9]))))
+        with open(os.path.join(tmp, "layer.tar.gz"), "rb") as f:
+            gzindex.build_index(f, os.path.join(tmp, "gzip.meta"), span=1 << 16)
+        lowers.append((meta, os.path.join(tmp, "layer.tar.gz"), os.path.join(tmp, "gzip.meta")))
+    else:
+        lowers.append((meta, os.path.join(tmp, "layer.tar")))
     # overlaybd's tag rule: with only tag-1 records present they all become
     # tag 0 (this file), and then point outside its (empty) data area
     only_target = bool(recs) and all(r[2] == "target" for r in recs)
