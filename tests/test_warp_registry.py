@@ -190,3 +190,35 @@ def test_warp_registry_gzip_cache_evicts_under_tiny_size(pushed, tmp_path):
         assert os.stat(gfile).st_blocks * 512 <= 3 << 20                # far less than the 6 MiB stream
     finally:
         image.close()
+
+
+def test_warp_registry_background_download_of_a_meta_layer(pushed, tmp_path):
+    """A remote warp meta layer with a dir is downloaded and switched in at its
+    own file number (2 here: the warp lower above it holds files 0 and 1),
+    its target staying remote; reads are the model before and after."""
+    tdig = pushed["digests"]["layer.tar"][0]
+    mdig, msize = pushed["digests"]["ext4.fs.meta"]
+    target = (pushed["tmp"] / "layer.tar").read_bytes()
+    top_recs = [(20000, 8, "target", 100), (20010, 4, "meta", b"t" * 2048)]
+    top = write_warp_layer(tmp_path / "top.meta", VSIZE, top_recs)
+    model = model_warp(bytearray(pushed["model"]), top_recs, target)
+    svc = _svc(tmp_path)
+    cfg = tmp_path / "dl.json"
+    cfg.write_text(json.dumps({
+        "repoBlobUrl": f"{pushed['reg'].url}/v2/{REPO}/blobs",
+        "lowers": [{"digest": mdig, "size": msize, "dir": str(tmp_path / "layer0"), "targetDigest": tdig},
+                   {"file": top, "targetFile": str(pushed["tmp"] / "layer.tar")}],
+        "download": {"enable": True, "delay": 0, "delayExtra": 1, "maxMBps": 0}}))
+    image = assemble.open_image(str(cfg), svc)
+    try:
+        assert image.layer_tag(0) == 2 and image.layer_tag(1) == 0
+        assert image.read(0, VSIZE) == bytes(model)
+        dl = image.downloader
+        assert dl is not None and dl.wait(30), dl.status()
+        assert [s["state"] for s in dl.status()] == ["done"] and dl.status()[0]["tag"] == 2
+        assert (tmp_path / "layer0" / "overlaybd.commit").read_bytes() == open(pushed["meta"], "rb").read()
+        assert image.stack.backings[2] is image.lowers[0].backing
+        assert image.stack.backings[3] is image.lowers[0].target            # still the remote target
+        assert image.read(0, VSIZE) == bytes(model)
+    finally:
+        image.close()
