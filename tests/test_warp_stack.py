@@ -195,3 +195,20 @@ def test_warp_export_and_flatten_equal_model(tmp_path):
     with Image([open_layer(tmp_path / "merged")]) as merged:
         assert merged.virtual_size == VSIZE
         assert merged.read(0, VSIZE) == bytes(model)
+
+
+def test_warp_trace_records_meta_reads_only(tmp_path):
+    """A trace records reads of a warp layer's meta file (as overlaybd, whose
+    prefetcher wraps the meta file), not of its target; layer indexes stay
+    positions in lowers whatever file numbers targets take."""
+    from tcmu_obd.remote import prefetch
+    (tmp_path / "t.tar").write_bytes(os.urandom(8192))
+    meta = write_warp_layer(tmp_path / "meta", VSIZE, [(0, 2, "meta", b"m" * 1024), (4, 4, "target", 2)])
+    above = make_layer(str(tmp_path), "above", [(64 * SECTOR, b"a" * 1024)], VSIZE)
+    cfg = warp_config(str(tmp_path), "c", [(meta, tmp_path / "t.tar"), above])
+    with assemble.open_image(cfg) as image:
+        assert image.file_layer == [(1, 0), (0, 0), (0, 1)]
+        assert prefetch.layer_reads(image, 0, 8 * SECTOR) == [(0, 8 * SECTOR, 1024)]
+        assert prefetch.layer_reads(image, 4 * SECTOR, 4 * SECTOR) == []
+        (li, _off, n), = prefetch.layer_reads(image, 64 * SECTOR, 1024)
+        assert (li, n) == (1, 1024)
