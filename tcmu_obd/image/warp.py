@@ -20,20 +20,7 @@ import threading
 from tcmu_obd import core
 from tcmu_obd.errors import FormatError, ReadError
 from tcmu_obd.format.lsmt import SECTOR
-
-# gzipIndex (a .tar.gz target read through a gzip index) needs the core's
-# gzip reader; until this build has it the key is refused, not ignored: the
-# records would point into the compressed bytes.
-GZIP_SUPPORTED = hasattr(core, "GzipBacking")
-
-
-def gzip_unsupported(value):
-    """The config check of lowers[i].gzipIndex: None, or why it is refused."""
-    if not value or GZIP_SUPPORTED:
-        return None
-    return ("gzip targets are not supported by this build yet; give targetFile = the "
-            "uncompressed tar and no gzipIndex")
-
+from tcmu_obd.remote.cache import FileCache
 
 def has_target(lower):
     """overlaybd's switch: a lower with a target opens as a warp layer (tags
@@ -136,7 +123,6 @@ _GZIP_LOCK = threading.Lock()
 def gzip_cache(gcfg):
     """The process's gzip cache for gcfg.cache_dir (one FileCache per
     directory, shared by every device, as the blob cache is)."""
-    from tcmu_obd.remote.cache import FileCache
     key = os.path.realpath(gcfg.cache_dir)
     with _GZIP_LOCK:
         cache = _GZIP_CACHES.get(key)
