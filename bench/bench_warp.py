@@ -104,7 +104,7 @@ def main():
                 t = min(times[name])
                 r, rmed = ratio(base, times[name])
                 rows.append([f"{n // 1024} KiB random", name, fmt(args.reads / t), fmt(t / args.reads * 1e6),
-                             fmt(n * args.reads / t / MiB), f"{r:.3f}", f"{rmed:.3f}", f"{spread(times[name]):.0f}%"])
+                             fmt(n * args.reads / t / MiB), f"{r:.3g}", f"{rmed:.3g}", f"{spread(times[name]):.0f}%"])
         table(f"warp layer reads, {args.size_mib} MiB target, {args.reads} reads x {args.rounds} rounds",
               ["read", "target", "reads/s", "us/read", "MB/s", "ratio", "ratio med", "spread"], rows,
               [env_line(), "ratio = plain-tar time / case time; the gzip cache was filled by one full pass"])
