@@ -155,7 +155,11 @@ class GzipBacking(Backing):
         if bits:
             prefix, skip = primed_prefix(win, bits, first[0])
             d = zlib.decompressobj(wbits=-15)
-            if len(d.decompress(prefix)) != skip or d.unconsumed_tail or d.eof:
+            try:        # the prefix ends with the next block's first bits: they can be bad
+                got = len(d.decompress(prefix))
+            except zlib.error:
+                raise ReadFail(E_INFLATE, i, (-3) & U64, pos) from None
+            if got != skip or d.unconsumed_tail or d.eof:
                 raise AssertionError("the priming prefix did not inflate as built")
         else:
             d = zlib.decompressobj(wbits=-15, zdict=win)
