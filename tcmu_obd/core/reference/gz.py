@@ -24,6 +24,8 @@ from tcmu_obd.errors import FormatError, UsageError
 E_INFLATE = readerr.E_INFLATE
 WINDOW = 32768
 CHUNK = 65536          # compressed bytes read at once (as the C core)
+PIECE = 1 << 20        # the C core decodes a span over PIECE_WHOLE bytes in pieces of PIECE
+PIECE_WHOLE = 4 << 20
 ENDED, TRUNC, BADWIN = 1, 2, 3
 
 
@@ -193,11 +195,15 @@ class GzipBacking(Backing):
         stop = min(end, self._size)
         pos = off
         while pos < stop:
+            # the C core decodes whole pieces (a span, or 1 MiB of a span
+            # over 4 MiB): inflating to the piece's end fails alike when the
+            # stream is shorter than the index says
             i = self._find(pos)
-            se = self._span_end(i)
-            upto = min(stop, se)
-            data = self._inflate(i, upto)
-            de = self._des[i]
+            de, se = self._des[i], self._span_end(i)
+            start = de if se - de <= PIECE_WHOLE else de + (pos - de) // PIECE * PIECE
+            pend = min(se, start + PIECE) if se - de > PIECE_WHOLE else se
+            upto = min(stop, pend)
+            data = self._inflate(i, pend)
             dst[pos - off:upto - off] = data[pos - de:upto - de]
             pos = upto
         if end > self._size:
