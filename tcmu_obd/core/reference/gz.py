@@ -24,8 +24,8 @@ from tcmu_obd.errors import FormatError, UsageError
 E_INFLATE = readerr.E_INFLATE
 WINDOW = 32768
 CHUNK = 65536          # compressed bytes read at once (as the C core)
-PIECE = 1 << 20        # the C core decodes a span over PIECE_WHOLE bytes in pieces of PIECE
-PIECE_WHOLE = 4 << 20
+PIECE = 1 << 20        # a miss in the C core decodes at most this far past the offset,
+STEP = 65536           # rounded up to a multiple of this from the access point
 ENDED, TRUNC, BADWIN = 1, 2, 3
 
 
@@ -195,15 +195,14 @@ class GzipBacking(Backing):
         stop = min(end, self._size)
         pos = off
         while pos < stop:
-            # the C core decodes whole pieces (a span, or 1 MiB of a span
-            # over 4 MiB): inflating to the piece's end fails alike when the
-            # stream is shorter than the index says
+            # decode as far as the C core does on a miss (gz_fill_end), so a
+            # stream shorter than the index says fails alike
             i = self._find(pos)
             de, se = self._des[i], self._span_end(i)
-            start = de if se - de <= PIECE_WHOLE else de + (pos - de) // PIECE * PIECE
-            pend = min(se, start + PIECE) if se - de > PIECE_WHOLE else se
-            upto = min(stop, pend)
-            data = self._inflate(i, pend)
+            e = min(min(stop, se), pos + PIECE)
+            fe = min(se, de + (e - de + STEP - 1) // STEP * STEP)
+            upto = min(stop, fe)
+            data = self._inflate(i, fe)
             dst[pos - off:upto - off] = data[pos - de:upto - de]
             pos = upto
         if end > self._size:
