@@ -14,9 +14,11 @@ zlib is called through our own declarations (native/zlibdecl.h).
 Reads: the entry with the greatest de_pos <= offset is the access point; a
 raw inflate is primed with its `bits`, given its window as dictionary and
 run forward.  Unlike overlaybd, which re-inflates from the access point on
-every read, decoded spans (access point to the next one, or 1 MiB pieces of
-a longer span) stay in a small LRU per backing, and the inflate state that
-produced a piece is kept, so the next piece of the same span resumes it.
+every read, what a read decoded (up to 64 KiB past its end, and 256 KiB
+before its offset) stays in a small LRU of slots per backing, and the
+inflate state is kept, so a later read further in the same span resumes it
+instead of starting again at the access point: a cold random read costs
+what overlaybd's does, sequential reads inflate each byte once.
 """
 
 cdef extern from "zlibdecl.h" nogil:
@@ -52,10 +54,11 @@ from libc.stdlib cimport calloc
 cdef enum:
     GZ_WIN = 32768            # window (dictionary) bytes
     GZ_IN = 65536             # compressed bytes read from the target at once
-    GZ_PIECE = 1 << 20        # a long span is decoded and cached in pieces of this size
-    GZ_WHOLE = 4 << 20        # ... a span up to this size is one piece
+    GZ_PIECE = 1 << 20        # a miss decodes at most this much past the offset ...
+    GZ_STEP = 65536           # ... rounded up to a multiple of this from the access point
+    GZ_BEFORE = 262144        # decoded bytes before the offset kept in the cache slot
     GZ_MAX_SLOTS = 64
-    GZ_CURSORS = 2            # resumable inflate states kept per backing
+    GZ_CURSORS = 4            # resumable inflate states kept per backing
     GZ_PEND = 16              # access points a scanner step may emit before it returns
     GZ_OUT = 1 << 20          # decompressed bytes a scanner step returns at most
     # Err.b of an E_INFLATE besides zlib's own (negative) codes
@@ -215,38 +218,26 @@ cdef int gz_inflate(const GzC *g, GzCursor *c, char *out, uint64_t want, Err *er
     return 0
 
 
-cdef int gz_fill(GzC *g, uint64_t i, uint64_t start, uint64_t n, char *buf, Err *err) noexcept nogil:
-    """Decompressed bytes [start, start+n) of span i into buf, resuming a
-    kept inflate state of span i at or before start when there is one."""
+cdef GzCursor *gz_take_cursor(GzC *g, uint64_t i, uint64_t pos) noexcept nogil:
+    """The kept inflate state of span i standing furthest at or before pos
+    (removed from the table: the caller owns it), or NULL."""
     cdef GzCursor *c = NULL
-    cdef int k, best = -1, victim = 0
-    cdef uint64_t skip
+    cdef int k, best = -1
     pthread_mutex_lock(&g.lock)
     for k in range(GZ_CURSORS):
-        if g.curs[k] != NULL and g.curs[k].pt == <int64_t>i and g.curs[k].next <= start:
+        if g.curs[k] != NULL and g.curs[k].pt == <int64_t>i and g.curs[k].next <= pos:
             if best < 0 or g.curs[k].next > g.curs[best].next:
                 best = k
     if best >= 0:
         c = g.curs[best]
         g.curs[best] = NULL
     pthread_mutex_unlock(&g.lock)
-    if c == NULL:
-        c = gz_cursor_new(g, i, err)
-        if c == NULL:
-            return -1
-    while c.next < start:
-        skip = start - c.next
-        if skip > n:
-            skip = n
-        if gz_inflate(g, c, buf, skip, err):
-            gz_cursor_free(c)
-            return -1
-    if gz_inflate(g, c, buf, n, err):
-        gz_cursor_free(c)
-        return -1
-    if c.next >= gz_span_end(g, i):
-        gz_cursor_free(c)
-        return 0
+    return c
+
+
+cdef void gz_keep_cursor(GzC *g, GzCursor *c) noexcept nogil:
+    """Keep c (replacing the least recently kept one)."""
+    cdef int k, victim = 0
     pthread_mutex_lock(&g.lock)
     g.clock += 1
     c.stamp = g.clock
@@ -259,60 +250,67 @@ cdef int gz_fill(GzC *g, uint64_t i, uint64_t start, uint64_t n, char *buf, Err 
     gz_cursor_free(g.curs[victim])
     g.curs[victim] = c
     pthread_mutex_unlock(&g.lock)
-    return 0
 
 
-cdef int gz_serve(GzC *g, uint64_t i, uint64_t start, uint64_t n, char *dst, uint64_t at,
-                  uint64_t take, Err *err) noexcept nogil:
-    """Bytes [at, at+take) of piece [start, start+n) of span i into dst."""
+cdef int gz_keep_slot(GzC *g, uint64_t i, uint64_t start, uint64_t n, char *buf) noexcept nogil:
+    """Cache decoded bytes [start, start+n) of span i (buf is taken over);
+    1 when it was kept, 0 when the caller must free buf."""
     cdef int k, victim = 0
-    cdef char *buf
-    pthread_mutex_lock(&g.lock)
-    for k in range(g.nslots):
-        if g.slots[k].pt == <int64_t>i and g.slots[k].start == start:
-            memcpy(dst, g.slots[k].buf + at, take)
-            g.clock += 1
-            g.slots[k].stamp = g.clock
-            pthread_mutex_unlock(&g.lock)
-            return 0
-    pthread_mutex_unlock(&g.lock)
-    buf = <char *>malloc(n)
-    if buf == NULL:
-        return set_err(err, E_NOMEM, n, 0, 0)
-    if gz_fill(g, i, start, n, buf, err):
-        free(buf)
-        return -1
-    memcpy(dst, buf + at, take)
     if g.nslots == 0:
-        free(buf)
         return 0
     pthread_mutex_lock(&g.lock)
     for k in range(g.nslots):
-        if g.slots[k].pt == <int64_t>i and g.slots[k].start == start:   # another thread was faster
-            victim = -1
-            break
         if g.slots[k].stamp < g.slots[victim].stamp:
             victim = k
-    if victim >= 0:
-        free(g.slots[victim].buf)
-        g.clock += 1
-        g.slots[victim].pt = i
-        g.slots[victim].start = start
-        g.slots[victim].len = n
-        g.slots[victim].buf = buf
-        g.slots[victim].stamp = g.clock
-        buf = NULL
+    free(g.slots[victim].buf)
+    g.clock += 1
+    g.slots[victim].pt = i
+    g.slots[victim].start = start
+    g.slots[victim].len = n
+    g.slots[victim].buf = buf
+    g.slots[victim].stamp = g.clock
     pthread_mutex_unlock(&g.lock)
-    free(buf)
-    return 0
+    return 1
+
+
+cdef uint64_t gz_hit(GzC *g, uint64_t i, uint64_t pos, uint64_t end, char *dst) noexcept nogil:
+    """Copy the cached bytes from pos on (up to end) into dst: how many."""
+    cdef int k
+    cdef uint64_t n = 0
+    pthread_mutex_lock(&g.lock)
+    for k in range(g.nslots):
+        if g.slots[k].pt == <int64_t>i and g.slots[k].start <= pos < g.slots[k].start + g.slots[k].len:
+            n = g.slots[k].start + g.slots[k].len
+            n = (end if end < n else n) - pos
+            memcpy(dst, g.slots[k].buf + (pos - g.slots[k].start), n)
+            g.clock += 1
+            g.slots[k].stamp = g.clock
+            break
+    pthread_mutex_unlock(&g.lock)
+    return n
+
+
+cdef inline uint64_t gz_fill_end(uint64_t de, uint64_t se, uint64_t pos, uint64_t need) noexcept nogil:
+    """Where a decode for the bytes [pos, need) of span [de, se) stops: at
+    most GZ_PIECE past pos, rounded up to GZ_STEP from de, within the span.
+    The pure-Python twin stops at the same place (same errors)."""
+    cdef uint64_t e = need if need < pos + GZ_PIECE else pos + GZ_PIECE
+    e = de + (e - de + GZ_STEP - 1) // GZ_STEP * GZ_STEP
+    return e if e < se else se
 
 
 cdef int gz_read(GzC *g, char *dst, uint64_t off, uint64_t n, Err *err) noexcept nogil:
     """Decompressed bytes [off, off+n): E_SHORT (c = bytes served) for a read
-    running past the end of the stream, after serving the part inside it."""
-    cdef uint64_t end = off + n, stop, pos = off, i, de, se, start, plen, take
+    running past the end of the stream, after serving the part inside it.
+    A miss resumes a kept inflate state of the span at or before the
+    offset, or starts one at the access point, decodes up to gz_fill_end,
+    keeps up to GZ_BEFORE bytes before the offset and the rest as a cache
+    slot, and keeps the inflate state for the next piece."""
+    cdef uint64_t end = off + n, stop, pos = off, i, de, se, fe, bstart, got, skip
     cdef const BackingC *t = g.target
     cdef uint64_t cs, ce
+    cdef GzCursor *c
+    cdef char *buf
     if end < off:
         return set_err(err, E_RANGE, off, n, g.size)
     stop = end if end < g.size else g.size
@@ -320,24 +318,50 @@ cdef int gz_read(GzC *g, char *dst, uint64_t off, uint64_t n, Err *err) noexcept
         i = gz_find(g, pos)
         de = g.pts[i].de
         se = gz_span_end(g, i)
-        if se - de <= GZ_WHOLE:
-            start = de
-            plen = se - de
-        else:
-            start = de + (pos - de) // GZ_PIECE * GZ_PIECE
-            plen = se - start if se - start < GZ_PIECE else GZ_PIECE
-        take = (stop if stop < start + plen else start + plen) - pos
-        if t.presence != NULL:
-            # ask for the span's compressed bytes at once, not 64 KiB per round trip
-            cs = g.pts[i].en - (1 if g.pts[i].bits else 0)
-            ce = g.pts[i + 1].en + GZ_IN if i + 1 < g.npts else t.size   # reads run up to GZ_IN past it
-            if ce > t.size:
-                ce = t.size
-            if ce > cs and check_present(t, t.base + cs, ce - cs, err):
+        got = gz_hit(g, i, pos, stop if stop < se else se, dst + (pos - off))
+        if got:
+            pos += got
+            continue
+        fe = gz_fill_end(de, se, pos, stop if stop < se else se)
+        c = gz_take_cursor(g, i, pos)
+        if c == NULL:
+            if t.presence != NULL:
+                # ask for the span's compressed bytes at once, not 64 KiB per round trip
+                cs = g.pts[i].en - (1 if g.pts[i].bits else 0)
+                ce = g.pts[i + 1].en + GZ_IN if i + 1 < g.npts else t.size
+                if ce > t.size:
+                    ce = t.size
+                if ce > cs and check_present(t, t.base + cs, ce - cs, err):
+                    return -1
+            c = gz_cursor_new(g, i, err)
+            if c == NULL:
                 return -1
-        if gz_serve(g, i, start, plen, dst + (pos - off), pos - start, take, err):
+        bstart = pos - GZ_BEFORE if pos - c.next > GZ_BEFORE else c.next
+        buf = <char *>malloc(fe - bstart)
+        if buf == NULL:
+            gz_cursor_free(c)
+            return set_err(err, E_NOMEM, fe - bstart, 0, 0)
+        while c.next < bstart:
+            skip = bstart - c.next
+            if skip > fe - bstart:
+                skip = fe - bstart
+            if gz_inflate(g, c, buf, skip, err):
+                gz_cursor_free(c)
+                free(buf)
+                return -1
+        if gz_inflate(g, c, buf, fe - bstart, err):
+            gz_cursor_free(c)
+            free(buf)
             return -1
-        pos += take
+        got = (stop if stop < fe else fe) - pos
+        memcpy(dst + (pos - off), buf + (pos - bstart), got)
+        pos += got
+        if not gz_keep_slot(g, i, bstart, fe - bstart, buf):
+            free(buf)
+        if c.next < se:
+            gz_keep_cursor(g, c)
+        else:
+            gz_cursor_free(c)
     if end > g.size:
         return set_err(err, E_SHORT, off, n, stop - off if stop > off else 0)
     return 0
@@ -350,8 +374,9 @@ cdef class GzipBacking(Backing):
     `index` is a tcmu_obd.format.gzindex.GzIndex or the index file's path.
     size = the index's uncompress_file_size.  A read past the end serves the
     bytes inside the stream and then fails with E_SHORT (ReadError), as a
-    RawBacking over a short file does.  `cache_slots` decoded pieces (about
-    1 MiB each, up to 4 MiB) are kept; 0 re-inflates on every read."""
+    RawBacking over a short file does.  `cache_slots` decoded pieces (at
+    most 1.3 MiB each) are kept; 0 keeps none (inflate states are still
+    resumed)."""
     cdef GzC *g
     cdef readonly Backing target
     cdef readonly object index

@@ -24,6 +24,8 @@ from tcmu_obd.errors import FormatError, UsageError
 E_INFLATE = readerr.E_INFLATE
 WINDOW = 32768
 CHUNK = 65536          # compressed bytes read at once (as the C core)
+PIECE = 1 << 20        # a miss in the C core decodes at most this far past the offset,
+STEP = 65536           # rounded up to a multiple of this from the access point
 ENDED, TRUNC, BADWIN = 1, 2, 3
 
 
@@ -155,7 +157,11 @@ class GzipBacking(Backing):
         if bits:
             prefix, skip = primed_prefix(win, bits, first[0])
             d = zlib.decompressobj(wbits=-15)
-            if len(d.decompress(prefix)) != skip or d.unconsumed_tail or d.eof:
+            try:        # the prefix ends with the next block's first bits: they can be bad
+                got = len(d.decompress(prefix))
+            except zlib.error:
+                raise ReadFail(E_INFLATE, i, (-3) & U64, pos) from None
+            if got != skip or d.unconsumed_tail or d.eof:
                 raise AssertionError("the priming prefix did not inflate as built")
         else:
             d = zlib.decompressobj(wbits=-15, zdict=win)
@@ -189,11 +195,14 @@ class GzipBacking(Backing):
         stop = min(end, self._size)
         pos = off
         while pos < stop:
+            # decode as far as the C core does on a miss (gz_fill_end), so a
+            # stream shorter than the index says fails alike
             i = self._find(pos)
-            se = self._span_end(i)
-            upto = min(stop, se)
-            data = self._inflate(i, upto)
-            de = self._des[i]
+            de, se = self._des[i], self._span_end(i)
+            e = min(min(stop, se), pos + PIECE)
+            fe = min(se, de + (e - de + STEP - 1) // STEP * STEP)
+            upto = min(stop, fe)
+            data = self._inflate(i, fe)
             dst[pos - off:upto - off] = data[pos - de:upto - de]
             pos = upto
         if end > self._size:
