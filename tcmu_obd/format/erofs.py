@@ -107,7 +107,7 @@ def entries_from_tar(fileobj, name="<tar>"):
             elif m.isfifo():
                 kind = "fifo"
             else:
-                raise UnsupportedError(f"{name}: {m.name}: tar entry type {m.type!r}")
+                raise UnsupportedError(f"{name}: {m.name}: tar entry type {m.type.decode('latin-1')!r}")
             xattrs = {k[len(XATTR_PREFIX):]: v.encode("utf-8", "surrogateescape")
                       for k, v in m.pax_headers.items() if k.startswith(XATTR_PREFIX)}
             yield TarEntry(path=m.name, type=kind, mode=m.mode, uid=m.uid, gid=m.gid,
@@ -302,7 +302,8 @@ class ErofsBuilder:
         (tag 0); mappings [(disk byte offset, length, tar offset)] of the new
         regular files' data (length = size rounded up to 512)."""
         self._finished = True
-        writes, mappings, self.end_block = erofs_write.layout(self.root, self.bs, self.start_block)
+        writes, mappings, self.end_block = erofs_write.layout(self.root, self.bs, self.start_block,
+                                                              name=self.name)
         return writes, mappings
 
 

@@ -100,6 +100,7 @@ class ErofsReader:
         if nsec >= 10**9:
             self._bad(f"{where}: i_mtime_nsec", nsec, "must be below 10^9")
         node = Node(mode, uid, gid, mtime, nsec)
+        node.nid = nid
         xsize = XATTR_IBODY_HEADER + 4 * (icount - 1) if icount else 0
         if xsize:
             node.xattrs = self._xattrs(off + isize, xsize, where)

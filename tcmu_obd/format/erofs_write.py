@@ -78,14 +78,14 @@ class _Rec:
                  "dirblocks", "nlink", "offset", "ino")
 
 
-def layout(root, bs, start_block, build_time=0):
+def layout(root, bs, start_block, build_time=0, name="<erofs>"):
     """Lay the tree out from `start_block`.  Returns (writes, mappings,
     end_block): writes = [(disk byte offset, bytes)], mappings =
     [(disk byte offset, length rounded up to 512, tar offset)]."""
     if bs != 1 << BLKSZBITS:
         raise UsageError(f"erofs block size {bs}: only {1 << BLKSZBITS} is supported")
     recs, order = {}, []
-    stack = [(root, root, "/")]
+    stack = [(root, root, "")]
     while stack:                            # depth-first, names in order, the root first
         node, parent, path = stack.pop()
         rec = recs.get(id(node))
@@ -98,13 +98,13 @@ def layout(root, bs, start_block, build_time=0):
         order.append(rec)
         if node.is_dir:
             rec.nlink = 2 + sum(1 for c in node.children.values() if c.is_dir)
-            for name in sorted(node.children, reverse=True):
-                stack.append((node.children[name], node, path.rstrip("/") + "/" + name))
+            for cname in sorted(node.children, reverse=True):
+                stack.append((node.children[cname], node, f"{path}/{cname}" if path else cname))
 
     # sizes, layouts and record lengths
     for rec in order:
         node = rec.node
-        rec.xattrs = _xattr_body(node, rec.path)
+        rec.xattrs = _xattr_body(node, f"{name}: {rec.path or '/'}")
         rec.tail, rec.nblocks, rec.dirblocks, rec.layout = 0, 0, None, FLAT_PLAIN
         if node.is_dir:
             rec.dirblocks = _dir_blocks(node, bs)
