@@ -89,3 +89,30 @@ def test_erofs_mount_tree_empty_layer(tmp_path):
         assert os.listdir(mnt) == []
         assert oct(os.stat(mnt).st_mode) == oct(0o40755)
     assert fsck(img)[0] == 0
+
+
+def _acl(*entries):
+    """A POSIX ACL xattr value: version 2, then (tag, perm, id) entries."""
+    import struct
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def test_erofs_mount_tree_posix_acls(tmp_path):
+    """system.posix_acl_access/default are stored under their own name indexes
+    (no name suffix) and the kernel reads them back as the same ACLs."""
+    have_erofs()
+    from tcmu_obd.format.erofs import ErofsBuilder, TarEntry
+    access = _acl((0x01, 6, 0xFFFFFFFF), (0x02, 4, 1000), (0x04, 4, 0xFFFFFFFF), (0x10, 4, 0xFFFFFFFF),
+                  (0x20, 0, 0xFFFFFFFF))
+    default = _acl((0x01, 7, 0xFFFFFFFF), (0x04, 5, 0xFFFFFFFF), (0x08, 5, 77), (0x10, 5, 0xFFFFFFFF),
+                   (0x20, 5, 0xFFFFFFFF))
+    b = ErofsBuilder()
+    b.add(TarEntry("d", "dir", 0o750, xattrs={"system.posix_acl_access": access,
+                                               "system.posix_acl_default": default}))
+    writes, mappings = b.finish()
+    img = materialize(tmp_path / "acl.img", b"", writes, mappings)
+    with mounted(img) as mnt:
+        d = os.path.join(mnt, "d")
+        assert os.getxattr(d, "system.posix_acl_access") == access
+        assert os.getxattr(d, "system.posix_acl_default") == default
+    assert fsck(img)[0] == 0
