@@ -8,7 +8,8 @@ Run: python fuzz/fuzz_erofs.py -max_total_time=20   (or -runs=N, or a corpus dir
 Structure-aware: at start-up ErofsBuilder makes three small real images
 (a mixed tree with xattrs, hard links, devices, short and long symlinks and
 a multi-block directory; a deep chain of directories; a second layer over
-the first).  The first input byte picks a base; the rest is a list of
+the first), and mkfs.erofs, when installed, a fourth (compact inodes,
+shared xattrs).  The first input byte picks a base; the rest is a list of
 splices, each written over the superblock, one inode, or anywhere in the
 metadata area (now and then the image is cut short).  The damaged image is
 read into a tree; if that works, a builder adds a few entries over it as a
@@ -21,7 +22,10 @@ else, a hang, or a round trip that changes the tree is a finding.
 """
 
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 
 import atheris
 
@@ -120,6 +124,34 @@ BASES.append(bytes(_lay(b"", _w, _end)))
 BASES.append(_mixed)
 _w, _end = _build(_entries_upper(), lower=lambda o, n: _mixed[o:o + n])
 BASES.append(bytes(_lay(_mixed, _w, _end)))
+
+def _mkfs_base():
+    """An image by mkfs.erofs (compact inodes, shared xattrs, meta_blkaddr 0),
+    when erofs-utils is installed."""
+    if shutil.which("mkfs.erofs") is None:
+        return None
+    tmp = tempfile.mkdtemp(prefix="fuzz_erofs_")
+    try:
+        src = os.path.join(tmp, "src")
+        os.makedirs(os.path.join(src, "d", "e"))
+        for i in range(30):
+            with open(os.path.join(src, "d", f"f{i:02d}" + "_" * 20), "wb") as f:
+                f.write(b"%d" % i * (i * 97))
+            os.setxattr(os.path.join(src, "d", f"f{i:02d}" + "_" * 20), "user.shared", b"same value")
+        os.symlink("d/f01" + "_" * 20, os.path.join(src, "sl"))
+        os.link(os.path.join(src, "d", "f02" + "_" * 20), os.path.join(src, "d", "e", "hard"))
+        img = os.path.join(tmp, "img")
+        subprocess.run(["mkfs.erofs", "--quiet", "-x1", "-Enoinline_data", "-T", "1700000000", img, src],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(img, "rb") as f:
+            return f.read()
+    finally:
+        shutil.rmtree(tmp, True)
+
+
+_m = _mkfs_base()
+if _m is not None:
+    BASES.append(_m)
 BASES = [(d, _regions(d)) for d in BASES]
 
 

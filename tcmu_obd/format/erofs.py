@@ -29,6 +29,7 @@ specified: what counts is that the merged block device is a valid erofs of
 the merged tree.  The on-disk layout is described in format/erofs_write.py.
 """
 import dataclasses
+import logging
 import posixpath
 import stat as _stat
 import tarfile
@@ -36,6 +37,9 @@ import tarfile
 from tcmu_obd.errors import ApplyError, UnsupportedError, UsageError
 from tcmu_obd.format.erofs_layout import BLOCK_SIZE, NAME_LEN, Node
 from tcmu_obd.format import erofs_write
+from tcmu_obd.format.erofs_read import ErofsReader
+
+log = logging.getLogger(__name__)
 
 WH_PREFIX = ".wh."
 WH_META = ".wh..wh."
@@ -134,7 +138,6 @@ class ErofsBuilder:
             self.root = Node(_stat.S_IFDIR | 0o755)
             self.start_block = 1
         else:
-            from tcmu_obd.format.erofs_read import ErofsReader
             reader = ErofsReader(lower, name=f"{name} (lower)")
             if reader.block_size != block_size:
                 raise UsageError(f"{name}: lower erofs block size {reader.block_size} != {block_size}")
@@ -224,6 +227,7 @@ class ErofsBuilder:
                 self._remove_all(parent, c)
             return
         if base.startswith(WH_META):
+            log.debug("%s: whiteout meta file ignored (as overlaybd-apply does)", where)
             return
         if base.startswith(WH_PREFIX):
             self._remove_all(parent, base[len(WH_PREFIX):])
