@@ -13,6 +13,7 @@ import pytest
 from erofs_util import D, E, R, S, T0, build, diff, have_erofs, materialize, mounted, oracle, scan, \
     tar_bytes
 
+from tcmu_obd.errors import CorruptDataError
 from tcmu_obd.format.erofs_read import ErofsReader
 
 SHARED = {"user.shared": b"the same on three files", "trusted.also": b"shared"}
@@ -80,3 +81,20 @@ def test_erofs_foreign_lower_from_mkfs_erofs(tmp_path, fixed_time):
     if fixed_time:
         assert got[0]["a/f2"]["mtime_ns"] == T0 * 10**9
     assert os.path.getsize(img2) > os.path.getsize(img1)
+
+
+def test_erofs_foreign_lower_superblock_checksum(tmp_path):
+    """mkfs.erofs sets the superblock checksum feature: the reader verifies it."""
+    if shutil.which("mkfs.erofs") is None:
+        pytest.skip("mkfs.erofs is not installed (apt-get install erofs-utils)")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"f")
+    img = str(tmp_path / "m.img")
+    subprocess.run(["mkfs.erofs", "--quiet", "-Enoinline_data", img, str(src)], check=True)
+    with open(img, "rb") as f:
+        disk = bytearray(f.read())
+    assert ErofsReader(lambda o, n: bytes(disk[o:o + n])).tree().children["f"].size == 1
+    disk[1024 + 100] ^= 1                                   # inside the checksummed range
+    with pytest.raises(CorruptDataError, match=r"^m: superblock.checksum = "):
+        ErofsReader(lambda o, n: bytes(disk[o:o + n]), name="m")

@@ -46,6 +46,7 @@ EXT_STRUCT = struct.Struct("<HHHHQIIIIqII16x")
 COMPACT_STRUCT = struct.Struct("<HHHHIIIIHHI")
 DIRENT_STRUCT = struct.Struct("<QHBB")
 XATTR_ENTRY_STRUCT = struct.Struct("<BBH")
+COMPAT_SB_CHKSUM = 0x1
 COMPAT_MTIME = 0x2
 
 # dirent file types (the generic FT_* numbers)

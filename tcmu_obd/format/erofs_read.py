@@ -5,7 +5,8 @@ erofs_layout.Node that ErofsBuilder then changes.  Regular files are not
 read, only their data placement (raw_blkaddr) is kept.  It does not read
 compressed or chunk-based files, long xattr name prefixes, extra devices or
 any incompatible feature: those are refused with FormatError, as are
-on-disk values out of range.
+on-disk values out of range.  The superblock checksum is verified when its
+feature bit is set (mkfs.erofs sets it; our writer does not).
 
 Disk bytes are untrusted: a bad value raises FormatError naming the field,
 the value and the nid; every loop is bounded (each directory nid is read
@@ -16,9 +17,10 @@ MAX_INODES), so a crafted image cannot crash or hang the reader.
 import stat as _stat
 import struct
 
-from tcmu_obd.errors import FormatError
+from tcmu_obd import core
+from tcmu_obd.errors import CorruptDataError, FormatError
 from tcmu_obd.format.erofs_layout import (
-    COMPACT_STRUCT, COMPAT_MTIME, DIRENT, DIRENT_STRUCT, EXT_STRUCT, FLAT_INLINE, FLAT_PLAIN,
+    COMPACT_STRUCT, COMPAT_MTIME, COMPAT_SB_CHKSUM, DIRENT, DIRENT_STRUCT, EXT_STRUCT, FLAT_INLINE, FLAT_PLAIN,
     FORMAT_ALL, FORMAT_EXTENDED, FT_OF_FMT, INCOMPAT_ZERO_PADDING, INODE_COMPACT,
     INODE_EXTENDED, MAGIC, MAX_BLKADDR, NAME_LEN, NID_UNIT, SB_OFFSET, SB_SIZE, SB_STRUCT,
     XATTR_ENTRY_STRUCT, XATTR_IBODY_HEADER, XATTR_PREFIX_OF_INDEX, Node, decode_dev, round_up)
@@ -49,8 +51,21 @@ class ErofsReader:
         if incompat & ~INCOMPAT_ZERO_PADDING:
             self._bad("superblock.feature_incompat", incompat, "unsupported incompatible features")
         self.block_size = 1 << self.blkszbits
+        if self.feature_compat & COMPAT_SB_CHKSUM:
+            self._check_sb_crc()
         self._end = 0                      # highest byte of the image seen in use
         self._note(0, self.blocks * self.block_size)
+
+    def _check_sb_crc(self):
+        """crc32c (seed ~0, no final xor) of block 0 from byte 1024 with the
+        checksum field zeroed, as the kernel checks it."""
+        length = max(self.block_size - SB_OFFSET, SB_SIZE)
+        sb = bytearray(self._read(SB_OFFSET, length, "superblock"))
+        stored = struct.unpack_from("<I", sb, 4)[0]
+        struct.pack_into("<I", sb, 4, 0)
+        crc = core.crc32c(bytes(sb), 0xFFFFFFFF)
+        if crc != stored:
+            raise CorruptDataError(self.name, "superblock.checksum", stored, f"crc32c is 0x{crc:08x}")
 
     def _bad(self, field, value, why):
         raise FormatError(self.name, field, value, why)

@@ -16,7 +16,9 @@ boundary unless it alone is larger than a block.  Then the whole blocks of
 directories and symlinks that are not inline (FLAT_PLAIN, or the head
 blocks of a FLAT_INLINE directory), then the data blocks of the regular
 files that have none yet (FLAT_PLAIN, never tail-inlined: the tail comes
-from the tar too).  Empty files and devices have raw_blkaddr 0.
+from the tar too).  Empty files have raw_blkaddr 0; device inodes hold
+their rdev there (12-bit major, 20-bit minor).  Inodes are always extended
+(64 bytes), so uid/gid, size and mtime in nanoseconds never need a fallback.
 Directories: 12-byte dirents then names, sorted bytewise across blocks,
 "." and ".." included, no entry split across a block.
 """
