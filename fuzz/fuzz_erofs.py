@@ -187,11 +187,14 @@ def _flat(root):
 
 
 def _exercise(disk):
-    r = ErofsReader(lambda o, n: disk[o:o + n], name="fuzz")
+    def read(o, n):
+        assert o % 4096 == 0 and n == 4096, (o, n)
+        return disk[o:o + n]
+    r = ErofsReader(read, name="fuzz")
     r.tree()
     used = r.used_blocks()
     assert used >= 1
-    b = ErofsBuilder(lower=lambda o, n: disk[o:o + n], name="fuzz")
+    b = ErofsBuilder(lower=read, name="fuzz")
     b.add(TarEntry("fuzz-new", "file", size=100, data_offset=512))
     try:
         writes, maps = b.finish()

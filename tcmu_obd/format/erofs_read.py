@@ -26,7 +26,9 @@ from tcmu_obd.format.erofs_layout import (
     XATTR_ENTRY_STRUCT, XATTR_IBODY_HEADER, XATTR_PREFIX_OF_INDEX, Node, decode_dev, round_up)
 
 MAX_INODES = 1 << 24
-MAX_DIR_SIZE = 1 << 30
+MAX_DIR_SIZE = 64 << 20            # about a million entries
+CACHE_UNIT = 4096                  # every read of the image is of whole, aligned 4 KiB units
+CACHE_UNITS = 4096
 MAX_SYMLINK_SIZE = 4095
 MAX_DEPTH = 4096
 VALID_FMTS = (_stat.S_IFREG, _stat.S_IFDIR, _stat.S_IFLNK, _stat.S_IFCHR, _stat.S_IFBLK,
@@ -34,12 +36,14 @@ VALID_FMTS = (_stat.S_IFREG, _stat.S_IFDIR, _stat.S_IFLNK, _stat.S_IFCHR, _stat.
 
 
 class ErofsReader:
-    """`pread(offset, length) -> bytes` reads the image (a short read past
-    its end is fine; a short read of needed bytes is a FormatError)."""
+    """`pread(offset, length) -> bytes` reads the image, always 4 KiB at a
+    4 KiB-aligned offset (a short read past its end is fine; a short read of
+    needed bytes is a FormatError)."""
 
     def __init__(self, pread, name="<erofs>"):
         self.pread = pread
         self.name = name
+        self._cache = {}
         sb = self._read(SB_OFFSET, SB_SIZE, "superblock")
         (magic, _csum, self.feature_compat, self.blkszbits, _ext, self.root_nid, self.inos,
          self.build_time, self.build_time_nsec, self.blocks, self.meta_blkaddr,
@@ -70,11 +74,31 @@ class ErofsReader:
     def _bad(self, field, value, why):
         raise FormatError(self.name, field, value, why)
 
+    def _unit(self, u):
+        data = self._cache.get(u)
+        if data is None:
+            if len(self._cache) >= CACHE_UNITS:
+                self._cache.clear()
+            data = bytes(self.pread(u * CACHE_UNIT, CACHE_UNIT))
+            self._cache[u] = data
+        return data
+
     def _read(self, offset, length, what):
-        data = self.pread(offset, length)
-        if len(data) < length:
-            self._bad(what, offset, f"short read: {len(data)} of {length} bytes")
-        return bytes(data[:length])
+        """`length` bytes at `offset`, through a cache of aligned 4 KiB reads
+        (the image below may only take sector-aligned reads)."""
+        out = bytearray()
+        pos, end = offset, offset + length
+        while pos < end:
+            u = pos // CACHE_UNIT
+            data = self._unit(u)
+            chunk = data[pos - u * CACHE_UNIT:min(len(data), end - u * CACHE_UNIT)]
+            out += chunk
+            pos += len(chunk)
+            if len(data) < CACHE_UNIT or not chunk:
+                break
+        if len(out) < length:
+            self._bad(what, offset, f"short read: {len(out)} of {length} bytes")
+        return bytes(out)
 
     def _note(self, start, end):
         self._end = max(self._end, end)
