@@ -23,11 +23,15 @@ class Image:
         self.lower_index = core.merge([layer.index for layer in top_first]) if top_first else None
         files = [layer.backing for layer in top_first]
         ro_vsize = next((layer.virtual_size for layer in top_first if layer.virtual_size > 0), 0)
+        upper_files = [upper.backing] if upper is not None else []
         if upper is not None:
             if upper.vsize == 0 and ro_vsize:
                 upper.update_vsize(ro_vsize)
-            files.append(upper.backing)
-        self.stack = core.Stack(files, self.lower_index, upper.index if upper else None)
+            if hasattr(upper, "upper_backings"):      # a warp upper (image.warp_rw): tag 0, tag 1
+                upper_files = upper.upper_backings()
+            files.extend(upper_files)
+        self.stack = core.Stack(files, self.lower_index, upper.index if upper else None,
+                                max(1, len(upper_files)))
         self.ro_vsize = ro_vsize
         self.remote = None        # the RemoteContext its remote layers use, if any
         self.downloader = None    # its download.Downloader (background download), if any
