@@ -32,13 +32,20 @@ _LOWER = Table({
     "targetDigest": Key("str", "", _turbooci("layers"), UnsupportedError),
     "gzipIndex": Key("str", "", _turbooci("layers"), UnsupportedError),
 })
+def _warp_upper(v):
+    return ("a warp upper (TurboOCI) is for the build tools only (turboOCI-apply, "
+            "overlaybd-apply); a served device cannot have one") if v else None
+
+
 _UPPER = Table({
     "index": Key("str", ""),
     "data": Key("str", ""),
-    "target": Key("str", "", _turbooci("(warp) uppers"), UnsupportedError),
-    "gzipIndex": Key("str", "", _turbooci("(warp) uppers"), UnsupportedError),
+    "target": Key("str", "", _warp_upper, UnsupportedError),
+    "gzipIndex": Key("str", "", _warp_upper, UnsupportedError),
     "vsize": Key("i64", 0),                     # written by the snapshotter, unused
 })
+# the build tools' view: upper.target makes the upper a warp layer (image.warp_rw)
+_UPPER_TOOLS = Table({**_UPPER.keys, "target": Key("str", ""), "gzipIndex": Key("str", "")})
 _TOP = Table({
     "repoBlobUrl": Key("str", ""),
     "lowers": Key(ListOf(_LOWER), []),
@@ -64,11 +71,13 @@ class ImageConfig:
     unknown_keys: tuple = ()
 
 
-def load(path):
-    """Parse a config.v1.json file into an ImageConfig."""
+def load(path, warp_upper=False):
+    """Parse a config.v1.json file into an ImageConfig.  warp_upper: allow
+    upper.target / upper.gzipIndex (the build tools only)."""
     path = os.fspath(path)
     raw = read_json(path)
-    top, unknown = read(raw, _TOP, path)
+    table = Table({**_TOP.keys, "upper": Key(_UPPER_TOOLS, {})}) if warp_upper else _TOP
+    top, unknown = read(raw, table, path)
     upper = top.get("upper", {})
     _check_upper(upper, path)
     if top.get("accelerationLayer") and top.get("recordTracePath"):
