@@ -1,8 +1,8 @@
-"""Build script: the Cython core (_lsmt) links liblz4, libzstd and our CRC32C.
+"""Build script: the Cython core (_lsmt) links liblz4, libzstd, zlib and our CRC32C.
 
-liblz4 and libzstd are linked by soname (liblz4.so.1, libzstd.so.1) and
-declared in native/lz4zstd.h, so only the runtime libraries are needed,
-not their -dev packages.
+liblz4, libzstd and zlib are linked by soname (liblz4.so.1, libzstd.so.1,
+libz.so.1) and declared in native/lz4zstd.h and native/zlibdecl.h, so only the runtime
+libraries are needed, not their -dev packages.
 
 TCMU_OBD_ASAN=1 compiles the extensions with AddressSanitizer but does not
 link its runtime: the fuzz harnesses preload atheris's ASan+libFuzzer
@@ -27,7 +27,7 @@ ext = Extension(
     sources=["tcmu_obd/core/_lsmt.pyx", "native/crc32c.c", "native/codec.c", "native/blockcache.c", "native/presence.c",
              "native/mapguard.c", "native/rwindex.c"],
     include_dirs=["native"],
-    libraries=[":liblz4.so.1", ":libzstd.so.1", "pthread"],   # runtime sonames: no -dev packages
+    libraries=[":liblz4.so.1", ":libzstd.so.1", ":libz.so.1", "pthread"],   # runtime sonames: no -dev packages
     extra_compile_args=CFLAGS,
 )
 

@@ -8,10 +8,10 @@ holds no logic of its own.
 import os
 
 if os.environ.get("TCMU_OBD_PURE") == "1":
-    from tcmu_obd.core.reference import (Index, Presence, RawBacking, Stack, ZFileBacking, compress_blocks,  # noqa: F401
-                                         crc32c, fetch_all, merge)
+    from tcmu_obd.core.reference import (GzipBacking, Index, Presence, RawBacking, Stack, ZFileBacking,  # noqa: F401
+                                         compress_blocks, crc32c, fetch_all, merge)
     IMPLEMENTATION = "python"
 else:
-    from tcmu_obd.core._lsmt import (Index, Presence, RawBacking, Stack, ZFileBacking, compress_blocks,  # noqa: F401
-                                     crc32c, fetch_all, merge)
+    from tcmu_obd.core._lsmt import (GzipBacking, Index, Presence, RawBacking, Stack, ZFileBacking,  # noqa: F401
+                                     compress_blocks, crc32c, fetch_all, merge)
     IMPLEMENTATION = "cython"

@@ -37,5 +37,6 @@ include "_lsmt_native.pxi"      # C declarations, integer constants, read-error 
 include "_lsmt_index.pxi"       # records, Index (flat or B+tree), merge
 include "_lsmt_backing.pxi"     # Backing, RawBacking, ZFileBacking, block decode, mapguard, crc32c, compress_blocks
 include "_lsmt_cache.pxi"       # Presence, fetch_all, recover, raise_err
+include "_lsmt_gzip.pxi"        # GzipBacking (gzip blob through a ddgzidx index), GzipScanner (index producer)
 include "_lsmt_stack.pxi"       # Stack, stack_read_nogil (the TCMU ring's entry point)
 include "_lsmt_bench.pxi"       # bench_* functions: benchmark only

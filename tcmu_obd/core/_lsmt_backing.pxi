@@ -42,6 +42,7 @@ cdef struct BackingC:
     obd_bcache *cache      # decoded partial blocks (NULL: none)
     obd_presence *presence # cached remote file: which units are there (NULL: all)
     const char *map        # ZFile: the stored blocks mapped (block i at map + boff[i] - boff[0]), or NULL
+    void *gz               # GzipBacking: its GzC (_lsmt_gzip.pxi)
 
 
 cdef struct Err:
@@ -254,6 +255,8 @@ cdef int backing_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Er
     cdef int rc
     if n == 0:
         return 0
+    if b.kind == K_GZIP:        # reads its target through backing_read; E_SHORT past the end
+        return gz_read(<GzC *>b.gz, dst, off, n, err)
     if off + n > b.size or off + n < off:
         return set_err(err, E_RANGE, off, n, b.size)
     if b.presence == NULL:

@@ -105,6 +105,7 @@ cdef enum:
 cdef enum:
     K_RAW = 1
     K_ZFILE = 2
+    K_GZIP = 3        # GzipBacking (_lsmt_gzip.pxi): BackingC.gz is its GzC
 
 # Err.code of a failed read: the values of tcmu_obd.core.readerr, which turns
 # them into exceptions (READ_ERROR_CODES exports them for the test that the
@@ -119,9 +120,11 @@ cdef enum:
     E_TAG = 7
     E_MISS = 8
     E_MAPFAULT = 9
+    E_INFLATE = 10
 
 READ_ERROR_CODES = {"E_IO": E_IO, "E_SHORT": E_SHORT, "E_CRC": E_CRC, "E_DECODE": E_DECODE, "E_RANGE": E_RANGE,
-                    "E_NOMEM": E_NOMEM, "E_TAG": E_TAG, "E_MISS": E_MISS, "E_MAPFAULT": E_MAPFAULT}
+                    "E_NOMEM": E_NOMEM, "E_TAG": E_TAG, "E_MISS": E_MISS, "E_MAPFAULT": E_MAPFAULT,
+                    "E_INFLATE": E_INFLATE}
 
 SALT = ZF_SALT
 

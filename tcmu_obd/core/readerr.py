@@ -23,9 +23,11 @@ E_NOMEM = 6       # an allocation failed: a = bytes
 E_TAG = 7         # a lower record names no file: a = sector, b = tag
 E_MISS = 8        # not in the cache file yet: a = file offset, b = length
 E_MAPFAULT = 9    # SIGBUS reading a mapping: a = block (the read is redone with pread)
+E_INFLATE = 10    # a gzip blob did not inflate: a = access point, b = zlib code or 1/2/3 (see below), c = offset
 
 CODES = {"E_IO": E_IO, "E_SHORT": E_SHORT, "E_CRC": E_CRC, "E_DECODE": E_DECODE, "E_RANGE": E_RANGE,
-         "E_NOMEM": E_NOMEM, "E_TAG": E_TAG, "E_MISS": E_MISS, "E_MAPFAULT": E_MAPFAULT}
+         "E_NOMEM": E_NOMEM, "E_TAG": E_TAG, "E_MISS": E_MISS, "E_MAPFAULT": E_MAPFAULT,
+         "E_INFLATE": E_INFLATE}
 
 
 def _signed64(v):
@@ -52,8 +54,32 @@ def exception(code, name, err_no=0, a=0, b=0, c=0):
     if code == E_MAPFAULT:
         return ReadError(f"{name}: reading zfile block {a} through the mapping faulted "
                          f"(SIGBUS: the file shrank or its device failed)")
+    if code == E_INFLATE:
+        return _inflate_error(name, a, _signed64(b), c)
     if code == E_NOMEM:
         return MemoryError(f"{name}: cannot allocate {a} bytes")
     if code == E_TAG:
         return UsageError(f"lower record at sector {a} has tag {b}, no such file")
     return ReadError(f"{name}: read failed (code {code})")
+
+
+def _inflate_error(name, point, why, offset):
+    """E_INFLATE: why is zlib's (negative) code, or 1: the deflate stream ended
+    at uncompressed byte `offset`, before the index's uncompress_file_size;
+    2: the gzip blob ended (compressed byte `offset`) inside the stream;
+    3: access point `point`'s stored window (at `offset` in the window area)
+    did not inflate to 32768 bytes."""
+    field = f"gzip stream from access point {point}"
+    if why == 1:
+        return CorruptDataError(name, "uncompress_file_size", offset,
+                                f"the deflate stream ends at uncompressed byte {offset}, before the size "
+                                f"the gzip index gives (wrong index for this blob?)")
+    if why == 2:
+        return CorruptDataError(name, field, offset,
+                                "the gzip blob ends inside the deflate stream (truncated blob?)")
+    if why == 3:
+        return CorruptDataError(name, f"window of access point {point}", offset,
+                                "does not inflate to 32768 bytes")
+    return CorruptDataError(name, field, why,
+                            f"zlib cannot inflate it (error {why}) near compressed byte {offset} "
+                            f"(corrupt blob, or an index made for another blob?)")

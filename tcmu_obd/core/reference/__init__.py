@@ -39,7 +39,8 @@ from tcmu_obd.core.reference.cache import Presence, fetch_all
 from tcmu_obd.core.reference.backing import (CRC_HW, Backing, RawBacking, ZFileBacking,
                                              compress_blocks, crc32c, crc32c_table)
 from tcmu_obd.core.reference.stack import Stack
+from tcmu_obd.core.reference.gz import GzipBacking
 from tcmu_obd.core.reference.bench import bench_find
 
 __all__ = ["SALT", "CRC_HW", "crc32c", "Index", "merge", "Backing", "RawBacking", "ZFileBacking", "Presence",
-           "fetch_all", "Stack", "compress_blocks", "bench_find", "crc32c_table"]
+           "fetch_all", "Stack", "GzipBacking", "compress_blocks", "bench_find", "crc32c_table"]

@@ -1,0 +1,619 @@
+"""The gzip side of the Cython core (included by _lsmt.pyx): GzipBacking,
+random reads of a gzip blob's decompressed stream through a "ddgzidx" index
+(access points + 32 KiB windows), and GzipScanner, the inflate loop that
+finds the access points while it decompresses a blob once (the index writer,
+tcmu_obd.format.gzindex, drives it and writes the file).
+
+It does not parse or write index files (tcmu_obd.format.gzindex does; a
+GzipBacking takes the parsed index) and it does not fetch: the compressed
+bytes are read only through the target Backing's C read, so a cached remote
+target reports its misses (E_MISS, in the target's own file coordinates)
+and _lsmt_cache.recover() fetches them through the target's fetcher.
+zlib is called through our own declarations (native/zlibdecl.h).
+
+Reads: the entry with the greatest de_pos <= offset is the access point; a
+raw inflate is primed with its `bits`, given its window as dictionary and
+run forward.  Unlike overlaybd, which re-inflates from the access point on
+every read, decoded spans (access point to the next one, or 1 MiB pieces of
+a longer span) stay in a small LRU per backing, and the inflate state that
+produced a piece is kept, so the next piece of the same span resumes it.
+"""
+
+cdef extern from "zlibdecl.h" nogil:
+    ctypedef struct obd_z_stream:
+        const unsigned char *next_in
+        unsigned avail_in
+        unsigned char *next_out
+        unsigned avail_out
+        const char *msg
+        int data_type
+    int obd_inflate_init2(obd_z_stream *strm, int window_bits)
+    int inflate(obd_z_stream *strm, int flush)
+    int inflateEnd(obd_z_stream *strm)
+    int inflatePrime(obd_z_stream *strm, int bits, int value)
+    int inflateSetDictionary(obd_z_stream *strm, const unsigned char *dictionary, unsigned length)
+    int Z_OK "OBD_Z_OK"
+    int Z_STREAM_END "OBD_Z_STREAM_END"
+    int Z_BUF_ERROR "OBD_Z_BUF_ERROR"
+    int Z_NO_FLUSH "OBD_Z_NO_FLUSH"
+    int Z_FINISH "OBD_Z_FINISH"
+    int Z_BLOCK "OBD_Z_BLOCK"
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *, void *)
+    int pthread_mutex_destroy(pthread_mutex_t *)
+    int pthread_mutex_lock(pthread_mutex_t *)
+    int pthread_mutex_unlock(pthread_mutex_t *)
+
+from libc.stdlib cimport calloc
+
+cdef enum:
+    GZ_WIN = 32768            # window (dictionary) bytes
+    GZ_IN = 65536             # compressed bytes read from the target at once
+    GZ_PIECE = 1 << 20        # a long span is decoded and cached in pieces of this size
+    GZ_WHOLE = 4 << 20        # ... a span up to this size is one piece
+    GZ_MAX_SLOTS = 64
+    GZ_CURSORS = 2            # resumable inflate states kept per backing
+    GZ_PEND = 16              # access points a scanner step may emit before it returns
+    GZ_OUT = 1 << 20          # decompressed bytes a scanner step returns at most
+    # Err.b of an E_INFLATE besides zlib's own (negative) codes
+    GZ_R_ENDED = 1            # the deflate stream ended before the index's uncompress_file_size
+    GZ_R_TRUNC = 2            # the gzip blob ended inside the deflate stream
+    GZ_R_WINDOW = 3           # a stored window did not inflate to 32768 bytes
+
+
+cdef struct GzPoint:
+    uint64_t de
+    uint64_t en
+    int bits
+    uint64_t woff             # the stored window: wins[woff : woff + wlen]
+    uint64_t wlen
+
+
+cdef struct GzSlot:
+    int64_t pt                # -1: empty
+    uint64_t start
+    uint64_t len
+    char *buf
+    uint64_t stamp
+
+
+cdef struct GzCursor:
+    int64_t pt
+    uint64_t next             # uncompressed offset it stands at
+    uint64_t in_pos           # next compressed byte to read from the target
+    uint64_t stamp
+    obd_z_stream strm
+    unsigned char *inbuf
+
+
+cdef struct GzC:
+    const BackingC *target
+    uint64_t size
+    uint64_t npts
+    GzPoint *pts
+    const unsigned char *wins
+    int algo
+    int nslots
+    uint64_t clock
+    pthread_mutex_t lock
+    GzSlot slots[GZ_MAX_SLOTS]
+    GzCursor *curs[GZ_CURSORS]
+
+
+cdef inline uint64_t gz_span_end(const GzC *g, uint64_t i) noexcept nogil:
+    return g.pts[i + 1].de if i + 1 < g.npts else g.size
+
+
+cdef uint64_t gz_find(const GzC *g, uint64_t pos) noexcept nogil:
+    """The greatest i with pts[i].de <= pos (pts[0].de is 0)."""
+    cdef uint64_t lo = 0, hi = g.npts, mid
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if g.pts[mid].de <= pos:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+cdef void gz_cursor_free(GzCursor *c) noexcept nogil:
+    if c != NULL:
+        inflateEnd(&c.strm)
+        free(c.inbuf)
+        free(c)
+
+
+cdef int gz_window(const GzC *g, uint64_t i, unsigned char *out, Err *err) noexcept nogil:
+    """Access point i's 32 KiB dictionary into out."""
+    cdef const GzPoint *p = &g.pts[i]
+    cdef obd_z_stream s
+    cdef int r
+    if g.algo == 0:
+        memcpy(out, g.wins + p.woff, GZ_WIN)
+        return 0
+    memset(&s, 0, sizeof(s))
+    if obd_inflate_init2(&s, 15) != Z_OK:
+        return set_err(err, E_NOMEM, sizeof(s), 0, 0)
+    s.next_in = g.wins + p.woff
+    s.avail_in = <unsigned>p.wlen
+    s.next_out = out
+    s.avail_out = GZ_WIN
+    r = inflate(&s, Z_FINISH)
+    inflateEnd(&s)
+    if r != Z_STREAM_END or s.avail_out != 0:
+        return set_err(err, E_INFLATE, i, GZ_R_WINDOW, p.woff)
+    return 0
+
+
+cdef GzCursor *gz_cursor_new(const GzC *g, uint64_t i, Err *err) noexcept nogil:
+    """A raw inflate standing at access point i."""
+    cdef const GzPoint *p = &g.pts[i]
+    cdef GzCursor *c = <GzCursor *>calloc(1, sizeof(GzCursor))
+    cdef unsigned char byte
+    cdef unsigned char *win
+    if c == NULL:
+        set_err(err, E_NOMEM, sizeof(GzCursor), 0, 0)
+        return NULL
+    c.inbuf = <unsigned char *>malloc(GZ_IN)
+    if c.inbuf == NULL or obd_inflate_init2(&c.strm, -15) != Z_OK:
+        free(c.inbuf)
+        free(c)
+        set_err(err, E_NOMEM, GZ_IN, 0, 0)
+        return NULL
+    c.pt = i
+    c.next = p.de
+    c.in_pos = p.en
+    if p.bits:
+        if backing_read(g.target, <char *>&byte, p.en - 1, 1, err):
+            gz_cursor_free(c)
+            return NULL
+        inflatePrime(&c.strm, p.bits, byte >> (8 - p.bits))
+    # the inflate buffer doubles as the window's scratch space (it is empty yet)
+    win = c.inbuf
+    if gz_window(g, i, win, err):
+        gz_cursor_free(c)
+        return NULL
+    inflateSetDictionary(&c.strm, win, GZ_WIN)
+    return c
+
+
+cdef int gz_inflate(const GzC *g, GzCursor *c, char *out, uint64_t want, Err *err) noexcept nogil:
+    """Exactly `want` more decompressed bytes from cursor c into out."""
+    cdef int r
+    cdef uint64_t n
+    cdef unsigned in0, out0
+    c.strm.next_out = <unsigned char *>out
+    c.strm.avail_out = <unsigned>want
+    while c.strm.avail_out:
+        if c.strm.avail_in == 0:
+            if c.in_pos >= g.target.size:
+                return set_err(err, E_INFLATE, c.pt, GZ_R_TRUNC, c.in_pos)
+            n = g.target.size - c.in_pos
+            if n > GZ_IN:
+                n = GZ_IN
+            if backing_read(g.target, <char *>c.inbuf, c.in_pos, n, err):
+                return -1
+            c.in_pos += n
+            c.strm.next_in = c.inbuf
+            c.strm.avail_in = <unsigned>n
+        in0 = c.strm.avail_in
+        out0 = c.strm.avail_out
+        r = inflate(&c.strm, Z_NO_FLUSH)
+        if r == Z_STREAM_END:
+            if c.strm.avail_out:
+                return set_err(err, E_INFLATE, c.pt, GZ_R_ENDED,
+                               c.next + want - c.strm.avail_out)
+            break
+        if r != Z_OK and r != Z_BUF_ERROR:
+            return set_err(err, E_INFLATE, c.pt, <uint64_t>(<int64_t>r), c.in_pos - c.strm.avail_in)
+        if in0 == c.strm.avail_in and out0 == c.strm.avail_out and c.strm.avail_in:
+            return set_err(err, E_INFLATE, c.pt, <uint64_t>(<int64_t>r), c.in_pos - c.strm.avail_in)
+    c.next += want
+    return 0
+
+
+cdef int gz_fill(GzC *g, uint64_t i, uint64_t start, uint64_t n, char *buf, Err *err) noexcept nogil:
+    """Decompressed bytes [start, start+n) of span i into buf, resuming a
+    kept inflate state of span i at or before start when there is one."""
+    cdef GzCursor *c = NULL
+    cdef int k, best = -1, victim = 0
+    cdef uint64_t skip
+    pthread_mutex_lock(&g.lock)
+    for k in range(GZ_CURSORS):
+        if g.curs[k] != NULL and g.curs[k].pt == <int64_t>i and g.curs[k].next <= start:
+            if best < 0 or g.curs[k].next > g.curs[best].next:
+                best = k
+    if best >= 0:
+        c = g.curs[best]
+        g.curs[best] = NULL
+    pthread_mutex_unlock(&g.lock)
+    if c == NULL:
+        c = gz_cursor_new(g, i, err)
+        if c == NULL:
+            return -1
+    while c.next < start:
+        skip = start - c.next
+        if skip > n:
+            skip = n
+        if gz_inflate(g, c, buf, skip, err):
+            gz_cursor_free(c)
+            return -1
+    if gz_inflate(g, c, buf, n, err):
+        gz_cursor_free(c)
+        return -1
+    if c.next >= gz_span_end(g, i):
+        gz_cursor_free(c)
+        return 0
+    pthread_mutex_lock(&g.lock)
+    g.clock += 1
+    c.stamp = g.clock
+    for k in range(GZ_CURSORS):
+        if g.curs[k] == NULL:
+            victim = k
+            break
+        if g.curs[k].stamp < g.curs[victim].stamp:
+            victim = k
+    gz_cursor_free(g.curs[victim])
+    g.curs[victim] = c
+    pthread_mutex_unlock(&g.lock)
+    return 0
+
+
+cdef int gz_serve(GzC *g, uint64_t i, uint64_t start, uint64_t n, char *dst, uint64_t at,
+                  uint64_t take, Err *err) noexcept nogil:
+    """Bytes [at, at+take) of piece [start, start+n) of span i into dst."""
+    cdef int k, victim = 0
+    cdef char *buf
+    pthread_mutex_lock(&g.lock)
+    for k in range(g.nslots):
+        if g.slots[k].pt == <int64_t>i and g.slots[k].start == start:
+            memcpy(dst, g.slots[k].buf + at, take)
+            g.clock += 1
+            g.slots[k].stamp = g.clock
+            pthread_mutex_unlock(&g.lock)
+            return 0
+    pthread_mutex_unlock(&g.lock)
+    buf = <char *>malloc(n)
+    if buf == NULL:
+        return set_err(err, E_NOMEM, n, 0, 0)
+    if gz_fill(g, i, start, n, buf, err):
+        free(buf)
+        return -1
+    memcpy(dst, buf + at, take)
+    if g.nslots == 0:
+        free(buf)
+        return 0
+    pthread_mutex_lock(&g.lock)
+    for k in range(g.nslots):
+        if g.slots[k].pt == <int64_t>i and g.slots[k].start == start:   # another thread was faster
+            victim = -1
+            break
+        if g.slots[k].stamp < g.slots[victim].stamp:
+            victim = k
+    if victim >= 0:
+        free(g.slots[victim].buf)
+        g.clock += 1
+        g.slots[victim].pt = i
+        g.slots[victim].start = start
+        g.slots[victim].len = n
+        g.slots[victim].buf = buf
+        g.slots[victim].stamp = g.clock
+        buf = NULL
+    pthread_mutex_unlock(&g.lock)
+    free(buf)
+    return 0
+
+
+cdef int gz_read(GzC *g, char *dst, uint64_t off, uint64_t n, Err *err) noexcept nogil:
+    """Decompressed bytes [off, off+n): E_SHORT (c = bytes served) for a read
+    running past the end of the stream, after serving the part inside it."""
+    cdef uint64_t end = off + n, stop, pos = off, i, de, se, start, plen, take
+    cdef const BackingC *t = g.target
+    cdef uint64_t cs, ce
+    if end < off:
+        return set_err(err, E_RANGE, off, n, g.size)
+    stop = end if end < g.size else g.size
+    while pos < stop:
+        i = gz_find(g, pos)
+        de = g.pts[i].de
+        se = gz_span_end(g, i)
+        if se - de <= GZ_WHOLE:
+            start = de
+            plen = se - de
+        else:
+            start = de + (pos - de) // GZ_PIECE * GZ_PIECE
+            plen = se - start if se - start < GZ_PIECE else GZ_PIECE
+        take = (stop if stop < start + plen else start + plen) - pos
+        if t.presence != NULL:
+            # ask for the span's compressed bytes at once, not 64 KiB per round trip
+            cs = g.pts[i].en - (1 if g.pts[i].bits else 0)
+            ce = g.pts[i + 1].en + GZ_IN if i + 1 < g.npts else t.size   # reads run up to GZ_IN past it
+            if ce > t.size:
+                ce = t.size
+            if ce > cs and check_present(t, t.base + cs, ce - cs, err):
+                return -1
+        if gz_serve(g, i, start, plen, dst + (pos - off), pos - start, take, err):
+            return -1
+        pos += take
+    if end > g.size:
+        return set_err(err, E_SHORT, off, n, stop - off if stop > off else 0)
+    return 0
+
+
+cdef class GzipBacking(Backing):
+    """The decompressed stream of a gzip blob, read at random through its
+    ddgzidx index.  `target` is the Backing holding the .gz blob (raw local
+    file, or a cached remote one: attach() the target before making this);
+    `index` is a tcmu_obd.format.gzindex.GzIndex or the index file's path.
+    size = the index's uncompress_file_size.  A read past the end serves the
+    bytes inside the stream and then fails with E_SHORT (ReadError), as a
+    RawBacking over a short file does.  `cache_slots` decoded pieces (about
+    1 MiB each, up to 4 MiB) are kept; 0 re-inflates on every read."""
+    cdef GzC *g
+    cdef readonly Backing target
+    cdef readonly object index
+    cdef bytes _wins
+
+    def __init__(self, Backing target, index, str name="<gzip>", int cache_slots=8):
+        cdef uint64_t i, n
+        from tcmu_obd.format import gzindex
+        if isinstance(index, (str, bytes)) or hasattr(index, "__fspath__"):
+            index = gzindex.load_index(index, gzip_size=target.c.size)
+        elif index.gzip_file_size != target.c.size:
+            raise FormatError(index.path, "gzip_file_size", index.gzip_file_size,
+                              f"the gzip blob {target.name} has {target.c.size} bytes")
+        if not 0 <= cache_slots <= GZ_MAX_SLOTS:
+            raise UsageError(f"cache_slots {cache_slots}: must be 0..{GZ_MAX_SLOTS}")
+        self.name = name
+        self.target = target
+        self.index = index
+        self.fetcher = target.fetcher
+        self._wins = bytes(index.window_area)
+        n = len(index.entries)
+        self.g = <GzC *>calloc(1, sizeof(GzC))
+        if self.g == NULL:
+            raise MemoryError()
+        pthread_mutex_init(&self.g.lock, NULL)
+        self.g.pts = <GzPoint *>malloc(max(1, n) * sizeof(GzPoint))
+        if self.g.pts == NULL:
+            raise MemoryError()
+        for i, e in enumerate(index.entries):
+            self.g.pts[i].de = e.de_pos
+            self.g.pts[i].en = e.en_pos
+            self.g.pts[i].bits = e.bits
+            self.g.pts[i].woff = e.win_pos - index.window_start
+            self.g.pts[i].wlen = e.win_len
+        for i in range(GZ_MAX_SLOTS):
+            self.g.slots[i].pt = -1
+        self.g.npts = n
+        self.g.target = &target.c
+        self.g.size = index.uncompress_file_size
+        self.g.wins = <const unsigned char *>PyBytes_AS_STRING(self._wins)
+        self.g.algo = index.dict_compress_algo
+        self.g.nslots = cache_slots
+        self.c.kind = K_GZIP
+        self.c.fd = target.c.fd
+        self.c.size = index.uncompress_file_size
+        self.c.gz = self.g
+
+    def attach(self, Presence presence, fetcher):
+        raise UsageError(f"{self.name}: attach the cache to the gzip blob's backing (the target), "
+                         f"before making the GzipBacking")
+
+    def __dealloc__(self):
+        cdef int k
+        if self.g != NULL:
+            for k in range(GZ_MAX_SLOTS):
+                free(self.g.slots[k].buf)
+            for k in range(GZ_CURSORS):
+                gz_cursor_free(self.g.curs[k])
+            free(self.g.pts)
+            pthread_mutex_destroy(&self.g.lock)
+            free(self.g)
+
+    @property
+    def points(self):
+        return self.g.npts
+
+
+# ---------------------------------------------------------------- the index writer's inflate loop
+
+cdef struct GzCand:
+    uint64_t de
+    uint64_t en
+    int bits
+
+
+cdef struct GzScan:
+    obd_z_stream strm
+    int ended
+    int zerr
+    uint64_t ttin
+    uint64_t ttout
+    uint64_t span
+    uint64_t expected
+    int has_last
+    GzCand last
+    int npend
+    GzCand pend[GZ_PEND]
+    unsigned char ring[GZ_WIN]
+    unsigned char lastwin[GZ_WIN]
+    unsigned char pendwin[GZ_PEND][GZ_WIN]
+    unsigned char curwin[GZ_WIN]
+
+
+cdef void gzscan_window(GzScan *s, unsigned char *out) noexcept nogil:
+    """The 32 KiB before the current output position, oldest first (zeros
+    before the first 32 KiB of output)."""
+    cdef uint64_t p = s.ttout % GZ_WIN
+    memcpy(out, s.ring + p, GZ_WIN - p)
+    memcpy(out + (GZ_WIN - p), s.ring, p)
+
+
+cdef void gzscan_emit(GzScan *s, const GzCand *c, const unsigned char *win) noexcept nogil:
+    s.pend[s.npend] = c[0]
+    memcpy(s.pendwin[s.npend], win, GZ_WIN)
+    s.npend += 1
+
+
+cdef void gzscan_record(GzScan *s) noexcept nogil:
+    """overlaybd's thinning rule: about one access point per `span` output
+    bytes, the last block boundary at or before each multiple of span."""
+    cdef GzCand c
+    c.de = s.ttout
+    c.en = s.ttin
+    c.bits = s.strm.data_type & 7
+    gzscan_window(s, s.curwin)
+    if c.de < s.expected:
+        s.last = c
+        memcpy(s.lastwin, s.curwin, GZ_WIN)
+        s.has_last = 1
+        return
+    if c.de > s.expected:
+        if s.has_last:
+            s.has_last = 0
+            gzscan_emit(s, &s.last, s.lastwin)
+        s.last = c
+        memcpy(s.lastwin, s.curwin, GZ_WIN)
+        s.has_last = 1
+        while s.expected < c.de:
+            s.expected += s.span
+    if c.de == s.expected:
+        s.has_last = 0
+        gzscan_emit(s, &c, s.curwin)
+        s.expected += s.span
+
+
+cdef void gzscan_ring(GzScan *s, const unsigned char *out, uint64_t n) noexcept nogil:
+    """Note n output bytes (the stream's bytes [ttout, ttout+n)) in the ring."""
+    cdef uint64_t pos = s.ttout, k
+    if n > GZ_WIN:
+        out += n - GZ_WIN
+        pos += n - GZ_WIN
+        n = GZ_WIN
+    while n:
+        k = GZ_WIN - pos % GZ_WIN
+        if k > n:
+            k = n
+        memcpy(s.ring + pos % GZ_WIN, out, k)
+        out += k
+        pos += k
+        n -= k
+
+
+cdef int gzscan_step(GzScan *s, const unsigned char *inp, uint64_t in_len, unsigned char *out,
+                     uint64_t out_cap, uint64_t *used, uint64_t *made) noexcept nogil:
+    """inflate(Z_BLOCK) over inp into out until the input is used, the output
+    is full, the stream ends or access points are waiting; an access-point
+    candidate after every call that stopped at a block boundary other than
+    after the last block.  -1 on a zlib error (s.zerr)."""
+    cdef unsigned in0, out0
+    cdef unsigned char *o
+    cdef int r
+    cdef bint progress = True
+    s.strm.next_in = inp
+    s.strm.avail_in = <unsigned>in_len
+    s.strm.next_out = out
+    s.strm.avail_out = <unsigned>out_cap
+    while not s.ended and s.strm.avail_out and s.npend <= GZ_PEND - 2 and (s.strm.avail_in or progress):
+        in0 = s.strm.avail_in
+        out0 = s.strm.avail_out
+        o = s.strm.next_out
+        r = inflate(&s.strm, Z_BLOCK)
+        gzscan_ring(s, o, out0 - s.strm.avail_out)
+        s.ttin += in0 - s.strm.avail_in
+        s.ttout += out0 - s.strm.avail_out
+        progress = in0 != s.strm.avail_in or out0 != s.strm.avail_out
+        if r == Z_STREAM_END:
+            s.ended = 1
+            break
+        if r != Z_OK and r != Z_BUF_ERROR:
+            s.zerr = r
+            used[0] = in_len - s.strm.avail_in
+            made[0] = out_cap - s.strm.avail_out
+            return -1
+        if (s.strm.data_type & 128) and not (s.strm.data_type & 64):
+            gzscan_record(s)
+        if not progress:
+            break
+    used[0] = in_len - s.strm.avail_in
+    made[0] = out_cap - s.strm.avail_out
+    return 0
+
+
+cdef class GzipScanner:
+    """Decompresses the first member of a gzip stream fed in chunks and
+    picks its access points as overlaybd's index producer does (every
+    deflate block boundary is a candidate; the thinning rule keeps about one
+    per `span` output bytes).  step() decompresses; points() hands over the
+    chosen points with their raw 32 KiB windows.  Whatever follows the
+    first member's end is not decompressed (ended is then True)."""
+    cdef GzScan *s
+    cdef bint live
+
+    def __init__(self, uint64_t span):
+        if span == 0:
+            raise UsageError("span must be positive")
+        self.s = <GzScan *>calloc(1, sizeof(GzScan))
+        if self.s == NULL:
+            raise MemoryError()
+        if obd_inflate_init2(&self.s.strm, 47) != Z_OK:
+            raise MemoryError()
+        self.live = True
+        self.s.span = span
+
+    def __dealloc__(self):
+        if self.s != NULL:
+            if self.live:
+                inflateEnd(&self.s.strm)
+            free(self.s)
+
+    def step(self, data, Py_ssize_t start=0):
+        """Inflate from data[start:]: (input bytes used, output bytes); the
+        output is at most 1 MiB, and a step may stop early to hand over
+        access points.  Raises ValueError("zlib error N: msg") on bad data."""
+        cdef Py_buffer view
+        cdef uint64_t used = 0, made = 0
+        cdef int rc
+        cdef uint64_t n
+        cdef unsigned char *o
+        out = PyBytes_FromStringAndSize(NULL, GZ_OUT)
+        o = <unsigned char *>PyBytes_AS_STRING(out)
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if start < 0 or start > view.len:
+                raise UsageError(f"start {start} outside the {view.len}-byte chunk")
+            n = min(<uint64_t>(view.len - start), <uint64_t>1 << 30)
+            with nogil:
+                rc = gzscan_step(self.s, <const unsigned char *>view.buf + start, n, o, GZ_OUT, &used, &made)
+        finally:
+            PyBuffer_Release(&view)
+        if rc:
+            msg = self.s.strm.msg.decode("utf-8", "replace") if self.s.strm.msg != NULL else "?"
+            raise ValueError(f"zlib error {self.s.zerr}: {msg}")
+        return used, out[:made]
+
+    def points(self):
+        """The access points chosen since the last call: (de_pos, en_pos,
+        bits, 32 KiB window) tuples, in order."""
+        cdef int k
+        out = [(self.s.pend[k].de, self.s.pend[k].en, self.s.pend[k].bits,
+                PyBytes_FromStringAndSize(<char *>self.s.pendwin[k], GZ_WIN)) for k in range(self.s.npend)]
+        self.s.npend = 0
+        return out
+
+    @property
+    def ended(self):
+        return bool(self.s.ended)
+
+    @property
+    def total_in(self):
+        """Compressed bytes consumed (gzip header included)."""
+        return self.s.ttin
+
+    @property
+    def total_out(self):
+        return self.s.ttout
