@@ -14,6 +14,7 @@ It is not a layer the daemon serves (config.v1.json refuses upper.target
 there), and it does not commit itself (tcmu_obd.image.commit.compact with
 remote_tag=1 does).
 """
+import logging
 import os
 import struct
 import threading
@@ -24,6 +25,7 @@ from tcmu_obd.errors import FormatError, UsageError
 from tcmu_obd.format import lsmt
 from tcmu_obd.format.lsmt import FLAG_HEADER, HT_SPACE, MAX_INDEX, MAX_IO, MAX_LENGTH, SECTOR, LsmtHeader
 
+log = logging.getLogger(__name__)
 TAG_META = 0       # data in fsmeta, at the same offset
 TAG_REMOTE = 1     # data in the target at moffset * 512
 _REC = struct.Struct("<QQ")
@@ -36,7 +38,8 @@ def _record(off, length, moff, tag):
 class WarpRWLayer:
     """An open writable warp layer; `index` holds its records (tags 0 and 1)."""
 
-    def __init__(self, fsmeta_path, index_path, fsmeta_fd, index_fd, header, index, target_path):
+    def __init__(self, fsmeta_path, index_path, fsmeta_fd, index_fd, header, index, target_path,
+                 gzip_index=None):
         self.data_path = fsmeta_path
         self.index_path = index_path
         self.data_fd = fsmeta_fd
@@ -49,7 +52,7 @@ class WarpRWLayer:
         self.index_end = HT_SPACE      # set by open()
         self.backing = core.RawBacking(fsmeta_fd, 0, self.vsize, fsmeta_path)
         self._target_fd = -1
-        self.target_backing = self._open_target(target_path)
+        self.target_backing = self._open_target(target_path, gzip_index)
 
     # ------------------------------------------------------------ create/open
     @classmethod
@@ -77,7 +80,7 @@ class WarpRWLayer:
         return cls.open(fsmeta_path, index_path, target_path)
 
     @classmethod
-    def open(cls, fsmeta_path, index_path, target_path=None):
+    def open(cls, fsmeta_path, index_path, target_path=None, gzip_index=None):
         fsmeta_path, index_path = os.fspath(fsmeta_path), os.fspath(index_path)
         ifd = os.open(index_path, os.O_RDWR | os.O_CLOEXEC)
         dfd = -1
@@ -108,7 +111,7 @@ class WarpRWLayer:
             index = core.Index()
             for off, length, moff, tag in _check_records(body, index_path, hdr.virtual_size):
                 index.insert(off, length, moff, False, tag)     # Index.replay would drop the tags
-            layer = cls(fsmeta_path, index_path, dfd, ifd, hdr, index, target_path)
+            layer = cls(fsmeta_path, index_path, dfd, ifd, hdr, index, target_path, gzip_index)
             layer.index_end = HT_SPACE + count * 16       # a torn last record is overwritten
             return layer
         except BaseException:
@@ -117,18 +120,27 @@ class WarpRWLayer:
                 os.close(dfd)
             raise
 
-    def _open_target(self, path):
-        """The target as a Backing; none (or an empty file, as the snapshotter's
-        fake_target) reads as zeros, as overlaybd zero-fills short target reads."""
+    def _open_target(self, path, gzip_index):
+        """The target as a Backing (the uncompressed view through gzip_index
+        when given).  None, an empty file (the snapshotter's fake_target) or a
+        gzip blob without its index reads as zeros: the tools never read the
+        mapped contents, and zeros are not taken for tar bytes."""
         if path:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:
                 raise UsageError(f"warp upper target {path}: cannot open: {e.strerror}") from None
             size = os.fstat(fd).st_size
-            if size:
+            raw = core.RawBacking(fd, 0, size, path) if size else None
+            if raw is not None and gzip_index:
                 self._target_fd = fd
-                return core.RawBacking(fd, 0, size, path)
+                return core.GzipBacking(raw, gzip_index, path)
+            if raw is not None and os.pread(fd, 2, 0) != b"\x1f\x8b":
+                self._target_fd = fd
+                return raw
+            if raw is not None:
+                log.info("%s: a gzip target without upper.gzipIndex: its mapped contents read as "
+                         "zeros through this upper", path)
             os.close(fd)
         self._target_fd = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)
         return core.RawBacking(self._target_fd, 0, 1 << 62, "<no target: zeros>")
