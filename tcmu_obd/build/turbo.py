@@ -265,6 +265,10 @@ class HeaderWalk:
         if not n:
             return
         if self.seekable:
+            size = os.fstat(self.stream.fileno()).st_size
+            if self.stream.tell() + n > size:
+                raise ApplyError(f"truncated tar: file data ends at byte {size}, "
+                                 f"{self.stream.tell() + n - size} bytes short")
             self.stream.seek(n, os.SEEK_CUR)
             self.pos += n
             return
@@ -293,6 +297,8 @@ class HeaderWalk:
                 return
             raw = block
             if self.from_dump:
+                if block[156:157] in REG_TYPES:       # the offset is not a devmajor/devminor
+                    block = block[:OFFSET_FIELD.start] + bytes(16) + block[OFFSET_FIELD.stop:]
                 block = _fix_checksum(block)
             try:
                 info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
