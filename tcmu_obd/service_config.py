@@ -353,10 +353,6 @@ def _check(cfg, source):
                            "the live-snapshot HTTP API is not supported yet"),):
         if on:
             raise UnsupportedError(f"{source}: {key} = true: {what}")
-    if cfg.gzip_cache_config.enable:
-        warnings.warn(f"{source}: gzipCacheConfig.enable = true: the gzip cache serves TurboOCI "
-                      "gzip targets, which tcmu-obd refuses (not supported yet); no cache is made",
-                      ConfigWarning, stacklevel=3)
     if cfg.io_engine != 0:
         warnings.warn(f"{source}: ioEngine = {cfg.io_engine} ({IO_ENGINES[cfg.io_engine]}): "
                       "tcmu-obd reads local layers with pread or a mapping (psync); the same bytes, "

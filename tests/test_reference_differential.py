@@ -718,3 +718,116 @@ def test_zfile_constructor_errors():
         # blocks ending past 2^64: _lsmt reports the wrapped end, the model the true one
         on_both_loose(lambda M: M.ZFileBacking(fd, 0, 2**64 - 3, 2**64 - 1, b"\5\0\0\0", 4096, 1, False, 1))
         on_both_fails(lambda M: M.ZFileBacking(fd, 0, 0, 100, b"\5\0\0\0", 4096, 1, False, 1).pread(0, 1))  # short file
+
+
+# ---------------------------------------------------------------- warp (TurboOCI) layers
+def disjoint_records(draw, n, kinds, moff_max):
+    """Sorted, disjoint (offset, length, moffset, zeroed, tag) records."""
+    recs, pos = [], 0
+    for _ in range(n):
+        pos += draw(st.integers(0, 6))
+        ln = draw(st.integers(1, 9))
+        kind = draw(st.sampled_from(kinds))
+        mo = draw(st.integers(0, moff_max))
+        recs.append((pos, ln, mo, int(kind == "zero"), 1 if kind == "target" else 0))
+        pos += ln
+    return recs
+
+
+@SLOW
+@given(st.data())
+def test_warp_stack_read(data):
+    """A normal layer above and below a warp layer (meta file + target): the
+    warp index's tags are normalised, merged with file bases, and tag-1 pieces
+    read the target, zero-filled past its end; both modules equal the model."""
+    draw = data.draw
+    tlen = draw(st.integers(0, 5000))
+    tag_base = draw(st.sampled_from([0, 0, 3, 254]))
+    above = disjoint_records(draw, draw(st.integers(0, 5)), ["meta", "zero"], 20)
+    warp = disjoint_records(draw, draw(st.integers(0, 8)), ["meta", "target", "target", "zero"], 14)
+    below = disjoint_records(draw, draw(st.integers(0, 5)), ["meta"], 20)
+    blobs = {name: os.urandom(n) for name, n in (("above", 32 * SECTOR), ("meta", 32 * SECTOR),
+                                                 ("target", tlen), ("below", 32 * SECTOR))}
+    # overlaybd's rule: tags less the smallest present (only tag-1 records: all read the meta file)
+    shift = min((r[4] for r in warp), default=0)
+    fs = {}
+    try:
+        for name, blob in blobs.items():
+            fs[name] = tempfile.TemporaryFile()
+            fs[name].write(blob)
+            fs[name].flush()
+
+        def build(M):
+            files = [M.RawBacking(fs[n].fileno(), 0, len(blobs[n]), n) for n in ("above", "meta", "target", "below")]
+            files[2].zero_fill_past_end = True
+            widx = M.Index.from_records([r[:4] + (r[4] + tag_base,) for r in warp])
+            lo, bad = widx.normalise_tags(1)
+            assert bad == -1 and lo == (tag_base + shift if warp else 0)
+            lower = M.merge([M.Index.from_records(above), widx, M.Index.from_records(below)], [0, 1, 3])
+            return M.Stack(files, lower)
+        stacks = {M: build(M) for M in (C, R)}
+        # the model: top-first layers, sector -> bytes
+        model = {}
+        for recs, src in ((above, "above"), (warp, None), (below, "below")):
+            for off, ln, mo, z, tag in recs:
+                for k in range(ln):
+                    if off + k in model:
+                        continue
+                    if z:
+                        model[off + k] = bytes(SECTOR)
+                        continue
+                    blob = blobs[src or ("target" if tag - shift else "meta")]
+                    model[off + k] = blob[(mo + k) * SECTOR:(mo + k + 1) * SECTOR].ljust(SECTOR, b"\0")
+        for _ in range(4):
+            s, n = draw(st.integers(0, 90)), draw(st.integers(0, 40))
+            want = b"".join(model.get(sec, bytes(SECTOR)) for sec in range(s, s + n))
+            assert on_both(lambda M: stacks[M].read(s * SECTOR, n * SECTOR)) == ("ok", want)
+        # a target's pread is not clamped: zeros past its end
+        assert on_both(lambda M: stacks[M].backings[2].pread(max(0, tlen - 10), 30)) == \
+            ("ok", blobs["target"][max(0, tlen - 10):] + bytes(30 - min(10, tlen)))
+    finally:
+        for f in fs.values():
+            f.close()
+
+
+def test_warp_tags_and_bases_errors():
+    """normalise_tags names the first tag left above the limit; merge refuses
+    bases that do not fit the layers or would pass file 255."""
+    for M in (C, R):
+        idx = M.Index.from_records([(0, 1, 0, 0, 5), (1, 1, 0, 0, 7), (2, 1, 0, 0, 6)])
+        assert idx.normalise_tags(1) == (5, 1)
+        assert [r[4] for r in idx.records()] == [0, 2, 1]
+        assert M.Index().normalise_tags(1) == (0, -1)
+        idx = M.Index.from_records([(0, 1, 0, 0, 0), (1, 1, 3, 0, 1), (2, 1, 9, 1, 1)])
+        assert idx.check_starts(1, 3) == 1 and idx.check_starts(1, 4) == -1 and idx.check_starts(0, 0) == 0
+        assert idx.check_moffset(0, 1, 0) == -1 and idx.check_moffset(0, 1) == 1
+    on_both_fails(lambda M: M.merge([M.Index()], [0, 1]))
+    on_both_fails(lambda M: M.merge([M.Index.from_records([(0, 1, 0, 0, 1)])], [255]), FormatError)
+    assert on_both(lambda M: M.merge([M.Index.from_records([(0, 1, 0, 0, 1)])], [254]).records()) == \
+        ("ok", [(0, 1, 0, 0, 255)])
+
+
+def test_warp_gzip_target_zero_fill(tmp_path):
+    """A gzip target (GzipBacking) flagged as a warp target reads zeros past
+    the decompressed end, in a stack and through pread, in both modules;
+    unflagged it fails (E_SHORT) as before."""
+    import gzip as _gzip
+    from tcmu_obd.format import gzindex
+    plain = os.urandom(3000)
+    (tmp_path / "t.gz").write_bytes(_gzip.compress(plain))
+    with open(tmp_path / "t.gz", "rb") as f:
+        gzindex.build_index(f, tmp_path / "t.idx", span=1 << 16)
+    with open(tmp_path / "t.gz", "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+
+        def view(M, flag):
+            g = M.GzipBacking(M.RawBacking(f.fileno(), 0, size, "gz"), str(tmp_path / "t.idx"), "view")
+            g.zero_fill_past_end = flag
+            return g
+        want = plain[2560:] + bytes(1536 - 440)
+        assert on_both(lambda M: view(M, True).pread(2560, 1536)) == ("ok", want)
+        assert on_both(lambda M: view(M, False).pread(2560, 1536)) == ("ok", plain[2560:])   # clamped
+        stack = lambda M, flag: M.Stack([view(M, flag)], M.Index.from_records([(0, 8, 4, 0, 0)]))  # noqa: E731
+        assert on_both(lambda M: stack(M, True).read(0, 4096)) == ("ok", plain[2048:] + bytes(4096 - 952))
+        got = on_both(lambda M: stack(M, False).read(0, 4096))
+        assert got[0] == "err" and got[1] is ReadError

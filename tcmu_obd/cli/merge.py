@@ -54,7 +54,7 @@ def body(argv):
         if not files:
             raise UsageError(f"{args.image_config}: the image has no layers to merge")
         records = image.effective_records()
-        header = commit.layer_info(files)
+        header = commit.layer_info([f for f in files if not f.zero_fill_past_end])   # no TurboOCI targets
         if header.virtual_size == 0:
             # overlaybd copies the top layer's header vsize even when it is 0
             # (a layer committed from an RW layer that inherited its size);

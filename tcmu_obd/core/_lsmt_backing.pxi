@@ -43,6 +43,7 @@ cdef struct BackingC:
     obd_presence *presence # cached remote file: which units are there (NULL: all)
     const char *map        # ZFile: the stored blocks mapped (block i at map + boff[i] - boff[0]), or NULL
     void *gz               # GzipBacking: its GzC (_lsmt_gzip.pxi)
+    int zero_tail          # a warp layer's target: bytes past `size` read as zeros, not E_RANGE
 
 
 cdef struct Err:
@@ -253,11 +254,22 @@ cdef inline int check_present(const BackingC *b, uint64_t foff, uint64_t n, Err 
 
 cdef int backing_read(const BackingC *b, char *dst, uint64_t off, uint64_t n, Err *err) noexcept nogil:
     cdef int rc
+    cdef uint64_t inside
     if n == 0:
         return 0
+    if off + n < off:
+        return set_err(err, E_RANGE, off, n, b.size)
+    if off + n > b.size and b.zero_tail:
+        # a warp target (the tar) ends inside the piece: the rest reads as
+        # zeros, as overlaybd's warp file zero-fills after a short read
+        inside = b.size - off if off < b.size else 0
+        memset(dst + inside, 0, n - inside)
+        n = inside
+        if n == 0:
+            return 0
     if b.kind == K_GZIP:        # reads its target through backing_read; E_SHORT past the end
         return gz_read(<GzC *>b.gz, dst, off, n, err)
-    if off + n > b.size or off + n < off:
+    if off + n > b.size:
         return set_err(err, E_RANGE, off, n, b.size)
     if b.presence == NULL:
         return backing_read_locked(b, dst, off, n, err)
@@ -314,17 +326,29 @@ cdef class Backing:
         return self.c.size
 
     @property
+    def zero_fill_past_end(self):
+        """True for a warp layer's target: reads past `size` give zeros (and
+        pread is not clamped) instead of failing."""
+        return bool(self.c.zero_tail)
+
+    @zero_fill_past_end.setter
+    def zero_fill_past_end(self, bint value):
+        self.c.zero_tail = value
+
+    @property
     def fd(self):
         return self.c.fd
 
     def pread(self, uint64_t offset, uint64_t length):
-        """Bytes [offset, offset+length) of the backing (clamped to its size)."""
+        """Bytes [offset, offset+length) of the backing (clamped to its size,
+        unless zero_fill_past_end: then zeros past it)."""
         cdef Err err
         cdef int rc
-        if offset >= self.c.size:
-            return b""
-        if length > self.c.size - offset:
-            length = self.c.size - offset
+        if not self.c.zero_tail:
+            if offset >= self.c.size:
+                return b""
+            if length > self.c.size - offset:
+                length = self.c.size - offset
         if length >= (<uint64_t>1 << 63):     # would be a negative Py_ssize_t (SystemError)
             raise MemoryError(f"{self.name}: cannot read {length} bytes at once")
         out = PyBytes_FromStringAndSize(NULL, length)

@@ -381,20 +381,53 @@ cdef class Index:
                 return i
         return -1
 
-    def check_moffset(self, uint64_t lo, uint64_t hi):
+    def check_moffset(self, uint64_t lo, uint64_t hi, int tag=-1):
         """-1 when every data record lies in [lo, hi) and every zeroed
-        record has lo <= moffset <= hi; else the first bad position."""
+        record has lo <= moffset <= hi; else the first bad position.
+        tag >= 0: only records with that tag are checked."""
         cdef Index f = self._flat()
         cdef Py_ssize_t i
         cdef Rec *r
         for i in range(f.n):
             r = &f.recs[i]
+            if tag >= 0 and r.tag != tag:
+                continue
             if r.zeroed:
                 if r.moffset < lo or r.moffset > hi:
                     return i
             elif r.moffset < lo or r.moffset >= hi or r.moffset + r.length > hi:
                 return i
         return -1
+
+    def check_starts(self, int tag, uint64_t limit):
+        """-1 when every data record with this tag starts below `limit`
+        (sectors), else the first position of one that does not."""
+        cdef Index f = self._flat()
+        cdef Py_ssize_t i
+        for i in range(f.n):
+            if f.recs[i].tag == tag and not f.recs[i].zeroed and f.recs[i].moffset >= limit:
+                return i
+        return -1
+
+    def normalise_tags(self, int max_tag):
+        """overlaybd's warp-file rule: subtract the smallest tag present
+        from every tag.  Returns (that smallest tag, the first position
+        whose tag is still above max_tag, or -1)."""
+        cdef Index f = self._flat()
+        cdef Py_ssize_t i, bad = -1
+        cdef uint8_t lo = 255
+        if f is not self:
+            raise UsageError("normalise_tags needs a flat index")
+        for i in range(self.n):
+            if self.recs[i].tag < lo:
+                lo = self.recs[i].tag
+        if self.n == 0:
+            lo = 0
+        for i in range(self.n):
+            self.recs[i].tag -= lo
+            if bad < 0 and self.recs[i].tag > max_tag:
+                bad = i
+        return lo, bad
 
     def data_sectors(self):
         """Sectors held by non-zeroed records (fstat's st_blocks)."""
@@ -509,17 +542,33 @@ cdef inline const Rec *cur_next(Cur *c) noexcept nogil:
     return &c.flat[c.i] if c.i < c.n else NULL
 
 
-def merge(list layers):
+def merge(list layers, bases=None):
     """Merge indexes given top-first into one: each layer fills only the
-    holes left by the layers above it; tag = position in `layers`."""
+    holes left by the layers above it; tag = position in `layers`.  With
+    `bases` (one file number per layer), tag = bases[i] + the record's own
+    tag instead: a warp layer's tag-1 records then name its target file."""
     cdef Index acc = Index(), low, nxt
     cdef Py_ssize_t li, i, j, k, nr
     cdef Rec piece, L
     cdef uint64_t pos, e, gend
+    cdef int base, maxtag
+    cdef bint own_tags = bases is not None
     if len(layers) > 255:
         raise FormatError("<stack>", "layer count", len(layers), "at most 255 read-only layers")
+    if bases is not None and len(bases) != len(layers):
+        raise UsageError(f"{len(bases)} bases for {len(layers)} layers")
     for li in range(len(layers)):
         low = (<Index?>layers[li])._flat()
+        if bases is None:
+            base, maxtag = li, 0
+        else:
+            base = bases[li]
+            maxtag = 0
+            for j in range(low.n):
+                if low.recs[j].tag > maxtag:
+                    maxtag = low.recs[j].tag
+            if base < 0 or base + maxtag > 255:
+                raise FormatError("<stack>", "file number", base + maxtag, "at most 255 read-only files")
         nxt = Index()
         nxt._reserve(acc.n + 2 * low.n + 1)
         nr = acc.n
@@ -528,7 +577,7 @@ def merge(list layers):
             if j % SIGNAL_EVERY == SIGNAL_EVERY - 1:
                 PyErr_CheckSignals()
             L = low.recs[j]
-            L.tag = <uint8_t>li
+            L.tag = <uint8_t>(base + (L.tag if own_tags else 0))
             e = rend(&L)
             while i < nr and rend(&acc.recs[i]) <= L.offset:
                 nxt._push(&acc.recs[i])

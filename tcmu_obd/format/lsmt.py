@@ -134,10 +134,15 @@ def read_header(backing, path, need_data=True):
     return hdr
 
 
-def load_ro(backing, path):
+def load_ro(backing, path, warp=False):
     """Header, trailer and index of a committed or sealed layer (the
     trailer locates the index; padding records are dropped; order and
-    moffset ranges are checked).  Returns (header, trailer, Index)."""
+    moffset ranges are checked).  Returns (header, trailer, Index).
+
+    warp: the layer is a warp (TurboOCI meta) layer opened with a target:
+    the stored tags are kept, less the smallest one present (overlaybd's
+    rule), and must then be 0 (data in this file, range-checked) or 1 (data
+    in the target, checked by the caller, who knows the target's size)."""
     size = backing.size
     if size < 2 * HT_SPACE:
         why = "truncated: " if is_lsmt(backing.pread(0, 24)) else "too short: "
@@ -173,20 +178,34 @@ def load_ro(backing, path):
                           f"{trailer.index_size} records at byte {trailer.index_offset} run past "
                           f"the trailer at byte {toff}")
     raw = backing.pread(trailer.index_offset, trailer.index_size * 16)
-    index = core.Index.from_raw(raw)
-    check_index(index, path, 8, trailer.index_offset // SECTOR)
+    index = core.Index.from_raw(raw, keep_tags=warp)
+    if warp:
+        _lo, bad = index.normalise_tags(1)
+        if bad >= 0:
+            raise FormatError(path, f"index record {bad} tag", index.record(bad)[4] + _lo,
+                              f"a warp layer's tags are {_lo} (this file) and {_lo + 1} (the target) "
+                              "only (the smallest tag present counts as 0)")
+    try:
+        check_index(index, path, 8, trailer.index_offset // SECTOR, tag=0 if warp else -1)
+    except FormatError as e:
+        if warp or core.Index.from_raw(raw, keep_tags=True).normalise_tags(0)[1] < 0:
+            raise
+        # mixed tags: a TurboOCI meta layer, whose tag-1 records point into its target
+        raise FormatError(path, e.field, e.value, f"{e.why}; the records carry two tags: a TurboOCI meta "
+                          "layer opened without its targetFile / targetDigest?") from None
     index.build_search()
     return header, trailer, index
 
 
-def check_index(index, path, lo, hi, area="the layer's data area"):
-    """Records sorted, non-overlapping, and backed by [lo, hi) sectors."""
+def check_index(index, path, lo, hi, area="the layer's data area", tag=-1):
+    """Records sorted, non-overlapping, and backed by [lo, hi) sectors
+    (tag >= 0: only the records with that tag are range-checked)."""
     bad = index.check_sorted()
     if bad >= 0:
         prev, rec = index.record(bad - 1), index.record(bad)
         raise FormatError(path, f"index record {bad} offset", rec[0],
                           f"overlaps the previous record [{prev[0]}, {prev[0] + prev[1]}) (sectors)")
-    bad = index.check_moffset(lo, hi)
+    bad = index.check_moffset(lo, hi, tag)
     if bad >= 0:
         rec = index.record(bad)
         raise FormatError(path, f"index record {bad} moffset", rec[2],

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tcmu_obd import service_config
 from tcmu_obd.errors import ConfigError, ObdError, ReadError
+from tcmu_obd.image import warp
 from tcmu_obd.image.config import ImageConfig, load
 from tcmu_obd.image.layer import open_cached_layer, open_layer
 from tcmu_obd.image.rw import RWLayer
@@ -52,13 +53,18 @@ def open_image(cfg, service_cfg=None, remote=None):
         lowers = lowers[:-1]          # the trace layer is not part of the disk
     opened, upper, image, own_remote = [None] * len(lowers), None, None, None
     try:
-        if any(local_candidate(low) is None and low.get("digest") for low in lowers) and remote is None:
+        if any((local_candidate(low) is None and low.get("digest"))
+               or (low.get("targetDigest") and not low.get("targetFile")) for low in lowers) \
+                and remote is None:
             # the HTTP stack (requests) is loaded only by images with remote lowers
             from tcmu_obd.remote.context import RemoteContext
             remote = own_remote = RemoteContext(service_cfg or service_config.load(None))
         dl = _download_settings(cfg, service_cfg or getattr(remote, "cfg", None))
         with ThreadPoolExecutor(max_workers=max(1, min(32, len(lowers)))) as pool:
-            futures = [pool.submit(_open_lower, cfg, remote, i, low) for i, low in enumerate(lowers)]
+            gz_cfg = None
+            if any(low.get("gzipIndex") and low.get("targetDigest") for low in lowers):
+                gz_cfg = service_cfg or getattr(remote, "cfg", None) or service_config.load(None)
+            futures = [pool.submit(_open_lower, cfg, remote, i, low, gz_cfg) for i, low in enumerate(lowers)]
             errors = []
             for i, fut in enumerate(futures):
                 try:
@@ -112,15 +118,29 @@ def _recording_trace(cfg):
     return bool(path) and trace.detect_mode(path) == trace.MODE_RECORD
 
 
-def _open_lower(cfg, remote, i, lower):
+def _open_lower(cfg, remote, i, lower, service_cfg=None):
+    """lowers[i]: its meta/layer file (local or remote), and for a TurboOCI
+    lower its target, attached (tcmu_obd.image.warp)."""
+    is_warp = warp.has_target(lower)
     path = local_candidate(lower)
     if path is not None:
-        return open_layer(path)
-    if not lower.get("digest"):
+        layer = open_layer(path, is_warp)
+    elif not lower.get("digest"):
         raise ConfigError(f"{cfg.path}: lowers[{i}]: no local file among "
                           f"{lower.get('file') or '(no file)'} / {lower.get('dir') or '(no dir)'}")
-    blob, url = remote.open_blob(cfg.repo_blob_url, lower, f"{cfg.path}: lowers[{i}]")
-    return open_cached_layer(blob, url)
+    else:
+        blob, url = remote.open_blob(cfg.repo_blob_url, lower, f"{cfg.path}: lowers[{i}]")
+        layer = open_cached_layer(blob, url, is_warp)
+    if not is_warp:
+        return layer
+    try:
+        target, closer = warp.open_target(cfg, remote, i, lower, service_cfg)
+        layer.set_target(target, closer)
+        warp.check_target(layer, target)
+    except BaseException:
+        layer.close()
+        raise
+    return layer
 
 
 def _open_upper(cfg):

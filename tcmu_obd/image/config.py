@@ -4,8 +4,10 @@ file parsed into an ImageConfig, every key checked.
 Parses strictly, with the same mechanism and rules as overlaybd.json
 (tcmu_obd.configfile): a key with the wrong JSON type is a ConfigError naming
 the file, the key path and the value; an unknown key is warned about and
-ignored; an upper with only one of data/index, or a TurboOCI key tcmu-obd
-cannot serve yet, is refused rather than ignored.  It opens nothing:
+ignored; an upper with only one of data/index, or a warp upper (target /
+gzipIndex, which only the build tools use), is refused rather than ignored.
+TurboOCI lowers (targetFile / targetDigest / gzipIndex) are accepted; a
+gzipIndex needs a target.  It opens nothing:
 assembling the image the config describes, and writing its resultFile, is
 tcmu_obd.image.assemble.
 """
@@ -17,10 +19,12 @@ from tcmu_obd.errors import ConfigError, UnsupportedError
 from tcmu_obd.service_config import DOWNLOAD_TABLE
 
 
-def _turbooci(what):
-    """The check of a TurboOCI key: tcmu-obd accepts it empty only, since a
-    device using it would serve the wrong bytes without the target."""
-    return lambda v: f"TurboOCI {what} are not supported yet" if v else None
+def _warp_upper(v):
+    """The check of a warp upper's keys: accepted empty only.  A warp upper
+    is an RW file the build tools (turboOCI-apply) write through; a device
+    serving one would miss the data its remote records point at."""
+    return ("warp uppers are used by the build tools only; a device's upper is "
+            "a plain RW layer") if v else None
 
 
 _LOWER = Table({
@@ -28,13 +32,10 @@ _LOWER = Table({
     "dir": Key("str", ""),
     "digest": Key("str", ""),
     "size": Key("u64", 0),
-    "targetFile": Key("str", "", _turbooci("layers"), UnsupportedError),
-    "targetDigest": Key("str", "", _turbooci("layers"), UnsupportedError),
-    "gzipIndex": Key("str", "", _turbooci("layers"), UnsupportedError),
+    "targetFile": Key("str", ""),           # TurboOCI: the original layer blob, local
+    "targetDigest": Key("str", ""),         # ... or remote, repoBlobUrl/<targetDigest>
+    "gzipIndex": Key("str", ""),            # ... a .tar.gz read through this gzip index
 })
-def _warp_upper(v):
-    return ("a warp upper (TurboOCI) is for the build tools only (turboOCI-apply, "
-            "overlaybd-apply); a served device cannot have one") if v else None
 
 
 _UPPER = Table({
@@ -80,6 +81,10 @@ def load(path, warp_upper=False):
     top, unknown = read(raw, table, path)
     upper = top.get("upper", {})
     _check_upper(upper, path)
+    for i, low in enumerate(top.get("lowers", [])):
+        if low.get("gzipIndex") and not (low.get("targetFile") or low.get("targetDigest")):
+            raise ConfigError(f"{path}: lowers[{i}].gzipIndex = {show(low['gzipIndex'])}: "
+                              "a gzip index needs a target (targetFile or targetDigest)")
     if top.get("accelerationLayer") and top.get("recordTracePath"):
         raise ConfigError(f"{path}: accelerationLayer = true and recordTracePath = "
                           f"{show(top['recordTracePath'])}: cannot both be set")

@@ -125,7 +125,7 @@ class Downloader:
             if not lower.get("dir") or getattr(layer, "owner", None) is None:
                 continue              # no target dir, or opened from a local file
             url = registry.blob_url(cfg.repo_blob_url, lower.get("digest", ""))
-            self.items.append(_Item(i, len(image.lowers) - 1 - i, lower, url))
+            self.items.append(_Item(i, image.layer_tag(i), lower, url))
         self._stop = threading.Event()
         self._lock = threading.Lock()     # switching vs. stop()
         self._fds = []                    # local files switched in; closed by stop()

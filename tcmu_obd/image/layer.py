@@ -35,10 +35,22 @@ class Layer:
     zinfo: object = None
     tar_extent: tuple = None
     owner: object = None          # a cache.CachedBlob the layer reads through, closed with it
+    target: object = None         # a warp (TurboOCI) layer's target backing: tag-1 records read it
+    target_closer: object = None  # releases the target's file or cached blob
 
     @property
     def virtual_size(self):
         return self.trailer.virtual_size
+
+    @property
+    def backings(self):
+        """The layer's files in record-tag order: itself, then its target if warp."""
+        return [self.backing] if self.target is None else [self.backing, self.target]
+
+    def set_target(self, backing, closer):
+        """Make this (warp-loaded) layer read its tag-1 records from `backing`;
+        `closer` is called on close."""
+        self.target, self.target_closer = backing, closer
 
     def close(self):
         if self.fd >= 0:
@@ -47,6 +59,9 @@ class Layer:
         if self.owner is not None:
             self.owner.close()
             self.owner = None
+        if self.target_closer is not None:
+            self.target_closer()
+            self.target_closer = None
 
     def __enter__(self):
         return self
@@ -87,8 +102,9 @@ def unwrap(fd, path, size=None, read_at=None):
     return core.RawBacking(fd, base, size, str(path)), wrappers, None, extent
 
 
-def open_layer(path):
-    """Open a committed (or sealed) layer file, tar- and ZFile-wrapped or not."""
+def open_layer(path, warp=False):
+    """Open a committed (or sealed) layer file, tar- and ZFile-wrapped or not.
+    warp: keep the index's tags (a TurboOCI meta layer opened with its target)."""
     path = os.fspath(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -100,7 +116,7 @@ def open_layer(path):
             # a committed local file is immutable: decode blocks straight from a
             # mapping (no pread per read); a SIGBUS falls back to pread
             backing.map_blocks()
-        header, trailer, index = lsmt.load_ro(backing, path)
+        header, trailer, index = lsmt.load_ro(backing, path, warp)
     except OSError as e:            # e.g. EISDIR, EIO: name the file, not just the errno
         os.close(fd)
         raise ReadError(f"{path}: cannot read: {e.strerror or e}") from e
@@ -110,7 +126,7 @@ def open_layer(path):
     return Layer(path, fd, backing, header, trailer, index, wrappers, zinfo, extent)
 
 
-def open_cached_layer(blob, name):
+def open_cached_layer(blob, name, warp=False):
     """Open a layer whose bytes come from a cache.CachedBlob (a remote blob):
     only the headers, trailer and index are fetched now; the backing fetches
     the rest on demand and refetches blocks that fail their CRC.  Headers or
@@ -120,19 +136,19 @@ def open_cached_layer(blob, name):
     try:
         cached_before = blob.presence.count(0, blob.size) > 0
         try:
-            return _open_cached(blob, name)
+            return _open_cached(blob, name, warp)
         except FormatError as e:
             if not cached_before:
                 raise
             log.warning("%s: %s; evicting its cached copy and fetching it again", name, e)
             blob.evict(0, blob.size)
-        return _open_cached(blob, name)
+        return _open_cached(blob, name, warp)
     except BaseException:
         blob.close()
         raise
 
 
-def _open_cached(blob, name):
+def _open_cached(blob, name, warp):
     # headers sit at the front, trailers, jump table and index at the back:
     # fetch both ends at once, one round trip instead of three to five
     tail = min(blob.size, TAIL_PREFETCH, max(blob.unit, blob.size // 8))
@@ -141,5 +157,5 @@ def _open_cached(blob, name):
     backing.attach(blob.presence, blob)
     if zinfo is not None and MMAP_ZFILE:
         backing.map_blocks()        # the cache file has the blob's size: holes read as zeros
-    header, trailer, index = lsmt.load_ro(backing, name)
+    header, trailer, index = lsmt.load_ro(backing, name, warp)
     return Layer(name, -1, backing, header, trailer, index, wrappers, zinfo, extent, owner=blob)

@@ -20,8 +20,22 @@ class Image:
         self.lowers = list(lowers)
         self.upper = upper
         top_first = self.lowers[::-1]
-        self.lower_index = core.merge([layer.index for layer in top_first]) if top_first else None
-        files = [layer.backing for layer in top_first]
+        # file numbers (tags) in the core: each lower's backings, top first; a
+        # warp (TurboOCI) lower has two, its meta file and its target
+        files, bases, self.file_layer = [], [], []
+        for pos, layer in enumerate(top_first):
+            bases.append(len(files))
+            for role, backing in enumerate(layer.backings):
+                files.append(backing)
+                self.file_layer.append((len(self.lowers) - 1 - pos, role))
+        if len(files) > MAX_LAYERS:
+            raise FormatError("<config>", "lowers", len(self.lowers),
+                              f"{len(files)} files (meta files and TurboOCI targets); at most {MAX_LAYERS}")
+        self._bases = bases
+        warp = len(files) > len(top_first)
+        self.lower_index = (core.merge([layer.index for layer in top_first], bases if warp else None)
+                            if top_first else None)
+        self.lower_files = list(files)
         ro_vsize = next((layer.virtual_size for layer in top_first if layer.virtual_size > 0), 0)
         upper_files = [upper.backing] if upper is not None else []
         if upper is not None:
@@ -83,11 +97,16 @@ class Image:
         return self.stack.lookup(offset, length)
 
     def files(self):
-        """Backings in tag order."""
-        out = [layer.backing for layer in self.lowers[::-1]]
-        if self.upper is not None:
-            out.append(self.upper.backing)
+        """Backings in tag order (a warp lower's target right after its meta file)."""
+        out = [b for layer in self.lowers[::-1] for b in layer.backings]
+        if self.upper is not None:       # a warp upper (build tools): fsmeta, then its target
+            out.extend(self.upper.upper_backings() if hasattr(self.upper, "upper_backings")
+                       else [self.upper.backing])
         return out
+
+    def layer_tag(self, i):
+        """The core's file number (tag) of lowers[i]'s own (meta) file."""
+        return self._bases[len(self.lowers) - 1 - i]
 
     def close(self):
         if self.prefetch is not None:

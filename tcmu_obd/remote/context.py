@@ -10,7 +10,7 @@ headers and index (tcmu_obd.image.layer.open_cached_layer).
 from tcmu_obd.remote import registry
 from tcmu_obd.remote.cache import FileCache
 from tcmu_obd.remote.imageref import client_from_service_config
-from tcmu_obd.errors import ConfigError, UnsupportedError
+from tcmu_obd.errors import ConfigError
 
 
 class RemoteContext:
@@ -25,20 +25,20 @@ class RemoteContext:
         self.cache = FileCache(cache_cfg.cache_dir, cache_cfg.cache_size_gb, cache_cfg.refill_size)
         self.client = client_from_service_config(service_cfg)
 
-    def open_blob(self, repo_blob_url, lower, where):
+    def open_blob(self, repo_blob_url, lower, where, key="digest"):
         """lowers[i]'s blob from the registry through the cache: (cache.CachedBlob, url).
-        `where` names the lower in messages."""
-        digest = lower.get("digest", "")
+        `where` names the lower in messages; `key` is the lower's digest key
+        (`targetDigest` for a TurboOCI lower's target, whose size only the
+        registry knows)."""
+        digest = lower.get(key, "")
         if not repo_blob_url:
             raise ConfigError(f"{where}: empty repoBlobUrl")
         if not digest.startswith("sha256:") or len(digest) != 71:
-            raise ConfigError(f"{where}.digest = {digest!r}: expected sha256:<64 hex digits>")
-        if lower.get("targetDigest") or lower.get("targetFile"):
-            raise UnsupportedError(f"{where}: TurboOCI layers are not yet supported")
+            raise ConfigError(f"{where}.{key} = {digest!r}: expected sha256:<64 hex digits>")
         url = registry.blob_url(repo_blob_url, digest)
         blob = self.client.open_blob(url)
         size = blob.size
-        if lower.get("size") and lower["size"] != size:
+        if key == "digest" and lower.get("size") and lower["size"] != size:
             raise ConfigError(f"{where}.size = {lower['size']}: the registry says {url} has {size} bytes")
         return self.cache.open(digest, size, blob), url
 

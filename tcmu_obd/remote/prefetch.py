@@ -48,13 +48,13 @@ def layer_reads(image, offset, length, stack=None):
         return []
     s = offset // SECTOR
     e = -(-(offset + length) // SECTOR)
-    nlow = len(image.lowers)
+    owners = image.file_layer       # tag -> (position in image.lowers, 0 = own file / 1 = warp target)
     out = []
     last_end = None                 # disk sector where the last entry ends
     for lba, n, moff, zeroed, tag in stack.lookup(s, e - s):
-        if zeroed or tag >= nlow:
-            continue
-        li = nlow - 1 - tag
+        if zeroed or tag >= len(owners) or owners[tag][1]:
+            continue                # a TurboOCI target is not in the trace (overlaybd traces the meta file)
+        li = owners[tag][0]
         boff, bcnt = moff * SECTOR, n * SECTOR
         if out and last_end == lba and out[-1][0] == li and out[-1][1] + out[-1][2] == boff:
             out[-1][2] += bcnt
@@ -319,7 +319,7 @@ def ro_reader(image):
         return (lambda offset, length: image.read(offset, length)), image.virtual_size
     if not image.lowers:
         return None, 0
-    stack = core.Stack([layer.backing for layer in image.lowers[::-1]], image.lower_index)
+    stack = core.Stack(image.stack.backings[:len(image.lower_files)], image.lower_index)
     return stack.read, image.ro_vsize
 
 

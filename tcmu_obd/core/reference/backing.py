@@ -93,6 +93,17 @@ class Backing:
 
     _presence = None          # class defaults: subclasses set their own fields only
     fetcher = None
+    _zero_tail = False
+
+    @property
+    def zero_fill_past_end(self):
+        """True for a warp layer's target: reads past `size` give zeros (and
+        pread is not clamped) instead of failing."""
+        return self._zero_tail
+
+    @zero_fill_past_end.setter
+    def zero_fill_past_end(self, value):
+        self._zero_tail = bool(value)
 
     def attach(self, presence, fetcher):
         """Serve this backing from a cache file (see _lsmt.Backing.attach)."""
@@ -120,8 +131,17 @@ class Backing:
         n = len(dst)
         if n == 0:
             return
-        if off + n > self._size:
+        if off + n > U64:
             raise ReadFail(E_RANGE, off, n, self._size)
+        if off + n > self._size:
+            if not self._zero_tail:
+                raise ReadFail(E_RANGE, off, n, self._size)
+            inside = self._size - off if off < self._size else 0
+            dst[inside:n] = bytes(n - inside)       # a warp target ends inside the piece
+            dst = dst[:inside]
+            n = inside
+            if n == 0:
+                return
         if self._presence is not None:
             self._presence.touch()
         self._read_inside(dst, off)
@@ -130,11 +150,13 @@ class Backing:
         raise ReadFail(E_RANGE, off, len(dst), self._size)   # a bare Backing holds nothing
 
     def pread(self, offset, length):
-        """Bytes [offset, offset+length) of the backing (clamped to its size)."""
+        """Bytes [offset, offset+length) of the backing (clamped to its size,
+        unless zero_fill_past_end: then zeros past it)."""
         offset, length = u64(offset), u64(length)
-        if offset >= self._size:
-            return b""
-        length = min(length, self._size - offset)
+        if not self._zero_tail:
+            if offset >= self._size:
+                return b""
+            length = min(length, self._size - offset)
         if length >= 1 << 63:
             raise MemoryError(f"{self.name}: cannot read {length} bytes at once")
         out = bytearray(length)

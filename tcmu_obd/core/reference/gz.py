@@ -197,6 +197,9 @@ class GzipBacking(Backing):
             dst[pos - off:upto - off] = data[pos - de:upto - de]
             pos = upto
         if end > self._size:
+            if self._zero_tail:          # a warp layer's target: zeros past the end
+                dst[max(0, stop - off):n] = bytes(n - max(0, stop - off))
+                return
             raise ReadFail(E_SHORT, off, n, max(0, stop - off))
 
 

@@ -187,17 +187,38 @@ class Index:
                 return i
         return -1
 
-    def check_moffset(self, lo, hi):
+    def check_moffset(self, lo, hi, tag=-1):
         """-1 when every data record lies in [lo, hi) and every zeroed
-        record has lo <= moffset <= hi; else the first bad position."""
+        record has lo <= moffset <= hi; else the first bad position.
+        tag >= 0: only records with that tag are checked."""
         lo, hi = u64(lo), u64(hi)
-        for i, (_off, length, moffset, zeroed, _tag) in enumerate(self._recs):
+        for i, (_off, length, moffset, zeroed, rtag) in enumerate(self._recs):
+            if tag >= 0 and rtag != tag:
+                continue
             if zeroed:
                 if moffset < lo or moffset > hi:
                     return i
             elif moffset < lo or moffset >= hi or moffset + length > hi:
                 return i
         return -1
+
+    def check_starts(self, tag, limit):
+        """-1 when every data record with this tag starts below `limit`
+        (sectors), else the first position of one that does not."""
+        limit = u64(limit)
+        for i, (_off, _length, moffset, zeroed, rtag) in enumerate(self._recs):
+            if rtag == tag and not zeroed and moffset >= limit:
+                return i
+        return -1
+
+    def normalise_tags(self, max_tag):
+        """overlaybd's warp-file rule: subtract the smallest tag present
+        from every tag.  Returns (that smallest tag, the first position
+        whose tag is still above max_tag, or -1)."""
+        lo = min((r[4] for r in self._recs), default=0)
+        self._recs = [(r[0], r[1], r[2], r[3], r[4] - lo) for r in self._recs]
+        bad = next((i for i, r in enumerate(self._recs) if r[4] > max_tag), -1)
+        return lo, bad
 
     def data_sectors(self):
         """Sectors held by non-zeroed records (fstat's st_blocks)."""
@@ -231,18 +252,27 @@ class Index:
         return out
 
 
-def merge(layers):
+def merge(layers, bases=None):
     """Merge indexes given top-first into one: each layer fills only the
-    holes left by the layers above it; tag = position in `layers`."""
+    holes left by the layers above it; tag = position in `layers`.  With
+    `bases` (one file number per layer), tag = bases[i] + the record's own
+    tag instead: a warp layer's tag-1 records then name its target file."""
     if type(layers) is not list:
         raise TypeError(f"Argument 'layers' has incorrect type (expected list, got {type(layers).__name__})")
     if len(layers) > 255:
         raise FormatError("<stack>", "layer count", len(layers), "at most 255 read-only layers")
+    if bases is not None and len(bases) != len(layers):
+        raise UsageError(f"{len(bases)} bases for {len(layers)} layers")
     acc = []                                    # merged so far: sorted, non-overlapping
     for li in range(len(layers)):
         low = layers[li]
         if not isinstance(low, Index):
             raise TypeError(f"Cannot convert {type(low).__name__} to tcmu_obd.core.reference.Index")
+        if bases is not None:
+            base = bases[li]
+            maxtag = max((r[4] for r in low._recs), default=0)
+            if base < 0 or base + maxtag > 255:
+                raise FormatError("<stack>", "file number", base + maxtag, "at most 255 read-only files")
         check_room(len(acc) + 2 * len(low._recs) + 1)
         ends = [rec_end(a) for a in acc]
         pieces = []
@@ -257,7 +287,7 @@ def merge(layers):
                     continue
                 gend = min(e, acc[k][0]) if k < len(acc) else e
                 pieces.append((pos, gend - pos, rec[2] if rec[3] else rec[2] + (pos - start),
-                               rec[3], li))
+                               rec[3], li if bases is None else bases[li] + rec[4]))
                 pos = gend
         acc = sorted(acc + pieces, key=lambda r: r[0])
         if len(acc) > MAX_INDEX:                # the C core fails on the push past the limit
