@@ -242,3 +242,50 @@ def test_turbo_apply_bad_input(tmp_path):
     p = run("turbo_apply", "--import", write(tmp_path / "h2", bytes(raw)), cfg,
             "--service_config_path", svc, check=False)
     assert p.returncode == 1 and b"content offset 1001" in p.stderr
+
+
+def test_turbo_two_layers_exported_through_warp_lowers(tmp_path):
+    """Two TurboOCI layers built as the convertor does (layer 2 applied over
+    layer 1's meta layer + tar as a warp lower), then `tcmu-obd export` of a
+    config with lowers {file: meta, targetFile: tar (+ gzipIndex)}: the
+    exported disk is e2fsck-clean and its tree equals the merged model."""
+    tmp = str(tmp_path)
+    svc = write(tmp_path / "svc.json", b"{}")
+    model = Model()
+    l1 = layer1() + extra_files()
+    l2 = layer2() + [E("big/odd", R, os.urandom(777_777)), E("big/.wh.sparse", R)]
+    tar1 = write(tmp_path / "l1.tar", tar_bytes(l1))
+    t2 = tar_bytes(l2)
+    tar2 = write(tmp_path / "l2.tar", t2)
+    gz2 = write(tmp_path / "l2.tar.gz", gzip.compress(t2, mtime=0))
+
+    cfg1, up1 = warp_config(tmp, "w1", tar1)
+    run("create", "--turboOCI", "--mkfs", up1["data"], up1["index"], 1)
+    run("turbo_apply", tar1, cfg1, "--service_config_path", svc, "--gz_index_path", tmp_path / "unused")
+    assert not (tmp_path / "unused").exists()          # a plain tar has no gzip index
+    meta1 = str(tmp_path / "l1.meta")
+    run("commit", up1["data"], up1["index"], meta1, "-z", "--turboOCI")
+    model.apply(l1)
+
+    lower1 = {"file": meta1, "targetFile": tar1}
+    cfg2 = os.path.join(tmp, "w2.json")
+    up2 = {"data": os.path.join(tmp, "w2.fsmeta"), "index": os.path.join(tmp, "w2.index"), "target": gz2}
+    with open(cfg2, "w") as f:
+        json.dump({"lowers": [lower1], "upper": up2}, f)
+    run("create", "--turboOCI", up2["data"], up2["index"], 1)
+    gzmeta = str(tmp_path / "l2.gzip.meta")
+    run("turbo_apply", gz2, cfg2, "--service_config_path", svc, "--gz_index_path", gzmeta)
+    meta2 = str(tmp_path / "l2.meta")
+    run("commit", up2["data"], up2["index"], meta2, "-z", "-t", "--turboOCI")
+    model.apply(l2)
+
+    cfg = os.path.join(tmp, "image.json")
+    with open(cfg, "w") as f:
+        json.dump({"lowers": [lower1, {"file": meta2, "targetFile": gz2, "gzipIndex": gzmeta}],
+                   "resultFile": os.path.join(tmp, "result")}, f)
+    raw = str(tmp_path / "disk.raw")
+    run("main", "export", cfg, raw)
+    fsck = subprocess.run(["e2fsck", "-fn", raw], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout
+    with blockdev.raw_loop(raw) as dev, apply.mounted(dev, os.path.join(tmp, "ro"), read_only=True) as mnt:
+        assert compare(model, mnt) > 40
