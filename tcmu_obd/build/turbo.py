@@ -334,6 +334,8 @@ class HeaderWalk:
                 info.name = headers["path"]
             if "linkpath" in headers:
                 info.linkname = headers["linkpath"]
+            if info.type == tarfile.DIRTYPE:
+                info.name = info.name.rstrip("/")      # as tarfile does for a directory's name
             for key in ("size", "uid", "gid"):
                 if key in headers:
                     try:
