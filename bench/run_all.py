@@ -11,7 +11,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHES = ["bench_lookup", "bench_read", "bench_zfile", "bench_gzip", "bench_commit", "bench_rw", "bench_remote", "bench_fuse", "bench_convert",
-           "bench_seed", "bench_tcmu", "bench_warp"]
+           "bench_seed", "bench_tcmu", "bench_warp", "bench_turbo", "bench_erofs"]
 
 
 def main(argv):

@@ -119,7 +119,7 @@ def test_truncated_inputs(img):
 def test_unsupported_and_missing_upper(img):
     tmp, cfg, *_ = img
     layer = write(os.path.join(tmp, "l.tar"), tar_bytes(LAYER))
-    p = cli("--gz_index_path", "x", layer, cfg)
+    p = cli("--from_qcow2", layer, cfg)
     assert p.returncode == 1 and b"not supported" in p.stderr
     ro = os.path.join(tmp, "ro.json")
     with open(ro, "w") as f:

@@ -125,16 +125,6 @@ def test_zfile_tool_rejects_bad_options(tmp_path, args):
     assert r.returncode != 0 and r.stderr.startswith(b"error:")
 
 
-@pytest.mark.parametrize("name,args,what", [
-    ("overlaybd-create", ["--turboOCI", "d", "i", "1"], b"--turboOCI"),
-    ("overlaybd-commit", ["--turboOCI", "d", "i", "o"], b"--turboOCI"),
-])
-def test_later_flags_fail_clearly(tmp_path, name, args, what):
-    r = tool(name, *[str(tmp_path / a) if a in ("d", "i", "o", "c.json") else a for a in args], check=False)
-    assert r.returncode != 0
-    assert what in r.stderr and b"not yet supported" in r.stderr
-
-
 def test_merge_tool_and_export_and_read(tmp_path, bundled_base):
     d, i = tmp_path / "d", tmp_path / "i"
     tool("overlaybd-create", d, i, 0)

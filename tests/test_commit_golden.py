@@ -89,3 +89,37 @@ def test_merge_keeps_source_tags(tmp_path):
     assert data[ioff:ioff + 48] == (rec(0, 2, 8, 1, 0) + rec(2, 6, 8, 0, 1) + rec(8, 8, 14, 0, 0))
     with open_layer(out) as layer:               # readers force the tag back to 0
         assert [r[4] for r in layer.index.records()] == [0, 0, 0]
+
+
+def test_commit_golden_turbooci_warp(tmp_path):
+    """overlaybd-commit --turboOCI of a warp layer built by hand: tag-0 data
+    copied from fsmeta in 64-sector steps and re-mapped, tag-1 records kept
+    verbatim, neighbours merged only with the same tag and contiguous offset
+    and moffset, no zeroed records; header and trailer of a sealed data file."""
+    from tcmu_obd.cli import commit as commit_cli
+    from tcmu_obd.image.warp_rw import WarpRWLayer
+    vsize = 16 << 20
+    w = WarpRWLayer.create(tmp_path / "fsmeta", tmp_path / "index", vsize)
+    w.write(b"M" * 512, 0)                        # tag 0 (0,1)
+    w.write(b"N" * 512, 1 * 512)                  # tag 0 (1,1): merges with (0,1)
+    w.remote_map(2 * 512, 3 * 512, 1024)          # tag 1 (2,3,moff 2): not merged with tag 0
+    w.remote_map(5 * 512, 2 * 512, 5 * 512)       # tag 1 (5,2,moff 5): contiguous -> merged (2,5,2)
+    w.remote_map(7 * 512, 1 * 512, 100 * 512)     # tag 1 (7,1,100): moffset not contiguous
+    w.write(b"P" * (70 * 512), 8 * 512)           # tag 0 (8,70): steps 64 + 6, merged again
+    w.remote_map(1000 * 512, 20000 * 512, 0)      # split 16383 + 3617: contiguous but too long
+    w.write(b"Q" * 512, 1000 * 512)               # overwrites the first sector of that mapping
+    w.discard(8 * 512, 512)                       # mapped: a tag-0 record of the punched zeros
+    w.close()
+    out = tmp_path / "meta.commit"
+    assert commit_cli.body([str(tmp_path / "fsmeta"), str(tmp_path / "index"), str(out), "--turboOCI",
+                            "-m", "warp"]) == 0
+    # data area (sectors from 8): M N | zeros(1) P*69 | Q
+    data = b"M" * 512 + b"N" * 512 + bytes(512) + b"P" * (69 * 512) + b"Q" * 512
+    # LBA order: (0,2,8) (2,5,2,t1) (7,1,100,t1) (8,70,10) (1000,1,80) (1001,16382,1,t1) (17383,3617,16383,t1)
+    index = (rec(0, 2, 8) + rec(2, 5, 2, tag=1) + rec(7, 1, 100, tag=1) + rec(8, 70, 10)
+             + rec(1000, 1, 80) + rec(1001, 16382, 1, tag=1) + rec(17383, 3617, 16383, tag=1)
+             + INVALID * (256 - 7))
+    data_end = 4096 + len(data)
+    expect = (block(0x07, 0, 0, vsize, tag=b"warp") + data + index
+              + block(0x06, data_end, 256, vsize, tag=b"warp"))
+    assert out.read_bytes() == expect

@@ -41,6 +41,7 @@ TOOLS = {
     "overlaybd-create": ("tcmu_obd.cli.create", "main"),
     "overlaybd-commit": ("tcmu_obd.cli.commit", "main"),
     "overlaybd-apply": ("tcmu_obd.cli.apply", "main"),
+    "turboOCI-apply": ("tcmu_obd.cli.turbo_apply", "main"),
     "overlaybd-zfile": ("tcmu_obd.cli.zfile", "main"),
     "overlaybd-merge": ("tcmu_obd.cli.merge", "main"),
 }

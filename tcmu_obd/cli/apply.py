@@ -2,11 +2,12 @@
 FIFO or `-` for stdin) into the ext4 of an image's writable upper layer
 (docs/operations.md, overlaybd-apply).  The work is done by tcmu_obd.build.apply."""
 import argparse
+import os
 import sys
 
 from tcmu_obd.build import apply, untar
 from tcmu_obd import service_config
-from tcmu_obd.errors import UnsupportedError
+from tcmu_obd.errors import UnsupportedError, UsageError
 from tcmu_obd.cli.common import run, setup_logging
 
 
@@ -21,7 +22,9 @@ def parser():
                    default=None,
                    help="global overlaybd.json for remote lowers; a path given must exist (without "
                         "the option: the default path when present, else built-in defaults)")
-    p.add_argument("--gz_index_path", default="", help="(TurboOCI; not supported)")
+    p.add_argument("--gz_index_path", default="",
+                   help="also write the gzip index (ddgzidx) of a gzip input here; with a TurboOCI "
+                        "warp upper (upper.target) the apply is turboOCI-apply's meta-only one")
     p.add_argument("--from_qcow2", action="store_true", help="(not supported)")
     p.add_argument("--no-extract-rootfs", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--frontend", choices=("auto", "tcmu", "fuse"), default=None,
@@ -37,14 +40,18 @@ def parser():
 def body(argv):
     args = parser().parse_args(argv)
     setup_logging(args.verbose)
-    if args.gz_index_path:
-        raise UnsupportedError("--gz_index_path: TurboOCI meta-only apply is not supported")
     if args.from_qcow2:
         raise UnsupportedError("--from_qcow2: qcow2 input is not supported")
     checksum = untar.check_checksum(args.checksum)
     svc = service_config.load_given(args.service_config)     # checked even with --raw
     if args.raw:
         svc = None
+    if args.gz_index_path and not args.raw:
+        from tcmu_obd.image import config
+        if config.load(args.image_config, warp_upper=True).upper.get("target"):
+            return _turbo(args, svc)
+    if args.gz_index_path:
+        _gz_index(args.input, args.gz_index_path)
     res = apply.apply_layer(args.input, args.image_config, mkfs_first=args.mkfs, checksum=checksum,
                             raw=args.raw, service_cfg=svc, frontend=args.frontend)
     if not args.quiet:
@@ -52,6 +59,31 @@ def body(argv):
         print(f"overlaybd-apply: {res.entries} entries, {res.tar_bytes} tar bytes "
               f"({res.compression}, {res.input_bytes} read), {res.digest}, {res.seconds:.2f} s "
               f"({rate:.1f} MB/s){', through ' + res.frontend if res.frontend else ''}", file=sys.stderr)
+    return 0
+
+
+def _gz_index(path, out_path):
+    """The gzip index of a gzip input file (a pass of its own, before the apply)."""
+    if path == "-" or not os.path.isfile(path):
+        raise UsageError(f"--gz_index_path needs the input as a regular file, not {path!r}")
+    with open(path, "rb") as f:
+        if f.read(2) != untar.GZIP_MAGIC:
+            return              # not gzip: no index (as overlaybd)
+        f.seek(0)
+        from tcmu_obd.format.gzindex import build_index
+        build_index(f, out_path, name=path)
+
+
+def _turbo(args, svc):
+    """overlaybd-apply onto a warp upper: the meta-only apply of turboOCI-apply."""
+    from tcmu_obd.build import turbo
+    if args.checksum:
+        raise UsageError("--checksum cannot be used with a TurboOCI warp upper")
+    res = turbo.turbo_apply(args.input, args.image_config, mkfs_first=args.mkfs,
+                            gz_index_path=args.gz_index_path, service_cfg=svc, frontend=args.frontend)
+    if not args.quiet:
+        print(f"overlaybd-apply: {res.entries} entries, {res.files} files mapped to the tar, "
+              f"{res.tar_bytes} tar bytes ({res.compression}), {res.seconds:.2f} s", file=sys.stderr)
     return 0
 
 

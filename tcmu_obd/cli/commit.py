@@ -7,7 +7,7 @@ import sys
 
 from tcmu_obd.image import commit
 from tcmu_obd.format import lsmt
-from tcmu_obd.errors import UnsupportedError, UsageError
+from tcmu_obd.errors import UsageError
 from tcmu_obd.image.layer import unwrap
 from tcmu_obd.image.rw import RWLayer
 from tcmu_obd.cli.common import add_upload_args, algorithm, block_size, run, setup_logging, start_upload, write_output
@@ -43,8 +43,6 @@ def body(argv):
                          "wrapper cannot be streamed)")
     if args.upload and args.seal:
         raise UsageError("--upload does nothing with --seal (there is no output to upload)")
-    if args.turbo:
-        raise UnsupportedError("--turboOCI / --fastoci: TurboOCI commit is not yet supported")
     if not args.zfile and (args.algorithm or args.bs):
         print("warning: --algorithm/--bs have no effect without -z", file=sys.stderr)
     algo = algorithm(args.algorithm or "lz4")
@@ -76,6 +74,8 @@ def body(argv):
 
     if not args.index_file or not args.commit_file:
         raise UsageError("usage: overlaybd-commit data_file index_file commit_file")
+    if args.turbo:
+        return _turbo(args, algo, bs)
     layer = RWLayer.open(args.data_file, args.index_file)
     try:
         return _write(args, [layer.backing], layer.index.records(), args.commit_file, algo, bs)
@@ -90,6 +90,31 @@ def _write(args, files, records, out_path, algo, bs):
                  force=args.force, use_zfile=args.zfile, use_tar=args.tar, algo=algo, bs=bs,
                  threads=args.compress_threads, overwrite_header=args.zfile)
     return 0
+
+
+def _turbo(args, algo, bs):
+    """LSMTWarpFile::commit: tag-0 data copied from fsmeta and re-mapped,
+    tag-1 (tar) records copied verbatim (docs/formats.md, Writable warp layer)."""
+    from tcmu_obd.image.warp_rw import TAG_REMOTE, WarpRWLayer
+    if args.seal or args.commit_sealed:
+        raise UsageError("--turboOCI cannot be used with --seal or --commit_sealed")
+    layer = WarpRWLayer.open(args.data_file, args.index_file)
+    try:
+        h = layer.header
+        uid = args.uuid.upper() if args.uuid and lsmt.valid_uuid(args.uuid) else lsmt.NULL_UUID
+        parent = args.parent_uuid.upper() if args.parent_uuid and lsmt.valid_uuid(args.parent_uuid) \
+            else h.parent_uuid
+        header = lsmt.LsmtHeader(lsmt.FLAG_HEADER | lsmt.FLAG_DATA | lsmt.FLAG_SEALED, 0, 0,
+                                 layer.vsize, uid, parent, args.message.encode())
+        upload = start_upload(args, "overlaybd-commit", args.zfile)
+        write_output(args.commit_file,
+                     lambda out: commit.compact(layer.records(), [layer.backing], out, header,
+                                                remote_tag=TAG_REMOTE),
+                     upload, force=args.force, use_zfile=args.zfile, use_tar=args.tar, algo=algo, bs=bs,
+                     threads=args.compress_threads, overwrite_header=args.zfile)
+        return 0
+    finally:
+        layer.close()
 
 
 def main(argv=None):

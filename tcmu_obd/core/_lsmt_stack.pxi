@@ -19,7 +19,8 @@ cdef struct Pending:
 cdef class Stack:
     """Read-merge over a stack: `files` top-first (lower tags index it),
     the merged lower Index, and an optional upper (RW) Index whose records
-    read from files[-1].  Upper data and zeroed records both shadow the
+    read from files[-1], or, with upper_files=2 (a TurboOCI warp upper, build
+    tools only), tag 0 from files[-2] and tag 1 from files[-1].  Upper data and zeroed records both shadow the
     lower stack; only holes fall through; a hole everywhere reads as zeros."""
     cdef list files_py
     cdef list retired               # backings replaced while reads may still use them
@@ -29,8 +30,9 @@ cdef class Stack:
     cdef Index upper
     cdef int upper_tag
     cdef int lower_tags     # lower tags must be below this (files[tag], not the upper's)
+    cdef int upper_files    # upper record tag t reads files[upper_tag + t], t < upper_files
 
-    def __init__(self, list files, Index lower=None, Index upper=None):
+    def __init__(self, list files, Index lower=None, Index upper=None, int upper_files=1):
         cdef Py_ssize_t i
         cdef Backing b
         if len(files) > 256:
@@ -46,16 +48,19 @@ cdef class Stack:
         self.nfiles = len(files)
         self.lower = lower
         self.upper = upper
-        self.upper_tag = self.nfiles - 1
-        self.lower_tags = self.nfiles - 1 if upper is not None else self.nfiles
-        if upper is not None and self.nfiles == 0:
+        if upper_files not in (1, 2) or (upper is None and upper_files != 1):
+            raise UsageError(f"upper_files {upper_files}: 1, or 2 for a warp upper")
+        self.upper_files = upper_files
+        self.upper_tag = self.nfiles - upper_files
+        self.lower_tags = self.upper_tag if upper is not None else self.nfiles
+        if upper is not None and self.nfiles < upper_files:
             raise UsageError("an upper index needs its backing file last in `files`")
         if upper is not None and upper is lower:
             raise UsageError("the upper index cannot also be the lower one")
         if lower is not None:
             lf = lower._flat()
             for i in range(lf.n):
-                if lf.recs[i].tag >= self.nfiles or (upper is not None and lf.recs[i].tag == self.upper_tag):
+                if lf.recs[i].tag >= self.lower_tags:
                     raise UsageError(f"lower record {i} has tag {lf.recs[i].tag}, no such file")
 
     def __dealloc__(self):
@@ -147,7 +152,7 @@ cdef class Stack:
         cdef Cur c
         cdef uint64_t pos = s, rs, re
         cdef const Rec *r
-        cdef int rc = 0
+        cdef int rc = 0, ut
         p.len = 0
         if self.upper is None:
             rc = self._read_lower(s, e, dst, s, &p, err)
@@ -161,7 +166,11 @@ cdef class Stack:
                     if rc:
                         break
                 re = rend(r) if rend(r) < e else e
-                rc = self._emit(r, self.upper_tag, rs, re, dst, s, &p, err)
+                ut = r.tag if self.upper_files > 1 else 0     # a plain RW upper ignores tags
+                if ut >= self.upper_files:
+                    rc = set_err(err, E_TAG, r.offset, r.tag, 0)
+                    break
+                rc = self._emit(r, self.upper_tag + ut, rs, re, dst, s, &p, err)
                 if rc:
                     break
                 pos = re
@@ -236,7 +245,7 @@ cdef class Stack:
         for k, r in enumerate(self.upper.lookup(offset, length)):
             if r[0] > pos and self.lower is not None:
                 out.extend(self.lower.lookup(pos, r[0] - pos))
-            out.append((r[0], r[1], r[2], r[3], self.upper_tag))
+            out.append((r[0], r[1], r[2], r[3], self.upper_tag + (r[4] if self.upper_files > 1 else 0)))
             pos = r[0] + r[1]
             if k % SIGNAL_EVERY == SIGNAL_EVERY - 1:
                 PyErr_CheckSignals()

@@ -460,6 +460,47 @@ class Ext4:
         bs = self.block_size
         return [(lb * bs, pb * bs, n * bs) for lb, pb, n in self.block_map(inode)]
 
+    def extent_leaf_entries(self, inode_or_ino):
+        """Where each extent leaf entry of an extent-mapped inode lies on the
+        disk: [(disk byte offset of the 12-byte ext4_extent, ee_block, raw
+        ee_len, ee_start)], in tree order; raw ee_len > 32768 marks an
+        unwritten extent.  Leaves in i_block are inside the on-disk inode.
+        [] for an inode without extents (inline data, block maps)."""
+        inode = self._as_inode(inode_or_ino)
+        if inode.inline or not inode.flags & INODE_FL_EXTENTS:
+            return []
+        ino, bs = inode.ino, self.block_size
+        out, seen = [], set()
+        stack = [(inode.iblock, None, "i_block", inode.disk_offset + 0x28)]
+        while stack:
+            data, want, where, base = stack.pop()
+            entries, depth = self._extent_node(data, ino, where)
+            if want is not None and depth != want:
+                raise self._bad(f"inode {ino} {where} eh_depth", depth, f"expected {want} below its parent")
+            if depth == 0:
+                for k in range(entries):
+                    lblk, ln, start_hi, start_lo = struct.unpack_from("<IHHI", data, 12 + 12 * k)
+                    pblk = start_hi << 32 | start_lo
+                    real = ln - 32768 if ln > 32768 else ln
+                    if real == 0 or pblk + real > self.blocks_count:
+                        raise self._bad(f"inode {ino} {where} extent[{k}].ee_start", pblk,
+                                        f"{real} blocks from here: outside the {self.blocks_count} blocks")
+                    out.append((base + 12 + 12 * k, lblk, ln, pblk))
+                continue
+            children = []
+            for k in range(entries):
+                _lblk, leaf_lo, leaf_hi = struct.unpack_from("<IIH", data, 12 + 12 * k)
+                child = leaf_hi << 32 | leaf_lo
+                if child in seen or child >= self.blocks_count:
+                    raise self._bad(f"inode {ino} {where} index[{k}].ei_leaf", child,
+                                    "extent tree block used twice or outside the file system")
+                seen.add(child)
+                children.append((child, k))
+            for child, k in reversed(children):
+                node = self.block(child, f"inode {ino} {where} index[{k}].ei_leaf")
+                stack.append((node, depth - 1, f"extent block {child}", child * bs))
+        return out
+
     def inode_extents(self, inode_or_ino):
         """[(disk byte offset, length)] holding the inode's data, in file order."""
         return [(d, n) for _f, d, n in self.file_map(inode_or_ino)]

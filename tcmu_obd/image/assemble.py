@@ -147,6 +147,9 @@ def _open_upper(cfg):
     """The RW layer; a file that cannot be opened is a ReadError naming the key and the file."""
     data, index = cfg.upper["data"], cfg.upper["index"]
     try:
+        if cfg.upper.get("target"):       # a warp upper: only a tool's config.load(warp_upper=True) lets it in
+            from tcmu_obd.image.warp_rw import WarpRWLayer
+            return WarpRWLayer.open(data, index, cfg.upper["target"], cfg.upper.get("gzipIndex") or None)
         return RWLayer.open(data, index)
     except OSError as e:
         key = "index" if e.filename is not None and os.fspath(e.filename) == index else "data"

@@ -31,10 +31,15 @@ def layer_info(files, uuid=None, parent_uuid=None, user_tag=b""):
                       user_tag)
 
 
-def _steps(records, files, out):
-    """Copy the data of every record and yield the per-step records."""
+def _steps(records, files, out, remote_tag=None):
+    """Copy the data of every record and yield the per-step records.
+    Records with tag `remote_tag` (a warp layer's tar mappings) are yielded
+    verbatim: their data is not in the layer."""
     mo = HT_SPACE // SECTOR
     for off, length, moff, zeroed, tag in records:
+        if tag == remote_tag:
+            yield (off, length, moff, zeroed, tag)
+            continue
         if zeroed:
             yield (off, length, mo, 1, tag)
             continue
@@ -71,12 +76,12 @@ def merge_records(steps):
         yield acc
 
 
-def compact(records, files, out, header):
+def compact(records, files, out, header, remote_tag=None):
     """Write header, data, padded index and trailer to `out`; returns the
-    number of bytes written."""
+    number of bytes written.  remote_tag: see _steps (warp commit: 1)."""
     out.write(header.pack())
-    merged = list(merge_records(_steps(records, files, out)))
-    data_end = HT_SPACE + sum(r[1] for r in merged if not r[3]) * SECTOR
+    merged = list(merge_records(_steps(records, files, out, remote_tag)))
+    data_end = HT_SPACE + sum(r[1] for r in merged if not r[3] and r[4] != remote_tag) * SECTOR
     index = core.Index.from_records(merged)
     dump = index.dump(INDEX_PAD)
     for i in range(0, len(dump), 4096):

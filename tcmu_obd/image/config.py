@@ -21,7 +21,7 @@ from tcmu_obd.service_config import DOWNLOAD_TABLE
 
 def _warp_upper(v):
     """The check of a warp upper's keys: accepted empty only.  A warp upper
-    is an RW file the build tools (tcmu-obd apply) write through; a device
+    is an RW file the build tools (turboOCI-apply) write through; a device
     serving one would miss the data its remote records point at."""
     return ("warp uppers are used by the build tools only; a device's upper is "
             "a plain RW layer") if v else None
@@ -36,6 +36,8 @@ _LOWER = Table({
     "targetDigest": Key("str", ""),         # ... or remote, repoBlobUrl/<targetDigest>
     "gzipIndex": Key("str", ""),            # ... a .tar.gz read through this gzip index
 })
+
+
 _UPPER = Table({
     "index": Key("str", ""),
     "data": Key("str", ""),
@@ -43,6 +45,8 @@ _UPPER = Table({
     "gzipIndex": Key("str", "", _warp_upper, UnsupportedError),
     "vsize": Key("i64", 0),                     # written by the snapshotter, unused
 })
+# the build tools' view: upper.target makes the upper a warp layer (image.warp_rw)
+_UPPER_TOOLS = Table({**_UPPER.keys, "target": Key("str", ""), "gzipIndex": Key("str", "")})
 _TOP = Table({
     "repoBlobUrl": Key("str", ""),
     "lowers": Key(ListOf(_LOWER), []),
@@ -68,11 +72,13 @@ class ImageConfig:
     unknown_keys: tuple = ()
 
 
-def load(path):
-    """Parse a config.v1.json file into an ImageConfig."""
+def load(path, warp_upper=False):
+    """Parse a config.v1.json file into an ImageConfig.  warp_upper: allow
+    upper.target / upper.gzipIndex (the build tools only)."""
     path = os.fspath(path)
     raw = read_json(path)
-    top, unknown = read(raw, _TOP, path)
+    table = Table({**_TOP.keys, "upper": Key(_UPPER_TOOLS, {})}) if warp_upper else _TOP
+    top, unknown = read(raw, table, path)
     upper = top.get("upper", {})
     _check_upper(upper, path)
     for i, low in enumerate(top.get("lowers", [])):

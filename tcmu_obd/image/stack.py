@@ -37,11 +37,15 @@ class Image:
                             if top_first else None)
         self.lower_files = list(files)
         ro_vsize = next((layer.virtual_size for layer in top_first if layer.virtual_size > 0), 0)
+        upper_files = [upper.backing] if upper is not None else []
         if upper is not None:
             if upper.vsize == 0 and ro_vsize:
                 upper.update_vsize(ro_vsize)
-            files.append(upper.backing)
-        self.stack = core.Stack(files, self.lower_index, upper.index if upper else None)
+            if hasattr(upper, "upper_backings"):      # a warp upper (image.warp_rw): tag 0, tag 1
+                upper_files = upper.upper_backings()
+            files.extend(upper_files)
+        self.stack = core.Stack(files, self.lower_index, upper.index if upper else None,
+                                max(1, len(upper_files)))
         self.ro_vsize = ro_vsize
         self.remote = None        # the RemoteContext its remote layers use, if any
         self.downloader = None    # its download.Downloader (background download), if any
@@ -95,8 +99,9 @@ class Image:
     def files(self):
         """Backings in tag order (a warp lower's target right after its meta file)."""
         out = [b for layer in self.lowers[::-1] for b in layer.backings]
-        if self.upper is not None:
-            out.append(self.upper.backing)
+        if self.upper is not None:       # a warp upper (build tools): fsmeta, then its target
+            out.extend(self.upper.upper_backings() if hasattr(self.upper, "upper_backings")
+                       else [self.upper.backing])
         return out
 
     def layer_tag(self, i):

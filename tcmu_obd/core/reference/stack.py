@@ -25,10 +25,11 @@ class _Pending:
 class Stack:
     """Read-merge over a stack: `files` top-first (lower tags index it),
     the merged lower Index, and an optional upper (RW) Index whose records
-    read from files[-1].  Upper data and zeroed records both shadow the
+    read from files[-1], or, with upper_files=2 (a TurboOCI warp upper, build
+    tools only), tag 0 from files[-2] and tag 1 from files[-1].  Upper data and zeroed records both shadow the
     lower stack; only holes fall through; a hole everywhere reads as zeros."""
 
-    def __init__(self, files, lower=None, upper=None):
+    def __init__(self, files, lower=None, upper=None, upper_files=1):
         if files is not None and type(files) is not list:
             raise TypeError(f"Argument 'files' has incorrect type (expected list, got {type(files).__name__})")
         typed(lower, Index, "lower")
@@ -41,15 +42,18 @@ class Stack:
                 raise TypeError(f"Cannot convert {type(f).__name__} to tcmu_obd.core.reference.Backing")
         self._lower = lower
         self._upper = upper
-        self._upper_tag = len(self._files) - 1
-        self._lower_tags = len(self._files) - 1 if upper is not None else len(self._files)
-        if upper is not None and not self._files:
+        if upper_files not in (1, 2) or (upper is None and upper_files != 1):
+            raise UsageError(f"upper_files {upper_files}: 1, or 2 for a warp upper")
+        self._upper_files = upper_files
+        self._upper_tag = len(self._files) - upper_files
+        self._lower_tags = self._upper_tag if upper is not None else len(self._files)
+        if upper is not None and len(self._files) < upper_files:
             raise UsageError("an upper index needs its backing file last in `files`")
         if upper is not None and upper is lower:
             raise UsageError("the upper index cannot also be the lower one")
         if lower is not None:
             for i, r in enumerate(lower._recs):
-                if r[4] >= len(self._files) or (upper is not None and r[4] == self._upper_tag):
+                if r[4] >= self._lower_tags:
                     raise UsageError(f"lower record {i} has tag {r[4]}, no such file")
 
     @property
@@ -124,7 +128,10 @@ class Stack:
                     if rs > pos:
                         self._read_lower(pos, rs, dst, s, p)
                     re = min(rec_end(r), e)
-                    self._emit(r, self._upper_tag, rs, re, dst, s, p)
+                    ut = r[4] if self._upper_files > 1 else 0     # a plain RW upper ignores tags
+                    if ut >= self._upper_files:
+                        raise ReadFail(E_TAG, r[0], r[4])
+                    self._emit(r, self._upper_tag + ut, rs, re, dst, s, p)
                     pos = re
                     i += 1
                 if pos < e:
@@ -182,7 +189,7 @@ class Stack:
         for r in self._upper.lookup(offset, length):
             if r[0] > pos and self._lower is not None:
                 out.extend(self._lower.lookup(pos, r[0] - pos))
-            out.append((r[0], r[1], r[2], r[3], self._upper_tag))
+            out.append((r[0], r[1], r[2], r[3], self._upper_tag + (r[4] if self._upper_files > 1 else 0)))
             pos = r[0] + r[1]
         if pos < end and self._lower is not None:
             out.extend(self._lower.lookup(pos, end - pos))
