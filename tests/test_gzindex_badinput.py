@@ -229,3 +229,29 @@ def test_stream_shorter_than_the_index_says(M, tmp_path, good):
         assert e.value.field == "uncompress_file_size" and e.value.value == len(DATA)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("M", [C, R])
+def test_backing_checks_an_index_object_it_is_given(M, tmp_path, good):
+    # an index object not from the parser must not make the reader read outside its windows
+    cases = [
+        (lambda e: [], "entry 0 de_pos"),
+        (lambda e: [e[0]._replace(de_pos=7)] + e[1:], "entry 0 de_pos"),
+        (lambda e: e[:1] + [e[2], e[1]] + e[3:], "entry 2 de_pos"),
+        (lambda e: e[:1] + [e[1]._replace(en_pos=len(GZ) + 1)] + e[2:], "entry 1 en_pos"),
+        (lambda e: e[:1] + [e[1]._replace(bits=9)] + e[2:], "entry 1 en_pos"),
+        (lambda e: e[:1] + [e[1]._replace(win_len=1 << 30)] + e[2:], "entry 1 win_pos"),
+        (lambda e: e[:1] + [e[1]._replace(win_pos=3)] + e[2:], "entry 1 win_pos"),
+    ]
+    for change, field in cases:
+        idx = gzindex.parse_index(good)
+        idx.entries = change(list(idx.entries))
+        fd = os.open(tmp_path / "x", os.O_RDWR | os.O_CREAT)
+        os.write(fd, GZ)
+        try:
+            with pytest.raises(FormatError) as e:
+                M.GzipBacking(M.RawBacking(fd, 0, len(GZ), "b"), idx, "g")
+            assert e.value.field == field
+        finally:
+            os.close(fd)
+            os.unlink(tmp_path / "x")

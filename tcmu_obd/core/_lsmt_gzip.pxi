@@ -398,6 +398,7 @@ cdef class GzipBacking(Backing):
         self.fetcher = target.fetcher
         self._wins = bytes(index.window_area)
         n = len(index.entries)
+        gzindex.check_points(index, len(self._wins), target.c.size)
         self.g = <GzC *>calloc(1, sizeof(GzC))
         if self.g == NULL:
             raise MemoryError()

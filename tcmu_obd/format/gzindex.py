@@ -182,6 +182,30 @@ def parse_index(data, *, path="<gzindex>", gzip_size=None, check_windows=True):
     return index
 
 
+def check_points(index, window_area_len, gzip_size):
+    """What a reader relies on, for an index object that may not come from
+    parse_index (which checks all of it): GzipBacking calls it before
+    trusting the entries.  FormatError otherwise."""
+    es, path, size = index.entries, index.path, index.uncompress_file_size
+    if index.dict_compress_algo not in (0, 1):
+        raise FormatError(path, "dict_compress_algo", index.dict_compress_algo, "only 0 (raw) and 1 (zlib) are known")
+    if not es or es[0].de_pos != 0:
+        raise FormatError(path, "entry 0 de_pos", es[0].de_pos if es else None, "the first access point is at byte 0")
+    prev = 0
+    for i, e in enumerate(es):
+        if not prev <= e.de_pos <= size:
+            raise FormatError(path, f"entry {i} de_pos", e.de_pos, "entries must be sorted and inside the stream")
+        if not 0 <= e.bits <= 7 or not (1 if e.bits else 0) <= e.en_pos <= gzip_size:
+            raise FormatError(path, f"entry {i} en_pos", e.en_pos,
+                              f"outside the {gzip_size}-byte gzip blob (bits {e.bits})")
+        woff = e.win_pos - HEADER_SIZE
+        if woff < 0 or e.win_len < 1 or woff + e.win_len > window_area_len or \
+                (index.dict_compress_algo == 0 and e.win_len != WINDOW):
+            raise FormatError(path, f"entry {i} win_pos", e.win_pos,
+                              f"window of {e.win_len} bytes outside the window area")
+        prev = e.de_pos
+
+
 def load_index(path, *, gzip_size=None):
     """parse_index() of the file at `path`."""
     path = os.fsdecode(path)

@@ -101,6 +101,7 @@ class GzipBacking(Backing):
                               f"the gzip blob {target.name} has {target.size} bytes")
         if not 0 <= cache_slots <= 64:
             raise UsageError(f"cache_slots {cache_slots}: must be 0..64")
+        gzindex.check_points(index, len(index.window_area), target.size)
         self.name = name
         self.target = target
         self.index = index
