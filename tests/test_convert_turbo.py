@@ -9,6 +9,7 @@ registry (`tcmu-obd run`, in-process and `--exit --cat`, and `image-config
 --dir-root` + `export` mounted read-only by loop) equals the layers unpacked
 in order; the registry is asked only for the meta blobs and ranges of the
 original layers, never a whole original layer."""
+import copy
 import gzip
 import hashlib
 import io
@@ -21,7 +22,6 @@ import tarfile
 import pytest
 import requests
 
-from erofs_util import diff, oracle, scan
 from registry_server import Registry, require
 from test_apply_untar import Model, compare, layer1, layer2, layer3, missing, tar_bytes
 from test_convert_registry import ACCEPT, push_image
@@ -64,6 +64,14 @@ def source(reg):
     r = requests.get(f"{reg.url}/v2/src/turbo/manifests/v1", headers={"Accept": ACCEPT}, timeout=30)
     return {"ref": f"{reg.host}/src/turbo:v1", "config": cfg, "model": model, "tars": tars,
             "manifest": r.json()}
+
+
+def model_of(source, fstype):
+    """The model tree; erofs has no lost+found."""
+    model = copy.deepcopy(source["model"])
+    if fstype == "erofs":
+        del model.t["lost+found"]
+    return model
 
 
 def manifest_of(reg, repo, tag):
@@ -111,10 +119,7 @@ def test_convert_turbo_image_equals_the_layers(reg, source, tmp_path, fstype):
     # run: the tree, and only meta blobs and ranges of the original layers fetched
     since = len(reg.access())
     with run.RunningImage(dst, service_cfg=service_config.load(None)) as img:
-        if fstype == "ext4":
-            compare(source["model"], img.mountpoint)
-        else:
-            assert diff(scan(img.mountpoint), scan(oracle(tmp_path / "o", source["tars"]))) == []
+        assert compare(model_of(source, fstype), img.mountpoint) > 40
         assert 0 < img.fetched() < sum(s["size"] for s in src_layers)
     gets = blob_gets(reg, since)
     assert set(metas) <= set(gets)
@@ -132,10 +137,7 @@ def test_convert_turbo_image_equals_the_layers(reg, source, tmp_path, fstype):
     with blockdev.raw_loop(str(disk)) as dev:
         subprocess.run(["mount", "-t", fstype, "-o", "ro", dev, str(mnt)], check=True)
         try:
-            if fstype == "ext4":
-                compare(source["model"], str(mnt))
-            else:
-                assert diff(scan(str(mnt)), scan(oracle(tmp_path / "o2", source["tars"]))) == []
+            assert compare(model_of(source, fstype), str(mnt)) > 40
         finally:
             subprocess.run(["umount", str(mnt)], check=True)
 
