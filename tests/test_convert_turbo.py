@@ -7,8 +7,9 @@ with the TurboOCI annotations, diff_ids = sha256 of the uncompressed meta
 tars, and the original layers left as they are.  The image from the
 registry (`tcmu-obd run`, in-process and `--exit --cat`, and `image-config
 --dir-root` + `export` mounted read-only by loop) equals the layers unpacked
-in order; the registry is asked only for the meta blobs and ranges of the
-original layers, never a whole original layer."""
+in order; the registry is asked for the meta blobs and the original layers only, and
+fewer bytes are fetched than the original layers hold.  Bad input: a zstd
+layer, a wrong diff_id (no tag pushed)."""
 import copy
 import gzip
 import hashlib
@@ -149,3 +150,15 @@ def test_convert_turbo_refuses_zstd_and_bad_fstype(reg, tmp_path):
     assert "Traceback" not in p.stderr
     assert requests.get(f"{reg.url}/v2/turbo/zst/manifests/v1", headers={"Accept": ACCEPT},
                         timeout=30).status_code == 404
+
+
+def test_convert_turbo_wrong_diff_id(reg, tmp_path):
+    raw = tar_bytes(layer1())
+    push_image(reg, "src/baddiff", "v1", [(raw, "gzip")], diff_ids=["sha256:" + "ab" * 32], index=False)
+    p = tool("convert", f"{reg.host}/src/baddiff:v1", f"{reg.host}/turbo/baddiff:v1", "--turboOCI",
+             check=False)
+    assert p.returncode and "rootfs.diff_ids[0] = sha256:" + "ab" * 32 in p.stderr, p.stderr
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() in p.stderr
+    assert requests.get(f"{reg.url}/v2/turbo/baddiff/manifests/v1", headers={"Accept": ACCEPT},
+                        timeout=30).status_code == 404
+

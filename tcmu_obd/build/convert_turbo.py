@@ -4,7 +4,8 @@ blob; what is added is a small meta blob per layer, turboOCIv1.tar.gz, that
 tcmu_obd.image.turbometa unpacks and serves over the original (read by range).
 
 Per source layer, in its work dir: the original blob is downloaded as it is
-(layer.tar, gzip or plain); a warp layer (64 GiB unless --vsize) gets the
+(layer.tar, gzip or plain; its uncompressed sha256 checked against the
+config's diff_id); a warp layer (64 GiB unless --vsize) gets the
 file system metadata through turboOCI-apply (tcmu_obd.build.turbo; ext4 with
 mkfs on layer 0, or erofs), over the TurboOCI layers below as lowers
 {file: <fs>.fs.meta, targetFile: layer.tar, gzipIndex: gzip.meta}; the gzip
@@ -71,6 +72,24 @@ def meta_archive(ldir, names, out_path):
     return diff_id
 
 
+def uncompressed_digest(path):
+    """sha256 of the layer blob at path, gunzipped when it is gzip."""
+    h = hashlib.sha256()
+    with open(path, "rb") as raw:
+        gz = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        f = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
+        try:
+            while True:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    break
+                h.update(chunk)
+        except (OSError, EOFError) as e:
+            raise native.ConvertError(f"{path}: corrupt gzip layer: {e}") from None
+    return "sha256:" + h.hexdigest()
+
+
 class TurboConverter(native.Converter):
     def __init__(self, opts, out=None):
         super().__init__(opts, out)
@@ -80,7 +99,7 @@ class TurboConverter(native.Converter):
     def _convert(self, client, db, src, dst, work):
         from tcmu_obd import service_config
         o = self.o
-        manifest, where, config, _diff_ids = self._source(client, src)
+        manifest, where, config, src_diff_ids = self._source(client, src)
         layers = manifest["layers"]
         for i, layer in enumerate(layers):
             if layer["mediaType"].endswith("zstd"):
@@ -103,6 +122,11 @@ class TurboConverter(native.Converter):
             with self.progress.task(f"{label} download", r.source_size) as bar:
                 download_blob(client, src, r.source_digest, target, bar)
             r.download_s = bar.elapsed
+            got = uncompressed_digest(target)
+            if got != src_diff_ids[i]:
+                raise native.ConvertError(f"{where}: layers[{i}] ({r.source_digest}): the uncompressed "
+                                          f"layer is {got}, but config rootfs.diff_ids[{i}] = "
+                                          f"{src_diff_ids[i]}")
             lower, res = self._meta_layer(r, ldir, target, lowers, svc, label)
             lowers.append(lower)
             r.tar_bytes, r.entries = res.tar_bytes, res.entries
