@@ -162,3 +162,17 @@ def test_convert_turbo_wrong_diff_id(reg, tmp_path):
     assert requests.get(f"{reg.url}/v2/turbo/baddiff/manifests/v1", headers={"Accept": ACCEPT},
                         timeout=30).status_code == 404
 
+
+
+def test_convert_turbo_to_another_registry_uploads_the_originals(reg, source, tmp_path):
+    """No cross-repository mount between registries: the original layers are
+    uploaded to the destination, and the image runs from there alone."""
+    with Registry() as other:
+        host = other.url.split("//", 1)[1]
+        dst = f"{host}/turbo/copy:v1"
+        tool("convert", source["ref"], dst, "--turboOCI")
+        for s in source["manifest"]["layers"]:
+            r = requests.head(f"{other.url}/v2/turbo/copy/blobs/{s['digest']}", timeout=30)
+            assert r.status_code == 200, s["digest"]
+        p = tool("run", dst, "--exit", "--cat", "etc/passwd")
+        assert "root:x:0:0:new" in p.stdout, p.stdout
