@@ -13,8 +13,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from erofs_util import diff, have_erofs, mounted, oracle, scan, tar_bytes
 from test_erofs_incremental import layer1, layer2
 
