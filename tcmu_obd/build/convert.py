@@ -33,7 +33,7 @@ import sqlite3
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tcmu_obd.build import apply
 from tcmu_obd.image import baselayer, commit
@@ -189,6 +189,8 @@ class Options:
     compress_threads: int = 1
     quiet: bool = False
     progress: str = "auto"               # progress.MODES: bars on a terminal, else lines
+    turbo: bool = False                  # --turboOCI: tcmu_obd.build.convert_turbo
+    fstype: str = "ext4"                 # --turboOCI --fstype
 
     @property
     def vsize(self):
@@ -569,5 +571,9 @@ def _layer_desc(media_type, digest, size):
 
 def convert(src, dst, opts=None, out=None):
     """Convert the image src into the overlaybd image dst; returns a Summary."""
+    if opts is not None and opts.turbo:
+        from tcmu_obd.build import convert_turbo
+        return convert_turbo.TurboConverter(
+            replace(opts, db_path="none"), out).run(src, dst)
     conv = Converter(opts or Options(), out)
     return conv.run(src, dst)

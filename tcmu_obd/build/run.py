@@ -6,6 +6,7 @@ kernel has it, else FUSE + loop) and its ext4 mounted.  Counts the bytes
 received from the registry.  Not the conversion (convert.py) nor the
 device plumbing itself.
 """
+import contextlib
 import logging
 import os
 import shutil
@@ -117,7 +118,10 @@ class RunningImage:
             self.virtual_size = blockdev.size_of(self.dev)
             if not self.mountpoint:
                 self.mountpoint = os.path.join(self.work, "rootfs")
-            self._stack.enter_context(apply.mounted(self.dev, self.mountpoint, read_only=True))
+            if any(os.path.basename(low.get("file", "")) == "erofs.fs.meta" for low in self.lowers):
+                self._stack.enter_context(_erofs_mounted(self.dev, self.mountpoint))
+            else:
+                self._stack.enter_context(apply.mounted(self.dev, self.mountpoint, read_only=True))
             return self
         except BaseException:
             self._stack.close()
@@ -130,3 +134,14 @@ class RunningImage:
 
     def __exit__(self, *exc):
         self._stack.close()
+
+
+@contextlib.contextmanager
+def _erofs_mounted(dev, mnt):
+    """A TurboOCI image whose meta layers are erofs: mounted read-only as erofs."""
+    os.makedirs(mnt, exist_ok=True)
+    apply._run(["mount", "-t", "erofs", "-o", "ro", dev, mnt], f"mounting {dev} (erofs)")
+    try:
+        yield mnt
+    finally:
+        apply.umount(mnt)

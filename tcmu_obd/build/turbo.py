@@ -23,8 +23,13 @@ in the on-disk extent entries (i_block or the leaf blocks), written through
 the warp upper as metadata.  That needs no metadata checksums (our mkfs
 turns metadata_csum off); a file system that has them is refused.
 
-Not here: erofs meta layers (refused), the block device (tcmu_obd.serve),
-the commit (overlaybd-commit --turboOCI).
+--fstype erofs needs no kernel: the same header walk (tar or --import dump)
+feeds format/erofs.ErofsBuilder, whose lower is the merged image below the
+warp upper (none for the first layer); its metadata blocks are written into
+the warp upper (tag 0) and each new file's data is a remote mapping (tag 1).
+
+Not here: the block device (tcmu_obd.serve), the commit (overlaybd-commit
+--turboOCI).
 """
 import contextlib
 import ctypes
@@ -538,13 +543,15 @@ def turbo_apply(input_path, config_path=None, *, mkfs_first=False, fstype="ext4"
     if not config_path:
         raise UsageError("turboOCI-apply needs image_config_path (the config.v1.json, or with "
                          "--export the header dump to write)")
-    if fstype == "erofs" and not export:
-        raise UnsupportedError("--fstype erofs: erofs meta layers: not yet supported")
+    if fstype == "erofs" and mkfs_first:
+        raise UsageError("--mkfs makes ext4: an erofs meta layer needs no mkfs (drop --mkfs)")
     inp = TurboInput(input_path, None if import_dump else gz_index_path)
     try:
         result.compression = inp.compression
         if export:
             result.entries, result.tar_bytes = export_headers(inp, config_path)
+        elif fstype == "erofs":
+            _apply_erofs(inp, config_path, import_dump, service_cfg, progress, result)
         else:
             _apply(inp, config_path, mkfs_first, import_dump, service_cfg, workdir, frontend, progress,
                    result)
@@ -557,6 +564,82 @@ def turbo_apply(input_path, config_path=None, *, mkfs_first=False, fstype="ext4"
     inp.close()
     result.seconds = time.monotonic() - t0
     return result
+
+
+_EROFS_KINDS = {tarfile.REGTYPE: "file", tarfile.AREGTYPE: "file", tarfile.CONTTYPE: "file",
+                tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink",
+                tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo"}
+
+
+def erofs_entries(walk, name):
+    """format.erofs.TarEntry for each member of a HeaderWalk (tar or dump)."""
+    from tcmu_obd.format.erofs import XATTR_PREFIX, TarEntry, _ns_of
+    it = iter(walk)
+    while True:
+        try:
+            info, content, _blocks = next(it)
+        except StopIteration:
+            return
+        except (ApplyError, UnsupportedError) as e:
+            raise type(e)(f"{name}: {e}") from None
+        kind = _EROFS_KINDS.get(info.type)
+        if kind is None:
+            raise UnsupportedError(f"{name}: {info.name}: tar entry type "
+                                   f"{info.type.decode('latin-1')!r} in an erofs meta layer")
+        pax = info.pax_headers
+        xattrs = {k[len(XATTR_PREFIX):]: v.encode("utf-8", "surrogateescape")
+                  for k, v in pax.items() if k.startswith(XATTR_PREFIX)}
+        reg = kind == "file"
+        yield TarEntry(path=info.name, type=kind, mode=info.mode, uid=info.uid, gid=info.gid,
+                       mtime=info.mtime, size=info.size if reg else 0, linkname=info.linkname,
+                       devmajor=0 if reg else info.devmajor, devminor=0 if reg else info.devminor,
+                       xattrs=xattrs, data_offset=content if reg else None,
+                       mtime_ns=_ns_of(pax.get("mtime"), info.mtime))
+
+
+def _apply_erofs(inp, config_path, import_dump, service_cfg, progress, result):
+    """The erofs meta layer: metadata writes (tag 0) and mappings (tag 1) into the warp upper."""
+    from tcmu_obd.format.erofs import ErofsBuilder
+    from tcmu_obd.image import assemble, config
+    cfg = config.load(config_path, warp_upper=True)
+    if not cfg.upper.get("data") or not cfg.upper.get("index"):
+        raise ApplyError(f"{cfg.path}: no upper layer (upper.data, upper.index, upper.target)")
+    if not cfg.upper.get("target"):
+        raise ApplyError(f"{cfg.path}: upper.target is empty: turboOCI-apply needs a warp upper "
+                         "(overlaybd-create --turboOCI)")
+    image = assemble.open_image(cfg, service_cfg)
+    try:
+        upper = image.upper
+        if len(upper.records()):
+            raise ApplyError(f"{cfg.path}: the warp upper {cfg.upper['data']} is not empty: an erofs "
+                             "meta layer is written once, into a new warp layer")
+        # the upper is empty, so the image reads as the lowers merged
+        lower = image.pread if cfg.lowers else None
+        b = ErofsBuilder(4096, lower=lower, name=cfg.path)
+        walk = HeaderWalk(inp.stream, from_dump=import_dump, seekable=inp.seekable)
+        try:
+            for entry in erofs_entries(walk, inp.path):
+                b.add(entry)
+                result.entries += 1
+                if progress is not None:
+                    progress(result.entries)
+        except FormatError as e:
+            raise ApplyError(f"{inp.path}: corrupt {inp.compression} stream: {e}") from None
+        writes, mappings = b.finish()
+        if b.end_block * 4096 > upper.vsize:
+            raise LayerTooBig(f"{cfg.path}: the erofs image needs {b.end_block * 4096} bytes "
+                              f"({b.end_block} blocks) but the warp layer's virtual size is "
+                              f"{upper.vsize}: make the layer with a larger --vsize")
+        for off, data in writes:
+            upper.write(data, off)
+        for off, length, toff in mappings:
+            upper.remote_map(off, length, toff)
+            result.mappings += 1
+        result.files = len(mappings)
+        result.tar_bytes = walk.pos
+        upper.fsync()
+    finally:
+        image.close()
 
 
 def _apply(inp, config_path, mkfs_first, import_dump, service_cfg, workdir, frontend, progress, result):

@@ -42,7 +42,7 @@ def cmd_convert(args):
         oci=args.oci, plain_http=args.plain_http, platform=tuple(imageref.parse_platform(args.platform)),
         db_path="none" if args.no_reuse else args.db, workdir=args.workdir, keep=args.keep,
         service_config=svc, cred_file=args.cred_file, compress_threads=args.compress_threads,
-        quiet=args.quiet, progress=args.progress)
+        quiet=args.quiet, progress=args.progress, turbo=args.turbo, fstype=args.fstype)
     summary = convert.convert(args.src, args.dst, opts)
     if args.dump_manifest:
         sys.stdout.write(summary.manifest.decode() + "\n")
@@ -138,6 +138,10 @@ def add_subcommands(sub, common):
     s.add_argument("--algorithm", default="lz4", choices=("lz4", "zstd"), help="ZFile codec (default lz4)")
     s.add_argument("--bs", type=int, default=4, help="ZFile block size in KiB: 4..64 (default 4)")
     s.add_argument("--oci", action="store_true", help="OCI media types instead of Docker schema2")
+    s.add_argument("--turboOCI", dest="turbo", action="store_true",
+                   help="TurboOCI: keep the original layers, add a meta blob per layer (no layer reuse)")
+    s.add_argument("--fstype", default="ext4", choices=("ext4", "erofs"),
+                   help="with --turboOCI: the meta layers' file system (default ext4)")
     s.add_argument("--plain-http", action="store_true", help="HTTP for every registry")
     s.add_argument("--platform", default="linux/amd64", help="OS/ARCH[/VARIANT] from an index")
     s.add_argument("--db", default="", metavar="PATH",

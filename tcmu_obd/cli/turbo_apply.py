@@ -14,7 +14,7 @@ def parser():
     p = argparse.ArgumentParser(prog="turboOCI-apply",
                                 description="Apply a layer tar's metadata onto a TurboOCI warp layer.")
     p.add_argument("--mkfs", action="store_true", help="make ext4 on the image first")
-    p.add_argument("--fstype", default="ext4", help="ext4 (default); erofs is not supported yet")
+    p.add_argument("--fstype", default="ext4", help="ext4 (default) or erofs (no kernel mount; --mkfs is for ext4 only)")
     p.add_argument("--service_config_path", default=None,
                    help=f"global overlaybd.json (default {turbo.DEFAULT_SERVICE_CONFIG}; a path given "
                         "must exist, the default one missing means built-in defaults)")

@@ -298,6 +298,10 @@ class ErofsBuilder:
         for name, value in (entry.xattrs or {}).items():
             if not isinstance(value, (bytes, bytearray)):
                 raise UsageError(f"{where}: xattr {name!r}: value must be bytes, not {type(value).__name__}")
+            if name.startswith("user.") and node.fmt not in (_stat.S_IFREG, _stat.S_IFDIR):
+                # the kernel has no user.* xattrs there (untar's setxattr gets EPERM and goes on)
+                log.debug("%s: xattr %s on a non-regular, non-directory entry: dropped", where, name)
+                continue
             node.xattrs[name] = bytes(value)
 
     # -- output ----------------------------------------------------------------------------------
