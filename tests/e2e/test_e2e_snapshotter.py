@@ -6,12 +6,15 @@ tenant, and teardown on image removal.  The cases share one stack (conftest)
 and run in file order; the ones that restart the snapshotter or remove the
 image come last.  Not a test of containerd or the snapshotter themselves.
 """
+import hashlib
+import json
+import os
 import signal
 from pathlib import Path
 
 import pytest
 
-from e2e_stack import EXPECTED, SNAP_ROOT, WRITABLE, checksum_script, parse_sums, wait_for
+from e2e_stack import CONFIGFS, EXPECTED, SNAP_ROOT, WRITABLE, checksum_script, parse_sums, sh, wait_for
 
 
 def _drop_caches():
@@ -74,3 +77,108 @@ def test_daemon_sigkill_restart_under_a_running_container(stack, pulled):
                  "STOPPED" in stack.ctr("task", "ls", check=False).stdout, 60, "task d-long stopped")
         stack.ctr("task", "rm", "-f", "d-long", check=False)
         stack.ctr("container", "rm", "d-long", check=False)
+
+
+def _top_config():
+    """The config.v1.json of the image's top layer: the one with the most lowers and no upper."""
+    best = None
+    for cfg in Path(SNAP_ROOT, "snapshots").glob("*/block/config.v1.json"):
+        doc = json.loads(cfg.read_text())
+        if doc.get("upper"):
+            continue
+        if best is None or len(doc.get("lowers", [])) > len(best[1].get("lowers", [])):
+            best = (cfg, doc)
+    assert best, "no read-only overlaybd config under the snapshotter's root"
+    return best
+
+
+def _sums_of_dir(root):
+    return {p: hashlib.sha256(Path(root + p).read_bytes()).hexdigest() for p in EXPECTED}
+
+
+@pytest.mark.parametrize("with_devid", [False, True], ids=["plain", "with-devid"])
+def test_overlaybd_attacher(stack, pulled, tmp_path, with_devid):
+    """(e) overlaybd-attacher attach/detach, the cfgstring with and without `;<dev id>`."""
+    _, doc = _top_config()
+    cfg = tmp_path / "config.v1.json"
+    cfg.write_text(json.dumps(dict(doc, resultFile=str(tmp_path / "init-debug.log"))))
+    dev_id = "4242" + ("1" if with_devid else "0")
+    args = ["attach", "--id", dev_id, "--config", cfg] + (["--with-devid"] if with_devid else [])
+    p = sh(stack.aci / "overlaybd-attacher", *args, timeout=300)
+    dev = p.stdout.strip().splitlines()[-1]
+    core = CONFIGFS / "core/user_999999999" / f"dev_{dev_id}"
+    try:
+        assert dev.startswith("/dev/sd"), p.stdout + p.stderr
+        info = (core / "info").read_text()
+        want = f"overlaybd/{cfg}" + (f";{dev_id}" if with_devid else "")
+        assert want in info, info
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        sh("mount", "-o", "ro", "-t", "ext4", dev, mnt)
+        try:
+            assert _sums_of_dir(str(mnt)) == EXPECTED
+        finally:
+            sh("umount", mnt)
+    finally:
+        sh(stack.aci / "overlaybd-attacher", "detach", "--id", dev_id, timeout=120)
+    assert not core.exists()
+    assert not any(lb.endswith(dev_id) for lb in stack.loopbacks())
+
+
+def test_commit_writable_layer_seals_it(stack, pulled, tmp_path):
+    """(g) a container's writable (dir) snapshot committed: sealed, then a new snapshot on it sees the change."""
+    stack.ctr("run", "--snapshotter", "overlaybd", "--snapshotter-label", f"{WRITABLE}=dir", pulled,
+              "g-c1", "sh", "-c", "echo changed-by-g > /data/small && rm /data/random-300k && sync")
+    try:
+        stack.ctr("snapshots", "--snapshotter", "overlaybd", "commit", "g-layer", "g-c1")
+    finally:
+        stack.ctr("container", "rm", "g-c1", check=False)
+    info = json.loads(stack.ctr("snapshots", "--snapshotter", "overlaybd", "info", "g-layer").stdout)
+    sealed = info["Labels"].get("containerd.io/snapshot/overlaybd.localcommitpath")
+    assert sealed and sealed.endswith("overlaybd.sealed") and os.path.getsize(sealed) > 0, info
+    mnt = tmp_path / "rootfs"
+    mnt.mkdir()
+    stack.ctr("snapshots", "--snapshotter", "overlaybd", "prepare", "g-c2", "g-layer")
+    try:
+        mounts = stack.ctr("snapshots", "--snapshotter", "overlaybd", "mounts", str(mnt), "g-c2").stdout
+        sh("sh", "-c", mounts)
+        try:
+            out = stack.ctr("run", "--rm", "--rootfs", str(mnt), "g-run", "sh", "-c",
+                            "cat /data/small; test -e /data/random-300k && echo STILL-THERE; "
+                            "sha256sum /data/random-2m").stdout
+        finally:
+            sh("umount", mnt)
+        assert "changed-by-g" in out and "STILL-THERE" not in out, out + stack.logs()
+        assert EXPECTED["/data/random-2m"] in out
+    finally:
+        stack.ctr("snapshots", "--snapshotter", "overlaybd", "rm", "g-c2", check=False)
+        stack.ctr("snapshots", "--snapshotter", "overlaybd", "rm", "g-layer", check=False)
+
+
+def _remove_image_and_wait(stack, image):
+    stack.ctr("images", "rm", "--sync", image)
+    stack.ctr("content", "prune", "references", check=False)
+    return wait_for(lambda: not stack.devices() and not stack.loopbacks(), 120,
+                    f"configfs empty after removing {image}: {stack.devices()} {stack.loopbacks()}")
+
+
+def test_image_removal_tears_every_device_down(stack, pulled):
+    """(c) removing the image detaches every device the snapshotter attached (configfs empty)."""
+    assert stack.devices(), "nothing attached: the earlier cases should have left the image's device"
+    _remove_image_and_wait(stack, pulled)
+    assert not list(Path(SNAP_ROOT, "snapshots").glob("*/block/backstore_mark"))
+
+
+def test_non_default_tenant(stack):
+    """(f) tenant 7: devices under core/user_7 and loopback naa.107..., torn down on removal."""
+    stack.restart_snapshotter(tenant=7)
+    try:
+        stack.rpull(stack.image)
+        out = stack.run(stack.image, "f-read", checksum_script())
+        assert parse_sums(out) == EXPECTED
+        devs = stack.devices()
+        assert devs and all(d.startswith("user_7/") for d in devs), devs
+        assert stack.loopbacks() and all(n.startswith("naa.107") for n in stack.loopbacks()), stack.loopbacks()
+        _remove_image_and_wait(stack, stack.image)
+    finally:
+        stack.restart_snapshotter()
