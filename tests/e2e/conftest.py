@@ -60,14 +60,15 @@ def pytest_configure(config):
 def progress(text):
     """One `@@e2e` line on the console, flushed at once (the guest may be killed next)."""
     reporter = _config.pluginmanager.get_plugin("terminalreporter") if _config else None
-    if reporter is None:
-        print(f"@@e2e {text}", flush=True)
-        return
-    tw = reporter._tw
-    if tw.width_of_current_line:
-        tw.line()
-    tw.line(f"@@e2e {text}")
-    tw.flush()
+    capman = _config.pluginmanager.get_plugin("capturemanager") if _config else None
+    if reporter is None or capman is None:
+        raise RuntimeError("e2e progress lines need pytest's terminal reporter and capture manager")
+    with capman.global_and_fixture_disabled():      # also from inside a fixture's set-up
+        tw = reporter._tw
+        if tw.width_of_current_line:
+            tw.line()
+        tw.line(f"@@e2e {text}")
+        tw.flush()
 
 
 def pytest_runtest_logstart(nodeid, location):

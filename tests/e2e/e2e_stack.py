@@ -255,7 +255,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 
     def loopbacks(self):
         lb = CONFIGFS / "loopback"
-        return sorted(p.name for p in lb.iterdir() if p.is_dir()) if lb.is_dir() else []
+        return sorted(p.name for p in lb.glob("naa.*") if p.is_dir()) if lb.is_dir() else []
 
     def close(self):
         for name in ("containerd", "snapshotter", "daemon"):

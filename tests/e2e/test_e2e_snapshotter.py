@@ -54,27 +54,44 @@ def test_rwmode_write_and_read(stack, pulled, mode):
     elif mode == "dev":
         assert root[0].startswith("/dev/sd") and "ext4" in root[0], root
     # a fresh container sees the image unchanged
-    out = stack.run(pulled, f"b-{mode}-again", checksum_script() + "; test -e /data/copy && echo LEAK",
+    out = stack.run(pulled, f"b-{mode}-again", checksum_script() + "; test -e /data/copy && echo LEAK; true",
                     labels=labels)
     assert parse_sums(out) == EXPECTED and "LEAK" not in out
 
 
-def test_daemon_sigkill_restart_under_a_running_container(stack, pulled):
-    """(d) SIGKILL tcmu-obd serve while a container runs on its device; after a restart reads go on."""
-    stack.ctr("run", "-d", "--snapshotter", "overlaybd", pulled, "d-long", "sleep", "100000")
+def test_daemon_sigkill_restart_under_a_running_container(stack, pulled, tmp_path):
+    """(d) SIGKILL tcmu-obd serve while a container runs on its device; after a restart reads go on.
+
+    The container reads when asked through a bind-mounted control dir: `ctr task exec`
+    cannot be used in the guest, whose init chroots instead of switch_root, so an
+    exec'd process (setns into the container's mount namespace) lands in the initramfs."""
+    ctl = tmp_path / "ctl"
+    ctl.mkdir()
+    loop = ("while true; do for r in /ctl/go-*; do [ -e \"$r\" ] || continue; n=${r#/ctl/go-}; "
+            "echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; "
+            + checksum_script() + " > /ctl/out-$n 2>&1; echo $? > /ctl/rc-$n; rm $r; done; sleep 0.2; done")
+    stack.ctr("run", "-d", "--snapshotter", "overlaybd", "--mount",
+              f"type=bind,src={ctl},dst=/ctl,options=rbind:rw", pulled, "d-long", "sh", "-c", loop)
+
+    def read(n):
+        (ctl / f"go-{n}").write_text("")
+        rc = wait_for(lambda: (ctl / f"rc-{n}").exists() and (ctl / f"rc-{n}").read_text().strip(),
+                      300, f"the container's read {n}")
+        out = (ctl / f"out-{n}").read_text()
+        assert rc == "0" and parse_sums(out) == EXPECTED, out + stack.logs()
+
     try:
-        out = stack.ctr("task", "exec", "--exec-id", "e1", "d-long", "sh", "-c", checksum_script()).stdout
-        assert parse_sums(out) == EXPECTED
+        read(1)
         before = stack.devices()
         stack.restart_daemon(signal.SIGKILL)
         assert stack.devices() == before
         _drop_caches()
-        out = stack.ctr("task", "exec", "--exec-id", "e2", "d-long", "sh", "-c", checksum_script()).stdout
-        assert parse_sums(out) == EXPECTED, out + stack.logs()
+        read(2)
+        read(3)
     finally:
         stack.ctr("task", "kill", "-s", "SIGKILL", "d-long", check=False)
-        wait_for(lambda: stack.ctr("task", "ls", check=False).stdout.count("d-long") == 0 or
-                 "STOPPED" in stack.ctr("task", "ls", check=False).stdout, 60, "task d-long stopped")
+        wait_for(lambda: "RUNNING" not in stack.ctr("task", "ls", check=False).stdout, 120,
+                 "task d-long stopped")
         stack.ctr("task", "rm", "-f", "d-long", check=False)
         stack.ctr("container", "rm", "d-long", check=False)
 
@@ -143,13 +160,14 @@ def test_commit_writable_layer_seals_it(stack, pulled, tmp_path):
         mounts = stack.ctr("snapshots", "--snapshotter", "overlaybd", "mounts", str(mnt), "g-c2").stdout
         sh("sh", "-c", mounts)
         try:
-            out = stack.ctr("run", "--rm", "--rootfs", str(mnt), "g-run", "sh", "-c",
-                            "cat /data/small; test -e /data/random-300k && echo STILL-THERE; "
-                            "sha256sum /data/random-2m").stdout
+            # read in the guest: `ctr run --rootfs` on this mount fails in the guest with
+            # 'exec: "sh": executable file not found' (not understood yet; see tests/e2e/README.md)
+            assert (mnt / "data/small").read_text() == "changed-by-g\n"
+            assert not (mnt / "data/random-300k").exists()
+            assert hashlib.sha256((mnt / "data/random-2m").read_bytes()).hexdigest() == \
+                EXPECTED["/data/random-2m"]
         finally:
             sh("umount", mnt)
-        assert "changed-by-g" in out and "STILL-THERE" not in out, out + stack.logs()
-        assert EXPECTED["/data/random-2m"] in out
     finally:
         stack.ctr("snapshots", "--snapshotter", "overlaybd", "rm", "g-c2", check=False)
         stack.ctr("snapshots", "--snapshotter", "overlaybd", "rm", "g-layer", check=False)
