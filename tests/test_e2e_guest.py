@@ -6,9 +6,10 @@ Builds (or reuses) the pinned client with scripts/build-e2e.sh, then boots the
 guest running `pytest tests/e2e` with TCMU_OBD_E2E_BIN set to the build.  Needs
 Go (first build only), qemu and the tcmuvm packages (scripts/setup.sh), runc
 and docker-registry.  Marker `e2e`: select with `-m e2e`, skip with
-`-m "not e2e"`; it skips unless selected that way or TCMU_OBD_E2E=1.  TCMU_OBD_E2E_TIMEOUT (seconds, default 1800) bounds the guest
-run.  Not part of the ordinary host suite's coverage: it only checks the
-client's view (files, checksums, devices in configfs).
+`-m "not e2e"`; it skips unless selected that way or TCMU_OBD_E2E=1.
+TCMU_OBD_E2E_TIMEOUT (seconds, default 2700) bounds the guest run.  It checks
+what the client sees (files, checksums, devices in configfs), not tcmu-obd's
+internals, which the host suite covers.
 """
 import importlib.util
 import os
@@ -62,7 +63,13 @@ def test_e2e_guest_suite(request):
     except prepare.PrepareError as e:
         pytest.fail(f"preparing the guest kernel failed: {e}")
     run = _load("run")
-    timeout = float(os.environ.get("TCMU_OBD_E2E_TIMEOUT", "1800"))
+    text = os.environ.get("TCMU_OBD_E2E_TIMEOUT", "2700")
+    try:
+        timeout = float(text)
+        if not timeout > 0:
+            raise ValueError
+    except ValueError:
+        pytest.fail(f"TCMU_OBD_E2E_TIMEOUT={text!r}: must be a positive number of seconds")
     t1 = time.monotonic()
     rc, console = run.run_in_vm(GUEST_CMD, timeout=timeout, mem=2048,
                                 env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "TCMU_OBD_E2E_BIN": bindir})
