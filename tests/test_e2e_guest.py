@@ -45,6 +45,20 @@ def case_times(console):
             for m in re.finditer(r"^@@e2e done (\S+) ([0-9.]+)\s*$", console, re.M)]
 
 
+def timeout_from_env(default=2700.0):
+    """TCMU_OBD_E2E_TIMEOUT in seconds; ValueError naming the variable and its value."""
+    text = os.environ.get("TCMU_OBD_E2E_TIMEOUT")
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < float("inf"):
+        raise ValueError(f"TCMU_OBD_E2E_TIMEOUT={text!r}: must be a positive number of seconds")
+    return value
+
+
 def test_e2e_guest_suite(request):
     if "e2e" not in (request.config.getoption("markexpr") or "") and os.environ.get("TCMU_OBD_E2E") != "1":
         pytest.skip("opt-in (builds Go programs, about half an hour under TCG): "
@@ -63,13 +77,10 @@ def test_e2e_guest_suite(request):
     except prepare.PrepareError as e:
         pytest.fail(f"preparing the guest kernel failed: {e}")
     run = _load("run")
-    text = os.environ.get("TCMU_OBD_E2E_TIMEOUT", "2700")
     try:
-        timeout = float(text)
-        if not timeout > 0:
-            raise ValueError
-    except ValueError:
-        pytest.fail(f"TCMU_OBD_E2E_TIMEOUT={text!r}: must be a positive number of seconds")
+        timeout = timeout_from_env()
+    except ValueError as e:
+        pytest.fail(str(e))
     t1 = time.monotonic()
     rc, console = run.run_in_vm(GUEST_CMD, timeout=timeout, mem=2048,
                                 env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "TCMU_OBD_E2E_BIN": bindir})
