@@ -44,8 +44,15 @@ def test_record_trace_and_replay(stack, tmp_path):
                   "--snapshotter", "overlaybd", stack.image, traced, "sh", "-c", checksum_script(),
                   timeout=900)
     assert "Collecting trace" in p.stdout, p.stdout + p.stderr
+    # the traced image is meant to be pushed and pulled: only rpull labels its trace layer
+    # as an acceleration layer (a local `ctr run` unpacks it as a plain directory layer)
+    stack.ctr("images", "push", "--local", "--plain-http", traced, timeout=600)
+    stack.ctr("images", "rm", "--sync", traced)
+    stack.rpull(traced)
     out = stack.run(traced, "i-replay", checksum_script())
     assert parse_sums(out) == EXPECTED, out + stack.logs()
-    traces = [t for t in Path(SNAP_ROOT, "snapshots").glob("*/fs/trace")]
+    traces = list(Path(SNAP_ROOT, "snapshots").glob("*/fs/trace"))
     assert traces and traces[0].stat().st_size > 0, (traces, stack.logs())
+    configs = [c.read_text() for c in Path(SNAP_ROOT, "snapshots").glob("*/block/config.v1.json")]
+    assert any('"accelerationLayer":true' in c.replace(" ", "") for c in configs), configs
     _remove_and_wait(stack, traced, stack.image)
