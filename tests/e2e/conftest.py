@@ -4,8 +4,8 @@ INSIDE the tcmuvm guest (tests/vm/README.md).  tests/test_e2e_guest.py (marker
 
     $TCMUVM_PYTHON -m pytest -q -p no:cacheprovider tests/e2e
 
-with TCMU_OBD_E2E_BIN = the build's cache dir.  On the host these files are not
-collected (named explicitly, they skip).  This is not a general containerd
+with TCMU_OBD_E2E_BIN = the build's cache dir.  On the host tests/conftest.py keeps
+this directory out of collection.  This is not a general containerd
 harness: it starts exactly the stack the cases need, once per session.
 
 The `stack` fixture (session) brings up, in the guest:
