@@ -4,9 +4,11 @@ import os
 
 import pytest
 
-# tests/vm/guest runs inside the qemu guest (tests/test_vm_guest.py boots it)
+# tests/vm/guest and tests/e2e run inside the qemu guest (tests/test_vm_guest.py and
+# tests/test_e2e_guest.py boot it); their conftest.py must not replace this one as
+# `conftest` for the host tests that import from it
 if os.environ.get("TCMUVM_GUEST") != "1":
-    collect_ignore_glob = ["vm/guest/*"]
+    collect_ignore_glob = ["vm/guest/*", "e2e"]
 
 from tcmu_obd.image import commit
 from tcmu_obd.image.output import Output

@@ -80,14 +80,30 @@ def daemon_pids():
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        text = b" ".join(argv)
         stat = read_text(f"/proc/{pid}/stat")
         if ") Z" in stat:
             continue
-        if b"overlaybd-tcmu" in text or b"tcmu_obd.cli.serve" in text or \
-                (b"tcmu-obd" in text and b"serve" in argv):
+        if is_daemon_argv(argv):
             pids.append(int(pid))
     return pids
+
+
+def is_daemon_argv(argv):
+    """argv (bytes) of overlaybd-tcmu, or of tcmu-obd's daemon however started:
+    `tcmu-obd serve`, `python -m tcmu_obd serve`, `python -m tcmu_obd.cli.serve`."""
+    text = b" ".join(argv)
+    if b"overlaybd-tcmu" in text or b"tcmu_obd.cli.serve" in text:
+        return True
+    for i, arg in enumerate(argv):
+        if arg == b"-m" and argv[i + 1:i + 2] == [b"tcmu_obd"]:
+            rest = argv[i + 2:]
+        elif os.path.basename(arg) == b"tcmu-obd":
+            rest = argv[i + 1:]
+        else:
+            continue
+        sub = next((a for a in rest if a and not a.startswith(b"-")), None)
+        return sub == b"serve"
+    return False
 
 
 def proc_running(comm):
