@@ -68,7 +68,7 @@ class ApplyResult:
 
 # -- block device and mount ------------------------------------------------------------------------
 
-def _run(cmd, what):
+def run_checked(cmd, what):
     p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if p.returncode:
         raise ApplyError(f"{what}: {' '.join(cmd)}: exit {p.returncode}: "
@@ -77,16 +77,16 @@ def _run(cmd, what):
 
 
 def mkfs(dev):
-    _run(MKFS_CMD + [dev], "mkfs")
+    run_checked(MKFS_CMD + [dev], "mkfs")
 
 
 def mount_ext4(dev, where, read_only=False):
     opts = MOUNT_OPTS + (",ro" if read_only else "")
-    _run(["mount", "-t", "ext4", "-o", opts, dev, where], f"mounting {dev}")
+    run_checked(["mount", "-t", "ext4", "-o", opts, dev, where], f"mounting {dev}")
 
 
 def umount(where):
-    _run(["umount", where], f"unmounting {where}")
+    run_checked(["umount", where], f"unmounting {where}")
 
 
 def fs_size(path):

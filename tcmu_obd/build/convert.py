@@ -33,7 +33,7 @@ import sqlite3
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from tcmu_obd.build import apply
 from tcmu_obd.image import baselayer, commit
@@ -572,8 +572,6 @@ def _layer_desc(media_type, digest, size):
 def convert(src, dst, opts=None, out=None):
     """Convert the image src into the overlaybd image dst; returns a Summary."""
     if opts is not None and opts.turbo:
-        from tcmu_obd.build import convert_turbo
-        return convert_turbo.TurboConverter(
-            replace(opts, db_path="none"), out).run(src, dst)
+        raise UsageError("Options.turbo: TurboOCI conversion is tcmu_obd.build.convert_turbo.convert")
     conv = Converter(opts or Options(), out)
     return conv.run(src, dst)

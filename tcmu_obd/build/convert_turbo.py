@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import tarfile
+from dataclasses import replace
 
 from tcmu_obd.build import convert as native
 from tcmu_obd.build.progress import human
@@ -221,3 +222,9 @@ class TurboConverter(native.Converter):
             return "mounted"
         upload_file(client, dst, path, digest)
         return "uploaded"
+
+
+def convert(src, dst, opts, out=None):
+    """Convert the image src into the TurboOCI image dst (opts.turbo set);
+    returns a Summary.  No layer database: TurboOCI conversion is not reused."""
+    return TurboConverter(replace(opts, db_path="none"), out).run(src, dst)

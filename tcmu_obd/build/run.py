@@ -140,7 +140,7 @@ class RunningImage:
 def _erofs_mounted(dev, mnt):
     """A TurboOCI image whose meta layers are erofs: mounted read-only as erofs."""
     os.makedirs(mnt, exist_ok=True)
-    apply._run(["mount", "-t", "erofs", "-o", "ro", dev, mnt], f"mounting {dev} (erofs)")
+    apply.run_checked(["mount", "-t", "erofs", "-o", "ro", dev, mnt], f"mounting {dev} (erofs)")
     try:
         yield mnt
     finally:

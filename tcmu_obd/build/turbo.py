@@ -573,7 +573,7 @@ _EROFS_KINDS = {tarfile.REGTYPE: "file", tarfile.AREGTYPE: "file", tarfile.CONTT
 
 def erofs_entries(walk, name):
     """format.erofs.TarEntry for each member of a HeaderWalk (tar or dump)."""
-    from tcmu_obd.format.erofs import XATTR_PREFIX, TarEntry, _ns_of
+    from tcmu_obd.format.erofs import XATTR_PREFIX, TarEntry, pax_time_ns
     it = iter(walk)
     while True:
         try:
@@ -594,7 +594,7 @@ def erofs_entries(walk, name):
                        mtime=info.mtime, size=info.size if reg else 0, linkname=info.linkname,
                        devmajor=0 if reg else info.devmajor, devminor=0 if reg else info.devminor,
                        xattrs=xattrs, data_offset=content if reg else None,
-                       mtime_ns=_ns_of(pax.get("mtime"), info.mtime))
+                       mtime_ns=pax_time_ns(pax.get("mtime"), info.mtime))
 
 
 def _apply_erofs(inp, config_path, import_dump, service_cfg, progress, result):

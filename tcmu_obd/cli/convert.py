@@ -43,7 +43,11 @@ def cmd_convert(args):
         db_path="none" if args.no_reuse else args.db, workdir=args.workdir, keep=args.keep,
         service_config=svc, cred_file=args.cred_file, compress_threads=args.compress_threads,
         quiet=args.quiet, progress=args.progress, turbo=args.turbo, fstype=args.fstype)
-    summary = convert.convert(args.src, args.dst, opts)
+    if opts.turbo:
+        from tcmu_obd.build import convert_turbo
+        summary = convert_turbo.convert(args.src, args.dst, opts)
+    else:
+        summary = convert.convert(args.src, args.dst, opts)
     if args.dump_manifest:
         sys.stdout.write(summary.manifest.decode() + "\n")
     else:

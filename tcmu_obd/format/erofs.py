@@ -72,7 +72,7 @@ class TarEntry:
     mtime_ns: int = None
 
 
-def _ns_of(pax_text, seconds):
+def pax_time_ns(pax_text, seconds):
     if pax_text:
         sign = -1 if pax_text.startswith("-") else 1
         whole, _, frac = pax_text.lstrip("-").partition(".")
@@ -118,7 +118,7 @@ def entries_from_tar(fileobj, name="<tar>"):
                            mtime=m.mtime, size=m.size if kind == "file" else 0,
                            linkname=m.linkname, devmajor=m.devmajor, devminor=m.devminor,
                            xattrs=xattrs, data_offset=m.offset_data if kind == "file" else None,
-                           mtime_ns=_ns_of(m.pax_headers.get("mtime"), m.mtime))
+                           mtime_ns=pax_time_ns(m.pax_headers.get("mtime"), m.mtime))
     except tarfile.ReadError as e:
         raise ApplyError(f"{name}: corrupt tar: {e}") from None
 
