@@ -3,6 +3,13 @@ writers, and a small model of what a stack of layers reads as."""
 import os
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# No timed assertions: hypothesis's per-example deadline and its too-slow
+# health check fail tests on a loaded machine, not on wrong behaviour; the
+# examples are bounded by max_examples instead.
+settings.register_profile("tcmu-obd", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("tcmu-obd")
 
 # tests/vm/guest and tests/e2e run inside the qemu guest (tests/test_vm_guest.py and
 # tests/test_e2e_guest.py boot it); their conftest.py must not replace this one as
