@@ -105,12 +105,15 @@ def mounted(dev, mnt, read_only=False):
         umount(mnt)
 
 
-def mkfs_layer(data_path, index_path, workdir=None, frontend=None):
+def mkfs_layer(data_path, index_path, workdir=None, frontend=None, open_upper=None):
     """overlaybd-create --mkfs: make ext4 (MKFS_CMD) on a new RW layer with
-    no lowers, on a block device from tcmu_obd.serve.blockdev (TCMU or FUSE + loop)."""
+    no lowers, on a block device from tcmu_obd.serve.blockdev (TCMU or FUSE + loop).
+    `open_upper(data_path, index_path)` opens the layer (default RWLayer.open;
+    a warp layer passes WarpRWLayer.open)."""
     import json
     from tcmu_obd.image.stack import Image
     from tcmu_obd.image.rw import RWLayer
+    open_upper = open_upper or RWLayer.open
     tmp = tempfile.mkdtemp(prefix="obd-mkfs-", dir=workdir)
     try:
         cfg_path = os.path.join(tmp, "config.v1.json")
@@ -120,7 +123,7 @@ def mkfs_layer(data_path, index_path, workdir=None, frontend=None):
                        "resultFile": os.path.join(tmp, "result")}, f)
 
         def opener():
-            return Image([], RWLayer.open(data_path, index_path))
+            return Image([], open_upper(data_path, index_path))
         with blockdev.image_device(cfg_path, opener, tmp, frontend=frontend) as d:
             mkfs(d.path)
     finally:

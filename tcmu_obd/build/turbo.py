@@ -36,7 +36,6 @@ import ctypes
 import errno
 import fcntl
 import io
-import json
 import logging
 import os
 import shutil
@@ -498,22 +497,9 @@ def _frontend(frontend):
 
 def mkfs_warp(data_path, index_path, workdir=None, frontend=None):
     """overlaybd-create --turboOCI --mkfs: ext4 (build.apply.MKFS_CMD) on a new warp layer."""
-    from tcmu_obd.build.apply import mkfs
-    from tcmu_obd.image.stack import Image
+    from tcmu_obd.build.apply import mkfs_layer
     from tcmu_obd.image.warp_rw import WarpRWLayer
-    from tcmu_obd.serve import blockdev
-    tmp = tempfile.mkdtemp(prefix="obd-mkfs-", dir=workdir)
-    try:
-        cfg_path = os.path.join(tmp, "config.v1.json")
-        with open(cfg_path, "w") as f:
-            json.dump({"lowers": [], "upper": {"data": os.path.abspath(data_path),
-                                               "index": os.path.abspath(index_path)},
-                       "resultFile": os.path.join(tmp, "result")}, f)
-        with blockdev.image_device(cfg_path, lambda: Image([], WarpRWLayer.open(data_path, index_path)),
-                                   tmp, frontend=_frontend(frontend)) as d:
-            mkfs(d.path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    mkfs_layer(data_path, index_path, workdir, _frontend(frontend), open_upper=WarpRWLayer.open)
 
 
 def load_service_config(path, explicit):
