@@ -7,13 +7,16 @@ guest running `pytest tests/e2e` with TCMU_OBD_E2E_BIN set to the build.  Needs
 Go (first build only), qemu and the tcmuvm packages (scripts/setup.sh), runc
 and docker-registry.  Marker `e2e`: select with `-m e2e`, skip with
 `-m "not e2e"`; it skips unless selected that way or TCMU_OBD_E2E=1.
-TCMU_OBD_E2E_TIMEOUT (seconds, default 2700) bounds the guest run.  It checks
+TCMU_OBD_E2E_TIMEOUT (seconds, default 2700) bounds the guest run;
+TCMU_OBD_E2E_K passes a `-k` expression to the guest's pytest (one case while
+working on it).  It checks
 what the client sees (files, checksums, devices in configfs), not tcmu-obd's
 internals, which the host suite covers.
 """
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -82,7 +85,11 @@ def test_e2e_guest_suite(request):
     except ValueError as e:
         pytest.fail(str(e))
     t1 = time.monotonic()
-    rc, console = run.run_in_vm(GUEST_CMD, timeout=timeout, mem=2048,
+    cmd = GUEST_CMD
+    select = os.environ.get("TCMU_OBD_E2E_K")
+    if select:
+        cmd += " -k " + shlex.quote(select)
+    rc, console = run.run_in_vm(cmd, timeout=timeout, mem=2048,
                                 env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "TCMU_OBD_E2E_BIN": bindir})
     vm_s = time.monotonic() - t1
     times = case_times(console)
