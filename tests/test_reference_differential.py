@@ -305,9 +305,34 @@ def test_from_records_and_dump(recs, pad):
 def test_from_records_errors():
     for recs in ([(1, 2, 3, 4)], [(1, 2, 3, 4, 5, 6)], [(-1, 1, 0, 0, 0)], [(0, 2**32, 0, 0, 0)],
                  [(0, 1, 0, 256, 0)], [(0, 1, 0, 0, "t")], [None], 5):
-        on_both_fails(lambda M: M.Index.from_records(recs).records(), TypeError, ValueError, OverflowError)
-    # a float field is truncated as int() would (both modules; not rejected)
-    assert on_both(lambda M: M.Index.from_records([(1.7, 1, 0, 0, 0)]).records()) == ("ok", [(1, 1, 0, 0, 0)])
+        on_both_fails(lambda M: M.Index.from_records(recs).records(), TypeError, ValueError, OverflowError,
+                      FormatError)
+    # a flag may be a bool; zeroed is the one flag among the fields
+    assert on_both(lambda M: M.Index.from_records([(1, 1, 0, True, 0)]).records()) == ("ok", [(1, 1, 0, 1, 0)])
+
+
+REC_FIELDS = ("offset", "length", "moffset", "zeroed", "tag")
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(0, 2**40), st.integers(0, 2**14), st.integers(0, 2**40),
+                          st.integers(0, 1), st.integers(0, 255)), min_size=1, max_size=8),
+       st.data())
+def test_from_records_refuses_non_int(recs, data):
+    """A float (or a bool where a number is meant, or a str) in any field is
+    refused by both modules with a FormatError naming the record, the field
+    and the value: never truncated into a record pointing somewhere else."""
+    i = data.draw(st.integers(0, len(recs) - 1))
+    f = data.draw(st.integers(0, 4))
+    bad = data.draw(st.one_of(st.floats(allow_nan=False, allow_infinity=False, min_value=0, max_value=2**20),
+                              st.sampled_from(["7", b"7", None])
+                              | (st.booleans() if REC_FIELDS[f] != "zeroed" else st.nothing())))
+    rec = list(recs[i])
+    rec[f] = bad
+    recs = recs[:i] + [tuple(rec)] + recs[i + 1:]
+    out = on_both_fails(lambda M: M.Index.from_records(recs), FormatError)
+    _cls, (path, field, value, why) = out[1], out[2]
+    assert field == f"record {i} {REC_FIELDS[f]}" and value is bad, out
 
 
 # ---------------------------------------------------------------- merge
