@@ -197,6 +197,10 @@ class RWLayer:
             hdr = LsmtHeader.unpack(os.pread(self.data_fd, HT_SPACE, 0), self.data_path)
             ioff = self.data_end
             dump = self.index.dump(32)       # zero records pad to 512 bytes
+            at = _sealed_at(self.data_fd, hdr, dump)
+            if at is not None:
+                raise UsageError(f"{self.data_path}: already sealed (its trailer at byte {at} holds "
+                                 "this index); sealing again would append a second copy")
             real = len(self.index)
             pwrite_all(self.data_fd, dump, ioff)
             trailer = LsmtHeader(FLAG_DATA | FLAG_SEALED, ioff, real, self.vsize, hdr.uuid, hdr.parent_uuid)
@@ -215,6 +219,25 @@ def _check_aligned(offset, length):
         raise UsageError(f"I/O of {length} bytes at {offset} is not 512-byte aligned")
 
 
+
+
+def _sealed_at(fd, hdr, dump):
+    """Where the file's seal trailer is when the file already ends with this
+    layer's seal of exactly `dump` (trailer flags DATA|SEALED, the header's
+    UUID, the index right before it); else None.  User data cannot pass for
+    it: that index would have to be the file's own."""
+    size = os.fstat(fd).st_size
+    at = size - HT_SPACE
+    if at < HT_SPACE + len(dump):
+        return None
+    raw = os.pread(fd, HT_SPACE, at)
+    if not lsmt.is_lsmt(raw):
+        return None
+    t = LsmtHeader.unpack(raw, "<trailer>", "trailer")
+    if (t.flags & (FLAG_HEADER | FLAG_DATA | FLAG_SEALED) != FLAG_DATA | FLAG_SEALED or t.uuid != hdr.uuid
+            or t.index_offset + len(dump) != at or os.pread(fd, len(dump), t.index_offset) != dump):
+        return None
+    return at
 
 
 def _sparse_index(fd, path):
