@@ -1,4 +1,4 @@
-"""Helpers for the erofs meta-layer tests: make tars with Python's tarfile,
+"""Helpers for the erofs meta-layer tests: make tars (tests/tar_tree.py),
 build erofs metadata with ErofsBuilder, MATERIALIZE the image (a sparse file
 with the metadata writes applied and every mapping filled from the tar's own
 bytes, as the TurboOCI warp file would read it), mount it with the kernel,
@@ -7,23 +7,18 @@ unpacked by build/untar.py (overlaybd-apply's rules) into a real directory.
 Not a test module; no assertions about erofs live here.
 """
 import contextlib
-import hashlib
 import io
 import os
 import shutil
-import stat
 import subprocess
-import tarfile
 import tempfile
 
 import pytest
 
+from tar_tree import B, C, D, E, F, H, R, S, T0, tar_bytes, walk  # noqa: F401 -- the erofs tests import them from here
 from tcmu_obd.build import untar
 from tcmu_obd.format.erofs import ErofsBuilder, entries_from_tar
 
-R, D, S, H, C, B, F = (tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE,
-                       tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE)
-T0 = 1_700_000_000
 BS = 4096
 
 
@@ -33,34 +28,6 @@ def have_erofs():
             pytest.skip("the kernel has no erofs")
     if os.geteuid() != 0:
         pytest.skip("mounting a loop device needs root")
-
-
-def E(name, kind=R, data=b"", **kw):
-    """One tar entry: attrs mode, uid, gid, mtime, linkname, devmajor, devminor,
-    xattrs {name: bytes}, pax_mtime (str)."""
-    return (name, kind, data, kw)
-
-
-def tar_bytes(entries):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
-        for name, kind, data, kw in entries:
-            ti = tarfile.TarInfo(name)
-            ti.type = kind
-            ti.mode = kw.get("mode", 0o755 if kind == D else 0o644)
-            ti.uid, ti.gid = kw.get("uid", 0), kw.get("gid", 0)
-            ti.uname = ti.gname = ""
-            ti.mtime = kw.get("mtime", T0)
-            ti.linkname = kw.get("linkname", "")
-            ti.devmajor, ti.devminor = kw.get("devmajor", 0), kw.get("devminor", 0)
-            pax = {"SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape")
-                   for k, v in kw.get("xattrs", {}).items()}
-            if "pax_mtime" in kw:
-                pax["mtime"] = kw["pax_mtime"]
-            ti.pax_headers = pax
-            ti.size = len(data) if kind == R else 0
-            t.addfile(ti, io.BytesIO(data) if kind == R else None)
-    return buf.getvalue()
 
 
 def build(tar, lower_image=None):
@@ -136,36 +103,17 @@ def oracle(tmp, tars):
     return root
 
 
-KINDS = {stat.S_IFREG: "reg", stat.S_IFDIR: "dir", stat.S_IFLNK: "sym", stat.S_IFCHR: "chr",
-         stat.S_IFBLK: "blk", stat.S_IFIFO: "fifo"}
-
-
 def scan(root):
     """{rel: {kind, mode, uid, gid, size, body, rdev, xattrs, mtime_ns, nlink}} plus
     the hard-link groups (sorted lists of paths sharing an inode)."""
     out, by_ino = {}, {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        names = dirnames + filenames + ([None] if dirpath == root else [])
-        for name in names:
-            p = dirpath if name is None else os.path.join(dirpath, name)
-            rel = os.path.relpath(p, root)
-            rel = "" if rel == "." else rel
-            st = os.lstat(p)
-            kind = KINDS[stat.S_IFMT(st.st_mode)]
-            body = ""
-            if kind == "reg":
-                with open(p, "rb") as f:
-                    body = hashlib.sha256(f.read()).hexdigest()
-            elif kind == "sym":
-                body = os.readlink(p)
-            xattrs = {k: os.getxattr(p, k, follow_symlinks=False)
-                      for k in os.listxattr(p, follow_symlinks=False)}
-            out[rel] = dict(kind=kind, mode=oct(st.st_mode), uid=st.st_uid, gid=st.st_gid,
-                            size=st.st_size if kind != "dir" else None, body=body,
-                            rdev=(os.major(st.st_rdev), os.minor(st.st_rdev)), xattrs=xattrs,
-                            mtime_ns=st.st_mtime_ns, nlink=st.st_nlink)
-            if kind != "dir":
-                by_ino.setdefault(st.st_ino, []).append(rel)
+    for rel, st, kind, body, xattrs in walk(root):
+        out[rel] = dict(kind=kind, mode=oct(st.st_mode), uid=st.st_uid, gid=st.st_gid,
+                        size=st.st_size if kind != "dir" else None, body=body,
+                        rdev=(os.major(st.st_rdev), os.minor(st.st_rdev)), xattrs=xattrs,
+                        mtime_ns=st.st_mtime_ns, nlink=st.st_nlink)
+        if kind != "dir":
+            by_ino.setdefault(st.st_ino, []).append(rel)
     return out, sorted(sorted(g) for g in by_ino.values())
 
 

@@ -441,6 +441,8 @@ class FaultProxy:
                             proxy.in_flight -= counted     # can see the answer and send its next request)
                         counted = False
                         return self._send(*answer)
+                    if fault.isdigit() and not hasattr(self, "_f_" + fault):
+                        return self._answer(int(fault))     # any other status, e.g. "400"
                     return getattr(self, "_f_" + fault)(path, headers)
                 finally:
                     if counted:

@@ -18,7 +18,6 @@ dict of normalized paths -> shared Node objects, with the semantics of
 overlaybd's libtar/whiteout.cpp spelled out directly."""
 import gzip
 import hashlib
-import io
 import json
 import os
 import posixpath
@@ -31,6 +30,7 @@ import threading
 
 import pytest
 
+from tar_tree import B, C, D, E, F, H, R, S, T0, tar_bytes, walk  # noqa: F401 -- other tests import them from here
 from tcmu_obd.build import apply
 from tcmu_obd.image import assemble, baselayer
 from tcmu_obd.serve import blockdev, fuse
@@ -48,41 +48,7 @@ def missing():
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 
-R, D, S, H = tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE
-C, B, F = tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE
-T0 = 1700000000
-
-
 # -- building layers -------------------------------------------------------------------------------
-
-def E(name, kind=R, data=b"", **kw):
-    """One tar entry: (name, kind, data, attrs).  attrs: mode, uid, gid,
-    mtime, linkname, devmajor, devminor, xattrs {name: bytes}, pax_mtime (str)."""
-    return (name, kind, data, kw)
-
-
-def tar_bytes(entries, fmt=tarfile.PAX_FORMAT):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt) as t:
-        for name, kind, data, kw in entries:
-            ti = tarfile.TarInfo(name)
-            ti.type = kind
-            ti.mode = kw.get("mode", 0o755 if kind == D else 0o644)
-            ti.uid, ti.gid = kw.get("uid", 0), kw.get("gid", 0)
-            ti.uname = ti.gname = ""
-            ti.mtime = kw.get("mtime", T0)
-            ti.linkname = kw.get("linkname", "")
-            ti.devmajor, ti.devminor = kw.get("devmajor", 0), kw.get("devminor", 0)
-            pax = {}
-            for k, v in kw.get("xattrs", {}).items():
-                pax["SCHILY.xattr." + k] = v.decode("utf-8", "surrogateescape")
-            if "pax_mtime" in kw:
-                pax["mtime"] = kw["pax_mtime"]
-            ti.pax_headers = pax
-            ti.size = len(data) if kind == R else 0
-            t.addfile(ti, io.BytesIO(data) if kind == R else None)
-    return buf.getvalue()
-
 
 # -- the model ---------------------------------------------------------------------------------------
 
@@ -220,32 +186,14 @@ class Model:
 
 # -- comparing a mounted tree with the model -------------------------------------------------------------
 
-KINDS = {stat.S_IFREG: "reg", stat.S_IFDIR: "dir", stat.S_IFLNK: "sym", stat.S_IFCHR: "chr",
-         stat.S_IFBLK: "blk", stat.S_IFIFO: "fifo"}
-
-
 def scan(root):
     """{rel: (kind, mode, uid, gid, size, sha or target, rdev, xattrs, mtime_ns, ino)}"""
     out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames + ([] if dirpath != root else [None]):
-            p = dirpath if name is None else os.path.join(dirpath, name)
-            rel = os.path.relpath(p, root)
-            rel = "" if rel == "." else rel
-            st = os.lstat(p)
-            kind = KINDS[stat.S_IFMT(st.st_mode)]
-            body = ""
-            if kind == "reg":
-                with open(p, "rb") as f:
-                    body = hashlib.sha256(f.read()).hexdigest()
-            elif kind == "sym":
-                body = os.readlink(p)
-            xattrs = {k: os.getxattr(p, k, follow_symlinks=False)
-                      for k in os.listxattr(p, follow_symlinks=False)}
-            rdev = (os.major(st.st_rdev), os.minor(st.st_rdev)) if kind in ("chr", "blk") else (0, 0)
-            out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                        st.st_size if kind in ("reg", "sym") else 0, body, rdev, xattrs,
-                        st.st_mtime_ns, st.st_ino)
+    for rel, st, kind, body, xattrs in walk(root):
+        rdev = (os.major(st.st_rdev), os.minor(st.st_rdev)) if kind in ("chr", "blk") else (0, 0)
+        out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                    st.st_size if kind in ("reg", "sym") else 0, body, rdev, xattrs,
+                    st.st_mtime_ns, st.st_ino)
     return out
 
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from tcmu_obd.core import _lsmt as C
 from tcmu_obd.core import reference as R
-from tcmu_obd.errors import CorruptDataError, FormatError, ObdError, ReadError
+from tcmu_obd.errors import CorruptDataError, FormatError, ObdError, ReadError, UsageError
 
 SECTOR = 512
 INVALID = (1 << 50) - 1
@@ -200,10 +200,42 @@ def test_compress_blocks_round_trip_across_implementations(algo, bs, verify, see
 def test_compress_blocks_errors():
     on_both_fails(lambda M: M.compress_blocks(3, b"x", 512, False))
     on_both_fails(lambda M: M.compress_blocks(1, b"x", 0, False))
-    assert on_both(lambda M: M.compress_blocks(1, b"", 2**31, False)) == ("ok", (b"", []))   # no data, no block
-    on_both_fails(lambda M: M.compress_blocks(1, b"x", 2**31, False))     # beyond LZ4's input limit
+    assert on_both(lambda M: M.compress_blocks(1, b"", 4096, False)) == ("ok", (b"", []))   # no data, no block
+    on_both_fails(lambda M: M.compress_blocks(1, b"", 2**31, False), UsageError)   # not a ZFile block size
+    on_both_fails(lambda M: M.compress_blocks(1, b"x", 2**31, False), UsageError)
     on_both_fails(lambda M: M.compress_blocks(1, b"x", -1, False))
     on_both_fails(lambda M: M.compress_blocks(2, "text", 512, False))
+
+
+def zfile_block_size_ok(bs):
+    """What the ZFile reader accepts (format.zfile._check_geometry)."""
+    return 512 <= bs <= 65536 and bs & (bs - 1) == 0
+
+
+@FAST
+@given(st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([1 << k for k in range(32)]),
+                 st.sampled_from([1 << k for k in range(32)]).map(lambda b: b + 1)),
+       st.integers(1, 2), st.booleans(), st.integers(0, 3000))
+def test_compress_blocks_takes_what_the_reader_takes(bs, algo, verify, n):
+    """compress_blocks accepts exactly the block sizes a ZFile reader opens
+    (powers of two from 512 to 65536), with or without data, and refuses any
+    other naming it; empty data is a valid body of no blocks, which both
+    cores then read back as a 0-byte ZFile."""
+    data = bytes(range(256)) * (n // 256) + bytes(n % 256)
+    if not zfile_block_size_ok(bs):
+        out = on_both_fails(lambda M: M.compress_blocks(algo, data, bs, verify), UsageError)
+        assert f"block_size {bs}" in out[2], out
+        return
+    outs = {M: M.compress_blocks(algo, data, bs, verify) for M in (C, R)}
+    for M, (stored, lens) in outs.items():
+        assert len(lens) == -(-n // bs) and sum(lens) == len(stored)
+        with tempfile.TemporaryFile() as f:
+            f.write(bytes(512) + stored)
+            f.flush()
+            table = array.array("I", lens).tobytes()
+            for D in (C, R):
+                z = D.ZFileBacking(f.fileno(), 0, 512, 512 + len(stored), table, bs, algo, verify, n, "z")
+                assert z.pread(0, n + 10) == data
 
 
 # ---------------------------------------------------------------- index: inserts and replay
@@ -305,9 +337,34 @@ def test_from_records_and_dump(recs, pad):
 def test_from_records_errors():
     for recs in ([(1, 2, 3, 4)], [(1, 2, 3, 4, 5, 6)], [(-1, 1, 0, 0, 0)], [(0, 2**32, 0, 0, 0)],
                  [(0, 1, 0, 256, 0)], [(0, 1, 0, 0, "t")], [None], 5):
-        on_both_fails(lambda M: M.Index.from_records(recs).records(), TypeError, ValueError, OverflowError)
-    # a float field is truncated as int() would (both modules; not rejected)
-    assert on_both(lambda M: M.Index.from_records([(1.7, 1, 0, 0, 0)]).records()) == ("ok", [(1, 1, 0, 0, 0)])
+        on_both_fails(lambda M: M.Index.from_records(recs).records(), TypeError, ValueError, OverflowError,
+                      FormatError)
+    # a flag may be a bool; zeroed is the one flag among the fields
+    assert on_both(lambda M: M.Index.from_records([(1, 1, 0, True, 0)]).records()) == ("ok", [(1, 1, 0, 1, 0)])
+
+
+REC_FIELDS = ("offset", "length", "moffset", "zeroed", "tag")
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(0, 2**40), st.integers(0, 2**14), st.integers(0, 2**40),
+                          st.integers(0, 1), st.integers(0, 255)), min_size=1, max_size=8),
+       st.data())
+def test_from_records_refuses_non_int(recs, data):
+    """A float (or a bool where a number is meant, or a str) in any field is
+    refused by both modules with a FormatError naming the record, the field
+    and the value: never truncated into a record pointing somewhere else."""
+    i = data.draw(st.integers(0, len(recs) - 1))
+    f = data.draw(st.integers(0, 4))
+    bad = data.draw(st.one_of(st.floats(allow_nan=False, allow_infinity=False, min_value=0, max_value=2**20),
+                              st.sampled_from(["7", b"7", None])
+                              | (st.booleans() if REC_FIELDS[f] != "zeroed" else st.nothing())))
+    rec = list(recs[i])
+    rec[f] = bad
+    recs = recs[:i] + [tuple(rec)] + recs[i + 1:]
+    out = on_both_fails(lambda M: M.Index.from_records(recs), FormatError)
+    _cls, (path, field, value, why) = out[1], out[2]
+    assert field == f"record {i} {REC_FIELDS[f]}" and value is bad, out
 
 
 # ---------------------------------------------------------------- merge

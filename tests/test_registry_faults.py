@@ -19,7 +19,7 @@ import pytest
 
 from registry_server import FaultProxy, Registry, require
 
-from tcmu_obd.errors import (BlobNotFound, ConnectionFailed, RemoteError, RemoteTimeout,
+from tcmu_obd.errors import (AuthError, BlobNotFound, ConnectionFailed, RemoteError, RemoteTimeout,
                              TooManyRequests, UnexpectedResponse)
 from tcmu_obd.remote.registry import RegistryClient, RegistrySettings
 
@@ -99,14 +99,71 @@ def test_registry_faults_persistent_fault_raises_within_deadline(proxy, fault, f
         assert blob.read(4096, 65536) == BLOB[4096:4096 + 65536]
 
 
-def test_registry_faults_404_on_data_is_not_retried_until_the_deadline(proxy):
+def test_registry_faults_404_on_data_is_not_retried(proxy):
     with RegistryClient(RegistrySettings(**FAST)) as c:
         blob = c.open_blob(proxy.blob_url)
         proxy.inject("404", times=None)
         err, took = timed(blob.read, 0, 100)
         assert isinstance(err, BlobNotFound) and "404" in str(err)
         assert took < DEADLINE
-        assert sum(1 for s in proxy.seen if s[3] == "404") == 1 + FAST["retries"]
+        assert sum(1 for s in proxy.seen if s[3] == "404") == 1
+
+
+PERMANENT = {"400": UnexpectedResponse, "404": BlobNotFound, "405": UnexpectedResponse,
+             "410": UnexpectedResponse, "451": UnexpectedResponse}
+
+
+@pytest.mark.parametrize("status", sorted(PERMANENT))
+def test_registry_faults_permanent_status_fails_at_once(proxy, status):
+    """A status no retry can change fails the read on its first answer,
+    naming the URL and the status; the registry is asked once."""
+    with RegistryClient(RegistrySettings(**dict(FAST, read_deadline=30))) as c:
+        blob = c.open_blob(proxy.blob_url)
+        proxy.inject(status, times=None)
+        n = len(proxy.seen)
+        err, _ = timed(blob.read, 4096, 65536)
+        assert type(err) is PERMANENT[status], repr(err)
+        assert err.status == int(status) and blob.url in str(err) and f"HTTP {status}" in str(err)
+        assert [s[3] for s in proxy.seen[n:]] == [status]
+        # the client is not stuck: the next read, once the registry answers, works
+        proxy.clear()
+        assert blob.read(4096, 65536) == BLOB[4096:4096 + 65536]
+
+
+@pytest.mark.parametrize("status", ["408", "502", "504"])
+def test_registry_faults_transient_status_is_retried(proxy, status):
+    with RegistryClient(RegistrySettings(**FAST)) as c:
+        blob = c.open_blob(proxy.blob_url)
+        proxy.inject(status, times=2)
+        assert blob.read(4096, 65536) == BLOB[4096:4096 + 65536]
+        assert sum(1 for s in proxy.seen if s[3] == status) == 2
+
+
+def test_registry_faults_open_of_a_missing_blob_asks_once():
+    """open (a meta operation, which retries transient failures) of a blob
+    the registry does not have: one GET in the registry's own access log."""
+    with Registry(access_log=True) as r:
+        url = r.blob_url(REPO, "sha256:" + "0" * 64)
+        with RegistryClient(RegistrySettings(**FAST)) as c:
+            err, _ = timed(c.open_blob, url)
+        assert isinstance(err, BlobNotFound) and url in str(err) and "HTTP 404" in str(err), repr(err)
+        assert [a for a in r.access() if a[0] == "GET" and "0" * 64 in a[1]] == \
+            [("GET", f"/v2/{REPO}/blobs/sha256:{'0' * 64}", 404)]
+
+
+def test_registry_faults_401_on_data_reauthenticates_once():
+    """A 401 to a read made with a cached token earns one fresh token (it may
+    have expired); a 401 to that one fails the read."""
+    with Registry("token", users={"alice": "s3cret"}) as r:
+        digest = r.push_blob(REPO, BLOB[:100000])
+        with FaultProxy(r.url) as p:
+            creds = type("C", (), {"lookup": lambda self, url: ("alice", "s3cret")})()
+            with RegistryClient(RegistrySettings(**dict(FAST, read_deadline=30)), creds) as c:
+                blob = c.open_blob(r.blob_url(REPO, digest, base=p.url))
+                p.inject("noauth", times=None)
+                err, _ = timed(blob.read, 10, 50000)
+                assert isinstance(err, AuthError) and err.status == 401 and blob.url in str(err), repr(err)
+                assert sum(1 for s in p.seen if s[3] == "noauth") == 2
 
 
 def test_registry_faults_open_fails_within_deadline(proxy):

@@ -2,10 +2,14 @@
 on reopen (newer wins), a torn last record, sparse rebuild, vsize updates,
 sealing, and the stack rules for an upper over read-only layers."""
 import os
+import re
 import struct
+import tempfile
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import make_layer
 from tcmu_obd.errors import UsageError
@@ -159,3 +163,79 @@ def test_concurrent_writes_and_reads_stay_consistent(tmp_path):
     threads[2].join()
     assert not errors
     image.close()
+
+
+# ---------------------------------------------------------------- sealing twice
+SEAL_OPS = st.lists(st.tuples(st.sampled_from(["w", "d"]), st.integers(0, 63), st.integers(1, 16),
+                              st.integers(0, 255)), max_size=12)
+
+
+def apply_ops(up, ops, model):
+    for kind, sec, n, byte in ops:
+        n = min(n, 64 - sec)
+        if kind == "w":
+            up.write(bytes([byte]) * (n * 512), sec * 512)
+            model[sec * 512:(sec + n) * 512] = bytes([byte]) * (n * 512)
+        else:
+            up.discard(sec * 512, n * 512)
+            model[sec * 512:(sec + n) * 512] = bytes(n * 512)
+
+
+@settings(max_examples=40, deadline=None)
+@given(SEAL_OPS, st.booleans())
+def test_rw_layer_seal_twice_is_refused_and_changes_nothing(ops, reopen):
+    """A second seal, on the same object or on the sealed files reopened,
+    fails naming the data file and leaves its bytes as the first seal left
+    them (still a layer that reads back the model)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        d, i = os.path.join(tmp, "d"), os.path.join(tmp, "i")
+        model = bytearray(64 * 512)
+        up = RWLayer.create(d, i, len(model))
+        apply_ops(up, ops, model)
+        up.seal()
+        sealed = open(d, "rb").read()
+        if reopen:
+            up.close()
+            up = RWLayer.open(d, i)
+        with pytest.raises(UsageError, match=re.escape(d) + ".*already sealed"):
+            up.seal()
+        up.close()
+        assert open(d, "rb").read() == sealed
+        with Image([open_layer(d)]) as image:
+            assert image.read(0, len(model)) == model
+
+
+def test_rw_layer_seal_after_more_writes_seals_them(tmp_path):
+    """Reopened and changed after a seal, the files are not 'already sealed':
+    sealing again seals the new content."""
+    d, i = str(tmp_path / "d"), str(tmp_path / "i")
+    model = bytearray(64 * 512)
+    up = RWLayer.create(d, i, len(model))
+    apply_ops(up, [("w", 0, 8, 1)], model)
+    up.seal()
+    up.close()
+    up = RWLayer.open(d, i)
+    apply_ops(up, [("d", 2, 2, 0), ("w", 20, 3, 7)], model)
+    up.seal()
+    up.close()
+    with Image([open_layer(d)]) as image:
+        assert image.read(0, len(model)) == model
+
+
+def test_rw_layer_seal_of_data_ending_in_a_trailer(tmp_path):
+    """User data that happens to end with a sealed layer's own last bytes
+    (an image of a layer file, say) is data, not a seal."""
+    other = tmp_path / "o"
+    up = RWLayer.create(other, tmp_path / "oi", 64 * 512)
+    up.write(b"o" * 4096, 0)
+    up.seal()
+    up.close()
+    tail = open(other, "rb").read()
+    assert len(tail) % 512 == 0
+    d, i = str(tmp_path / "d"), str(tmp_path / "i")
+    up = RWLayer.create(d, i, len(tail) + 4096)
+    up.write(tail, 0)
+    up.seal()
+    up.close()
+    with Image([open_layer(d)]) as image:
+        assert image.read(0, len(tail)) == tail

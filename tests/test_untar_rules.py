@@ -62,3 +62,15 @@ def test_not_a_tar_and_truncated_tar_are_clear_errors(root):
     good = tar_bytes([E("f", R, b"y" * 3000)])
     with pytest.raises(ApplyError, match="unexpected end of data|truncated tar"):
         untar.untar(io.BytesIO(good[:1200]), str(root))
+
+
+@pytest.mark.parametrize("name", [".", "./", "/", "..", "a/.."])
+@pytest.mark.parametrize("kind", [R, S, H])
+def test_a_non_directory_named_as_the_root_is_refused(root, name, kind):
+    """A member whose name normalizes to the root must be a directory (the
+    rule the erofs writer has too): anything else is a clear error naming
+    the member, and the root and what it holds are untouched."""
+    (root / "keep").write_bytes(b"kept")
+    with pytest.raises(ApplyError, match="the root can only be a directory"):
+        unpack([E(name, kind, b"x" if kind == R else b"", linkname="keep")], root)
+    assert (root / "keep").read_bytes() == b"kept" and (root / "lost+found").is_dir()

@@ -29,6 +29,7 @@ run = load_run()
 
 def test_vm_timeout_report_names_the_running_test_and_durations(tmp_path):
     shutil.copy(VM / "guest" / "conftest.py", tmp_path / "conftest.py")
+    shutil.copy(VM.parent / "guest_suite.py", tmp_path / "guest_suite.py")     # what the conftest imports
     (tmp_path / "test_fake_guest.py").write_text(
         "import os, signal\n"
         "def test_one():\n    pass\n"

@@ -4,11 +4,12 @@ and nothing here needs a loop device or FUSE, so the rules are tested on a
 plain directory.
 
 Untar semantics (overlaybd's libtar.cpp / whiteout.cpp, the same as
-containerd's archive.Apply on the points that matter): entries are read in
+containerd's archive.Apply on the points that matter; the member rules are
+format/tar_rules.py's, shared with the erofs writer): entries are read in
 tarfile's streaming mode, so the input may be a FIFO or stdin; gzip (1F 8B)
 and zstd (28 B5 2F FD) inputs are decompressed here, so that `--checksum`
 hashes the *uncompressed* tar.  Per entry: the name is normalized (never
-above the root), missing parent directories are made (0755), symlinks in
+above the root; a name that is the root itself must be a directory), missing parent directories are made (0755), symlinks in
 parent paths are followed inside the image's root (never out of it).
 `.wh..wh..opq` empties its directory and `.wh.<name>` removes <name>
 (recursively), both sparing paths unpacked earlier in the same layer; other
@@ -33,6 +34,8 @@ import tarfile
 import zlib
 
 from tcmu_obd.errors import ApplyError, UsageError
+from tcmu_obd.format import tar_rules
+from tcmu_obd.format.tar_rules import XATTR_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +43,6 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 COPY_CHUNK = 1 << 20
 TAR_BUFSIZE = 1 << 20
-MAX_SYMLINKS = 255
-WH_PREFIX = ".wh."
-WH_META = ".wh..wh."
-WH_OPAQUE = ".wh..wh..opq"
-XATTR_PREFIX = "SCHILY.xattr."
 
 
 # -- input ---------------------------------------------------------------------------------------
@@ -186,12 +184,6 @@ class _Info(tarfile.TarInfo):
             raise
 
 
-def _norm(name):
-    """Tar member name -> root-relative normalized path ('' = the root)."""
-    p = posixpath.normpath("/" + name)     # '..' can never climb above '/'
-    return p.lstrip("/")
-
-
 class Untar:
     """Unpacks tar members into the directory `root` (the mounted ext4)."""
 
@@ -247,20 +239,21 @@ class Untar:
     # -- members ------------------------------------------------------------------------------------
     def member(self, tf, m):
         self.entries += 1
-        rel = _norm(m.name)
-        parent_rel, base = posixpath.split(rel)
-        if m.isdir() and not base:              # the root itself
+        action, parent_rel, base = tar_rules.classify(m.name)
+        if action == tar_rules.ROOT:
+            if not m.isdir():
+                raise ApplyError(f"{m.name}: the root can only be a directory, not tar type {m.type!r}")
             path = self.root
         else:
             parent = self.resolve_dir(parent_rel, create=True)
-            if base == WH_OPAQUE:
+            if action == tar_rules.OPAQUE:
                 self.remove_all(parent, rmdir=False)
                 return
-            if base.startswith(WH_META):
+            if action == tar_rules.META:
                 log.debug("%s: whiteout meta file ignored", m.name)
                 return
-            if base.startswith(WH_PREFIX):
-                self.remove_all(os.path.join(parent, base[len(WH_PREFIX):]))
+            if action == tar_rules.WHITEOUT:
+                self.remove_all(os.path.join(parent, base))
                 return
             path = os.path.join(parent, base)
         try:
@@ -317,7 +310,7 @@ class Untar:
             os.close(fd)
 
     def _hardlink(self, m, path):
-        target = _norm(m.linkname)
+        target = tar_rules.norm(m.linkname)
         tparent_rel, tbase = posixpath.split(target)
         if not tbase:
             raise ApplyError(f"{m.name}: hard link to the root directory")
@@ -348,8 +341,8 @@ class Untar:
     def _attrs(self, m, path, mode):
         if self.is_root:
             os.chown(path, m.uid, m.gid, follow_symlinks=False)
-        mtime_ns = _ns(m.pax_headers.get("mtime"), m.mtime)
-        atime_ns = _ns(m.pax_headers.get("atime"), None, mtime_ns)
+        mtime_ns = tar_rules.pax_time_ns(m.pax_headers.get("mtime"), m.mtime)
+        atime_ns = tar_rules.pax_time_ns(m.pax_headers.get("atime"), None, mtime_ns)
         if m.isdir():
             self.dirs.append((path, atime_ns, mtime_ns))
         else:
@@ -380,56 +373,31 @@ def resolve_in_root(root, rel):
 
 
 def walk_in_root(root, rel, create=False, need_dir=False):
-    """Walk `rel` down from the real path `root` as if root were "/": '..'
-    stops at root, every symlink is followed inside it (absolute targets
-    restart at root; at most MAX_SYMLINKS).  Missing components raise
-    ApplyError, or are made as 0755 directories with create=True; every
-    component but the last must be a directory (the last too with need_dir)."""
-    todo, done, links = [c for c in rel.split("/") if c], [], 0
-    while todo:
-        c = todo.pop(0)
-        if c == ".":
-            continue
-        if c == "..":
-            if done:
-                done.pop()
-            continue
-        p = os.path.join(root, *done, c)
+    """Walk `rel` down from the real path `root` as if root were "/"
+    (format.tar_rules.walk: symlinks followed inside root, missing components
+    made as 0755 directories with create=True); returns the host path."""
+    return tar_rules.walk(_HostTree, root, rel, create, need_dir, where=rel)
+
+
+class _HostTree:
+    """format.tar_rules.walk's view of a directory tree: nodes are host paths."""
+
+    @staticmethod
+    def lookup(path, name):
+        p = os.path.join(path, name)
         try:
             st = os.lstat(p)
         except FileNotFoundError:
-            if not create:
-                raise ApplyError(f"{rel}: {'/'.join(done + [c])} does not exist") from None
-            os.mkdir(p, 0o755)
-            done.append(c)
-            continue
+            return None, None
         if stat.S_ISLNK(st.st_mode):
-            links += 1
-            if links > MAX_SYMLINKS:
-                raise ApplyError(f"{rel}: too many levels of symbolic links")
-            target = os.readlink(p)
-            if target.startswith("/"):
-                done = []
-            todo = [x for x in target.split("/") if x] + todo
-            continue
-        if (todo or need_dir) and not stat.S_ISDIR(st.st_mode):
-            raise ApplyError(f"{rel}: {'/'.join(done + [c])} is not a directory")
-        done.append(c)
-    return os.path.join(root, *done)
+            return "link", os.readlink(p)
+        return ("dir" if stat.S_ISDIR(st.st_mode) else "other"), p
 
-
-def _ns(pax_text, seconds, default=None):
-    """Nanoseconds from a PAX time string ("1700000000.123456789"), else from seconds."""
-    if pax_text:
-        sign = -1 if pax_text.startswith("-") else 1
-        whole, _, frac = pax_text.lstrip("-").partition(".")
-        try:
-            return sign * (int(whole or "0") * 10**9 + int((frac + "000000000")[:9]))
-        except ValueError:
-            pass
-    if seconds is None:
-        return default
-    return int(seconds) * 10**9 + int(round((seconds - int(seconds)) * 1e9))
+    @staticmethod
+    def mkdir(path, name):
+        p = os.path.join(path, name)
+        os.mkdir(p, 0o755)
+        return p
 
 
 def untar(stream, root, progress=None):

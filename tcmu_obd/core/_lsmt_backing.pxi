@@ -534,7 +534,9 @@ def _decode_mapped_into(ZFileBacking b, uint64_t blk, buf):
 def compress_blocks(int algo, data, uint32_t block_size, bint verify):
     """Compress `data` into consecutive blocks of block_size bytes (the last
     may be shorter), each followed by its salted CRC when verify.  Returns
-    (stored bytes, list of stored lengths).  Runs without the GIL, so worker
+    (stored bytes, list of stored lengths); empty data gives (b"", []), the
+    body of a valid 0-byte ZFile.  block_size: a power of two from 512 to
+    65536, what a ZFile reader opens; any other is a UsageError.  Runs without the GIL, so worker
     threads compress in parallel."""
     cdef Py_buffer view
     cdef uint64_t nblk, i, pos, size, blen
@@ -547,8 +549,9 @@ def compress_blocks(int algo, data, uint32_t block_size, bint verify):
     cdef uint32_t *lens
     if algo != ALGO_LZ4 and algo != ALGO_ZSTD:
         raise UsageError(f"unknown compression algorithm {algo}")
-    if block_size == 0:
-        raise UsageError("block_size must be positive")
+    if block_size < 512 or block_size > 65536 or (block_size & (block_size - 1)):
+        # what a ZFile reader opens (ZFileBacking): never write what cannot be read
+        raise UsageError(f"ZFile block_size {block_size} is not a power of two from 512 to 65536")
     PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
     try:
         size = view.len

@@ -30,6 +30,17 @@ cdef inline void encode_rec(const Rec *r, unsigned char *p) noexcept nogil:
     memcpy(p + 8, &w1, 8)
 
 
+REC_FIELDS = ("offset", "length", "moffset", "zeroed", "tag")
+
+
+cdef inline bint rec_field_ok(name, v):
+    """An integer (anything with __index__) that is not a bool, except that
+    the zeroed flag may be a bool."""
+    if isinstance(v, bool):
+        return name == "zeroed"
+    return hasattr(type(v), "__index__")
+
+
 cdef class Index:
     """The records of a layer, sorted and non-overlapping, in C memory.
 
@@ -131,12 +142,19 @@ cdef class Index:
 
     @staticmethod
     def from_records(records):
-        """From an iterable of (offset, length, moffset, zeroed, tag), kept in order."""
+        """From an iterable of (offset, length, moffset, zeroed, tag), kept in
+        order.  Each field must be an integer (zeroed may be a bool): a float
+        or a bool elsewhere is refused (FormatError naming record and field),
+        not truncated."""
         cdef Index idx = Index()
         cdef Rec r
         for rec in records:
             idx._reserve(idx.n + 1)
-            r.offset, r.length, r.moffset, r.zeroed, r.tag = rec
+            offset, length, moffset, zeroed, tag = rec
+            for name, v in zip(REC_FIELDS, (offset, length, moffset, zeroed, tag)):
+                if not rec_field_ok(name, v):
+                    raise FormatError("<records>", f"record {idx.n} {name}", v, "not an integer")
+            r.offset, r.length, r.moffset, r.zeroed, r.tag = offset, length, moffset, zeroed, tag
             idx.recs[idx.n] = r
             idx.n += 1
             if idx.n % SIGNAL_EVERY == 0:

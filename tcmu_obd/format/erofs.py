@@ -7,8 +7,8 @@ written here because Debian 12's erofs-utils (1.5) has no tar mode.  It does
 not produce the LSMT warp file (the tools record writes as tag 0 and mappings
 as tag 1), read tars from a registry, or compress anything.
 
-Tar semantics are overlaybd-apply's (as build/untar.py applies them to a
-directory): names are normalized (never above the root); missing parents
+Tar semantics are overlaybd-apply's (format/tar_rules.py, which
+build/untar.py applies to a directory): names are normalized (never above the root); missing parents
 are made (0755, uid/gid 0, mtime 0); symlinks in parent paths are followed
 inside the tree; `.wh.NAME` deletes NAME and `.wh..wh..opq` empties its
 directory, both sparing what this layer added earlier, neither stored
@@ -36,16 +36,12 @@ import tarfile
 
 from tcmu_obd.errors import ApplyError, UnsupportedError, UsageError
 from tcmu_obd.format.erofs_layout import BLOCK_SIZE, NAME_LEN, Node
-from tcmu_obd.format import erofs_write
+from tcmu_obd.format import erofs_write, tar_rules
+from tcmu_obd.format.tar_rules import XATTR_PREFIX, pax_time_ns  # noqa: F401 -- turbo.erofs_entries takes them from here
 from tcmu_obd.format.erofs_read import ErofsReader
 
 log = logging.getLogger(__name__)
 
-WH_PREFIX = ".wh."
-WH_META = ".wh..wh."
-WH_OPAQUE = ".wh..wh..opq"
-XATTR_PREFIX = "SCHILY.xattr."
-MAX_SYMLINKS = 255
 MAX_SYMLINK_TARGET = 4095
 
 TYPES = {"file": _stat.S_IFREG, "dir": _stat.S_IFDIR, "symlink": _stat.S_IFLNK, "hardlink": None,
@@ -70,17 +66,6 @@ class TarEntry:
     xattrs: dict = dataclasses.field(default_factory=dict)
     data_offset: int = None
     mtime_ns: int = None
-
-
-def pax_time_ns(pax_text, seconds):
-    if pax_text:
-        sign = -1 if pax_text.startswith("-") else 1
-        whole, _, frac = pax_text.lstrip("-").partition(".")
-        try:
-            return sign * (int(whole or "0") * 10**9 + int((frac + "000000000")[:9]))
-        except ValueError:
-            pass
-    return int(seconds) * 10**9
 
 
 def entries_from_tar(fileobj, name="<tar>"):
@@ -149,41 +134,10 @@ class ErofsBuilder:
         return f"{self.name}: {entry.path}"
 
     def _walk(self, rel, create, need_dir, where):
-        """The node of `rel` (a list of components), following symlinks
-        inside the tree like build/untar.walk_in_root; missing components are
-        made as 0755 directories with `create`."""
-        todo, done, links = list(rel), [self.root], 0
-        while todo:
-            c = todo.pop(0)
-            if c in ("", "."):
-                continue
-            if c == "..":
-                if len(done) > 1:
-                    done.pop()
-                continue
-            cur = done[-1]
-            node = cur.children.get(c)
-            if node is None:
-                if not create:
-                    raise ApplyError(f"{where}: {'/'.join(rel)} does not exist")
-                _check_name(c, where)
-                node = Node(_stat.S_IFDIR | 0o755)
-                cur.children[c] = node
-                done.append(node)
-                continue
-            if node.fmt == _stat.S_IFLNK:
-                links += 1
-                if links > MAX_SYMLINKS:
-                    raise ApplyError(f"{where}: too many levels of symbolic links")
-                target = node.target.decode("utf-8", "surrogateescape")
-                if target.startswith("/"):
-                    done = [self.root]
-                todo = [x for x in target.split("/") if x] + todo
-                continue
-            if (todo or need_dir) and not node.is_dir:
-                raise ApplyError(f"{where}: {c} in {'/'.join(rel)} is not a directory")
-            done.append(node)
-        return done[-1]
+        """The node of `rel` (a list of components): format.tar_rules.walk
+        over the tree (symlinks followed inside it, missing components made
+        as 0755 directories with `create`)."""
+        return tar_rules.walk(_NodeTree(where), self.root, rel, create, need_dir, where)
 
     # -- removal ----------------------------------------------------------------------------------
     def _remove_all(self, parent, name):
@@ -214,23 +168,22 @@ class ErofsBuilder:
         kind = TYPES.get(entry.type, False)
         if kind is False:
             raise UsageError(f"{where}: unknown entry type {entry.type!r}")
-        rel = posixpath.normpath("/" + entry.path).lstrip("/")
-        parent_rel, base = posixpath.split(rel)
-        if not base:                                      # the root itself
+        action, parent_rel, base = tar_rules.classify(entry.path)
+        if action == tar_rules.ROOT:
             if entry.type != "dir":
                 raise ApplyError(f"{where}: the root can only be a directory, not {entry.type}")
             self._attrs(self.root, entry, where)
             return
         parent = self._walk(parent_rel.split("/") if parent_rel else [], True, True, where)
-        if base == WH_OPAQUE:
+        if action == tar_rules.OPAQUE:
             for c in list(parent.children):
                 self._remove_all(parent, c)
             return
-        if base.startswith(WH_META):
+        if action == tar_rules.META:
             log.debug("%s: whiteout meta file ignored (as overlaybd-apply does)", where)
             return
-        if base.startswith(WH_PREFIX):
-            self._remove_all(parent, base[len(WH_PREFIX):])
+        if action == tar_rules.WHITEOUT:
+            self._remove_all(parent, base)
             return
         _check_name(base, where)
         old = parent.children.get(base)
@@ -272,7 +225,7 @@ class ErofsBuilder:
         return node
 
     def _hardlink_target(self, entry, where):
-        target = posixpath.normpath("/" + entry.linkname).lstrip("/")
+        target = tar_rules.norm(entry.linkname)
         tparent_rel, tbase = posixpath.split(target)
         if not tbase:
             raise ApplyError(f"{where}: hard link to the root directory")
@@ -313,6 +266,29 @@ class ErofsBuilder:
         writes, mappings, self.end_block = erofs_write.layout(self.root, self.bs, self.start_block,
                                                               name=self.name)
         return writes, mappings
+
+
+class _NodeTree:
+    """format.tar_rules.walk's view of the in-memory tree: nodes are Nodes;
+    a directory it makes gets a name checked against erofs's limit."""
+
+    def __init__(self, where):
+        self.where = where
+
+    @staticmethod
+    def lookup(node, name):
+        child = node.children.get(name)
+        if child is None:
+            return None, None
+        if child.fmt == _stat.S_IFLNK:
+            return "link", child.target.decode("utf-8", "surrogateescape")
+        return ("dir" if child.is_dir else "other"), child
+
+    def mkdir(self, node, name):
+        _check_name(name, self.where)
+        child = Node(_stat.S_IFDIR | 0o755)
+        node.children[name] = child
+        return child
 
 
 def _int(value, field, where, limit=None):

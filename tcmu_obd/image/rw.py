@@ -54,22 +54,17 @@ class RWLayer:
         """overlaybd-create: both files O_EXCL, mode 0644."""
         uid = lsmt.random_uuid()
         parent = lsmt.uuid_text(parent_uuid or "")
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        dfd = os.open(data_path, flags, 0o644)
+        dfd, ifd = create_exclusive(data_path, index_path)
         try:
-            ifd = os.open(index_path, flags, 0o644)
-        except OSError:
+            dflags = FLAG_HEADER | FLAG_DATA | (FLAG_SPARSE if sparse else 0)
+            os.pwrite(dfd, LsmtHeader(dflags, 0, 0, vsize, uid, parent, user_tag).pack(), 0)
+            if sparse:
+                os.ftruncate(dfd, vsize + HT_SPACE)
+            else:
+                os.pwrite(ifd, LsmtHeader(FLAG_HEADER, HT_SPACE, 0, vsize, uid, parent, user_tag).pack(), 0)
+        finally:
             os.close(dfd)
-            os.unlink(data_path)
-            raise
-        dflags = FLAG_HEADER | FLAG_DATA | (FLAG_SPARSE if sparse else 0)
-        os.pwrite(dfd, LsmtHeader(dflags, 0, 0, vsize, uid, parent, user_tag).pack(), 0)
-        if sparse:
-            os.ftruncate(dfd, vsize + HT_SPACE)
-        else:
-            os.pwrite(ifd, LsmtHeader(FLAG_HEADER, HT_SPACE, 0, vsize, uid, parent, user_tag).pack(), 0)
-        os.close(dfd)
-        os.close(ifd)
+            os.close(ifd)
         return cls.open(data_path, index_path)
 
     @classmethod
@@ -91,19 +86,7 @@ class RWLayer:
             if not index_path:
                 raise UsageError(f"{data_path}: an append-only RW layer needs its index file")
             ifd = os.open(index_path, os.O_RDWR | os.O_CLOEXEC)
-            ihdr = LsmtHeader.unpack(os.pread(ifd, HT_SPACE, 0), index_path, "header")
-            if not ihdr.is_header or ihdr.is_data or ihdr.is_sealed:
-                raise FormatError(index_path, "header flags", ihdr.flags,
-                                  "an RW index file needs HEADER set and TYPE_DATA, SEALED clear")
-            if ihdr.index_offset != HT_SPACE:
-                raise FormatError(index_path, "header index_offset", ihdr.index_offset, f"must be {HT_SPACE}")
-            isize = os.fstat(ifd).st_size
-            if isize < HT_SPACE:
-                raise FormatError(index_path, "file size", isize,
-                                  f"shorter than the {HT_SPACE}-byte LSMT header")
-            count = (isize - HT_SPACE) // 16
-            if count > MAX_INDEX:
-                raise FormatError(index_path, "record count", count, f"more than {MAX_INDEX}")
+            ihdr, count = read_index_file(ifd, index_path, "an RW")
             index = core.Index()
             index.replay(os.pread(ifd, count * 16, HT_SPACE))
             dsize = os.fstat(dfd).st_size
@@ -197,6 +180,10 @@ class RWLayer:
             hdr = LsmtHeader.unpack(os.pread(self.data_fd, HT_SPACE, 0), self.data_path)
             ioff = self.data_end
             dump = self.index.dump(32)       # zero records pad to 512 bytes
+            at = _sealed_at(self.data_fd, hdr, dump)
+            if at is not None:
+                raise UsageError(f"{self.data_path}: already sealed (its trailer at byte {at} holds "
+                                 "this index); sealing again would append a second copy")
             real = len(self.index)
             pwrite_all(self.data_fd, dump, ioff)
             trailer = LsmtHeader(FLAG_DATA | FLAG_SEALED, ioff, real, self.vsize, hdr.uuid, hdr.parent_uuid)
@@ -210,11 +197,64 @@ class RWLayer:
         self.data_fd = self.index_fd = -1
 
 
+def create_exclusive(first, second):
+    """Create both files O_EXCL, mode 0644, in this order (an RW layer's data
+    and index files, a warp layer's index and fsmeta); when the second cannot
+    be made the first is removed again.  Returns the two fds, read-write."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    fd1 = os.open(first, flags, 0o644)
+    try:
+        fd2 = os.open(second, flags, 0o644)
+    except OSError:
+        os.close(fd1)
+        os.unlink(first)
+        raise
+    return fd1, fd2
+
+
+def read_index_file(fd, path, kind):
+    """The header and record count of an open writable index file (RW or
+    warp: `kind` names it in errors): at least a 4 KiB header, HEADER set,
+    TYPE_DATA and SEALED clear, records from byte 4096, at most MAX_INDEX."""
+    raw = os.pread(fd, HT_SPACE, 0)
+    if len(raw) < HT_SPACE:
+        raise FormatError(path, "file size", len(raw), f"shorter than the {HT_SPACE}-byte LSMT index-file header")
+    hdr = LsmtHeader.unpack(raw, path, "header")
+    if not hdr.is_header or hdr.is_data or hdr.is_sealed:
+        raise FormatError(path, "header flags", hdr.flags,
+                          f"{kind} index file needs HEADER set and TYPE_DATA, SEALED clear")
+    if hdr.index_offset != HT_SPACE:
+        raise FormatError(path, "header index_offset", hdr.index_offset, f"must be {HT_SPACE}")
+    count = (os.fstat(fd).st_size - HT_SPACE) // 16
+    if count > MAX_INDEX:
+        raise FormatError(path, "record count", count, f"more than {MAX_INDEX}")
+    return hdr, count
+
+
 def _check_aligned(offset, length):
     if offset % SECTOR or length % SECTOR:
         raise UsageError(f"I/O of {length} bytes at {offset} is not 512-byte aligned")
 
 
+
+
+def _sealed_at(fd, hdr, dump):
+    """Where the file's seal trailer is when the file already ends with this
+    layer's seal of exactly `dump` (trailer flags DATA|SEALED, the header's
+    UUID, the index right before it); else None.  User data cannot pass for
+    it: that index would have to be the file's own."""
+    size = os.fstat(fd).st_size
+    at = size - HT_SPACE
+    if at < HT_SPACE + len(dump):
+        return None
+    raw = os.pread(fd, HT_SPACE, at)
+    if not lsmt.is_lsmt(raw):
+        return None
+    t = LsmtHeader.unpack(raw, "<trailer>", "trailer")
+    if (t.flags & (FLAG_HEADER | FLAG_DATA | FLAG_SEALED) != FLAG_DATA | FLAG_SEALED or t.uuid != hdr.uuid
+            or t.index_offset + len(dump) != at or os.pread(fd, len(dump), t.index_offset) != dump):
+        return None
+    return at
 
 
 def _sparse_index(fd, path):

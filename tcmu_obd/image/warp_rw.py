@@ -23,7 +23,8 @@ from tcmu_obd import core
 from tcmu_obd.core.fileio import punch_hole, pwrite_all
 from tcmu_obd.errors import FormatError, UsageError
 from tcmu_obd.format import lsmt
-from tcmu_obd.format.lsmt import FLAG_HEADER, HT_SPACE, MAX_INDEX, MAX_IO, MAX_LENGTH, SECTOR, LsmtHeader
+from tcmu_obd.format.lsmt import FLAG_HEADER, HT_SPACE, MAX_IO, MAX_LENGTH, SECTOR, LsmtHeader
+from tcmu_obd.image.rw import create_exclusive, read_index_file
 
 log = logging.getLogger(__name__)
 TAG_META = 0       # data in fsmeta, at the same offset
@@ -63,14 +64,7 @@ class WarpRWLayer:
             raise UsageError(f"warp layer vsize {vsize}: must be a positive multiple of {SECTOR}")
         uid = lsmt.uuid_text(uuid or "")
         parent = lsmt.uuid_text(parent_uuid or "")
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        ifd = os.open(index_path, flags, 0o644)
-        try:
-            dfd = os.open(fsmeta_path, flags, 0o644)
-        except OSError:
-            os.close(ifd)
-            os.unlink(index_path)
-            raise
+        ifd, dfd = create_exclusive(index_path, fsmeta_path)
         try:
             os.ftruncate(dfd, vsize)
             pwrite_all(ifd, LsmtHeader(FLAG_HEADER, HT_SPACE, 0, vsize, uid, parent).pack(), 0)
@@ -85,16 +79,7 @@ class WarpRWLayer:
         ifd = os.open(index_path, os.O_RDWR | os.O_CLOEXEC)
         dfd = -1
         try:
-            raw = os.pread(ifd, HT_SPACE, 0)
-            if len(raw) < HT_SPACE:
-                raise FormatError(index_path, "file size", len(raw),
-                                  f"shorter than the {HT_SPACE}-byte LSMT index-file header")
-            hdr = LsmtHeader.unpack(raw, index_path, "header")
-            if not hdr.is_header or hdr.is_data or hdr.is_sealed:
-                raise FormatError(index_path, "header flags", hdr.flags,
-                                  "a warp index file needs HEADER set and TYPE_DATA, SEALED clear")
-            if hdr.index_offset != HT_SPACE:
-                raise FormatError(index_path, "header index_offset", hdr.index_offset, f"must be {HT_SPACE}")
+            hdr, count = read_index_file(ifd, index_path, "a warp")
             if hdr.virtual_size <= 0 or hdr.virtual_size % SECTOR:
                 raise FormatError(index_path, "header virtual_size", hdr.virtual_size,
                                   f"a warp layer needs a positive multiple of {SECTOR}")
@@ -104,9 +89,6 @@ class WarpRWLayer:
                 raise FormatError(fsmeta_path, "file size", dsize,
                                   f"smaller than the warp layer's virtual_size {hdr.virtual_size} "
                                   f"(from {index_path})")
-            count = (os.fstat(ifd).st_size - HT_SPACE) // 16
-            if count > MAX_INDEX:
-                raise FormatError(index_path, "record count", count, f"more than {MAX_INDEX}")
             body = os.pread(ifd, count * 16, HT_SPACE)
             index = core.Index()
             for off, length, moff, tag in _check_records(body, index_path, hdr.virtual_size):

@@ -61,8 +61,8 @@ class RegistrySettings:
     """How the client talks to registries.
 
     timeout: seconds for one HTTP request (connect, each socket read, and the
-    whole body).  retries: extra attempts for open/size, and for a read that
-    keeps failing with an auth or not-found error.  backoff / max_backoff:
+    whole body).  retries: extra attempts for open/size after a transient
+    failure (a permanent status such as 400/401/404 is not retried).  backoff / max_backoff:
     the sleep before retry n is min(max_backoff, backoff * 2**n).
     read_deadline: total seconds one read (or open) may keep retrying before it
     raises RemoteTimeout; 0 means retry transient failures forever.
@@ -144,6 +144,15 @@ def _status_error(url, status, cause=""):
     if status == 429:
         return TooManyRequests(url, status, cause)
     return UnexpectedResponse(url, status, cause)
+
+
+def _permanent(e):
+    """A RemoteError no retry can change: a 3xx or 4xx answer (not 408 or 429).
+    Transient: connection failures, timeouts, 408, 429, 5xx, and a 2xx answer
+    whose headers or body broke the protocol (a middlebox's glitch)."""
+    if isinstance(e, (RemoteTimeout, ConnectionFailed, TooManyRequests)) or e.status is None:
+        return False
+    return 300 <= e.status < 500 and e.status not in (408, 429)
 
 
 def _basic(user, password):
@@ -393,13 +402,19 @@ class RegistryClient:
         return blob
 
     def _retry(self, url, op, meta):
-        """Run op(deadline) until it succeeds.  Auth and not-found errors are
-        tried 1 + retries times; other failures too for meta operations, and
-        until the read deadline for reads.  Past the deadline: RemoteTimeout."""
+        """Run op(deadline) until it succeeds.  A permanent status (see
+        _permanent) fails at once, except that an auth error on a resolution
+        cached before this call earns one fresh resolution (its token or
+        redirect may have expired).  Transient failures are tried 1 + retries
+        times for meta operations, and until the read deadline for reads.
+        Past the deadline: RemoteTimeout."""
         st = self.settings
         start = time.monotonic()
         deadline = start + st.read_deadline if st.read_deadline > 0 else math.inf
-        attempt = hard = 0
+        with self._lock:
+            r = self._resolved.get(url)
+        may_reauth = r is not None and r.expires > start
+        attempt = 0
         last = None
         while True:
             try:
@@ -410,12 +425,14 @@ class RegistryClient:
                         and time.monotonic() >= deadline - _MIN_ATTEMPT):
                     last = e
                 self.invalidate(url, e)
-                if isinstance(e, (AuthError, BlobNotFound)):
-                    hard += 1
-                    if hard > st.retries:
-                        stats.registry_error(url)
-                        raise
-                elif meta and attempt >= st.retries:
+                if _permanent(e):
+                    if isinstance(e, AuthError) and may_reauth:
+                        may_reauth = False
+                        log.debug("re-authenticating %s after: %s", url, e)
+                        continue
+                    stats.registry_error(url)
+                    raise
+                if meta and attempt >= st.retries:
                     stats.registry_error(url)
                     raise
             delay = st.delay(attempt)

@@ -47,46 +47,31 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "tests"))
 
 from e2e_stack import Stack, guest_setup, push_oci_image, busybox_layers, sh  # noqa: E402
+from guest_suite import GuestSuite  # noqa: E402
 
-_config = None
-_started = {}
+SUITE = GuestSuite("e2e", HERE, IN_GUEST,
+                   "runs in the tcmuvm guest: python -m pytest -m e2e tests/test_e2e_guest.py")
 
 
 def pytest_configure(config):
-    global _config
-    _config = config
+    SUITE.configure(config)
 
 
 def progress(text):
     """One `@@e2e` line on the console, flushed at once (the guest may be killed next)."""
-    reporter = _config.pluginmanager.get_plugin("terminalreporter") if _config else None
-    capman = _config.pluginmanager.get_plugin("capturemanager") if _config else None
-    if reporter is None or capman is None:
-        raise RuntimeError("e2e progress lines need pytest's terminal reporter and capture manager")
-    with capman.global_and_fixture_disabled():      # also from inside a fixture's set-up
-        tw = reporter._tw
-        if tw.width_of_current_line:
-            tw.line()
-        tw.line(f"@@e2e {text}")
-        tw.flush()
+    SUITE.line(text)
 
 
 def pytest_runtest_logstart(nodeid, location):
-    _started[nodeid] = time.monotonic()
-    progress(f"start {nodeid}")
+    SUITE.logstart(nodeid)
 
 
 def pytest_runtest_logfinish(nodeid, location):
-    progress(f"done {nodeid} {time.monotonic() - _started.pop(nodeid, time.monotonic()):.1f}")
+    SUITE.logfinish(nodeid)
 
 
 def pytest_collection_modifyitems(config, items):
-    if IN_GUEST:
-        return
-    skip = pytest.mark.skip(reason="runs in the tcmuvm guest: python -m pytest -m e2e tests/test_e2e_guest.py")
-    for item in items:
-        if HERE in Path(str(item.fspath)).resolve().parents:
-            item.add_marker(skip)
+    SUITE.skip_outside_guest(items)
 
 
 @pytest.fixture(scope="session")

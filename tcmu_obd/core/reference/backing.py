@@ -331,7 +331,9 @@ class ZFileBacking(Backing):
 def compress_blocks(algo, data, block_size, verify):
     """Compress `data` into consecutive blocks of block_size bytes (the last
     may be shorter), each followed by its salted CRC when verify.  Returns
-    (stored bytes, list of stored lengths).
+    (stored bytes, list of stored lengths); empty data gives (b"", []), the
+    body of a valid 0-byte ZFile.  block_size: a power of two from 512 to
+    65536, what a ZFile reader opens; any other is a UsageError.
 
     The bytes need not equal _lsmt's: python-lz4 compresses through
     LZ4_compress_fast_continue on a fresh stream (not LZ4_compress_default),
@@ -340,13 +342,12 @@ def compress_blocks(algo, data, block_size, verify):
     algo, block_size, verify = c_int(algo), u32(block_size), bool(verify)
     if algo != ALGO_LZ4 and algo != ALGO_ZSTD:
         raise UsageError(f"unknown compression algorithm {algo}")
-    if block_size == 0:
-        raise UsageError("block_size must be positive")
+    if block_size < 512 or block_size > 65536 or (block_size & (block_size - 1)):
+        # what a ZFile reader opens (ZFileBacking): never write what cannot be read
+        raise UsageError(f"ZFile block_size {block_size} is not a power of two from 512 to 65536")
     mv = rbuf(data)
     size = len(mv)
     nblk = -(-size // block_size)
-    if algo == ALGO_LZ4 and nblk and _lz4_bound(block_size) == 0:
-        raise UsageError("compression failed")      # LZ4 cannot take blocks this large
     zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
     parts, lengths = [], []
     for i in range(nblk):

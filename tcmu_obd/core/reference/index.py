@@ -14,6 +14,9 @@ from tcmu_obd.core.reference._common import (INVALID_OFFSET, MAX_INDEX, MAX_LENG
                                              ssize, u32, u64, u8)
 
 
+REC_FIELDS = ("offset", "length", "moffset", "zeroed", "tag")
+
+
 def _decode(w0, w1):
     return (w0 & INVALID_OFFSET, w0 >> 50, w1 & MAX_MOFFSET, (w1 >> 55) & 1, w1 >> 56)
 
@@ -75,11 +78,15 @@ class Index:
 
     @staticmethod
     def from_records(records):
-        """From an iterable of (offset, length, moffset, zeroed, tag), kept in order."""
+        """From an iterable of (offset, length, moffset, zeroed, tag), kept in
+        order; a float, or a bool outside zeroed, is refused (FormatError)."""
         idx = Index()
         for rec in records:
             check_room(len(idx._recs) + 1)
             offset, length, moffset, zeroed, tag = rec
+            for name, v in zip(REC_FIELDS, (offset, length, moffset, zeroed, tag)):
+                if isinstance(v, bool) and name != "zeroed" or not hasattr(type(v), "__index__"):
+                    raise FormatError("<records>", f"record {len(idx._recs)} {name}", v, "not an integer")
             idx._recs.append((u64(offset), u32(length), u64(moffset), u8(zeroed), u8(tag)))
         return idx
 

@@ -77,6 +77,7 @@ Rules the kernel imposes (see also tests/vm/README.md, pitfalls):
 """
 import itertools
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,47 +92,30 @@ if not IN_GUEST:
 
 CONFIGFS = Path("/sys/kernel/config/target")
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))       # tests/, for guest_suite
+
+from guest_suite import GuestSuite  # noqa: E402
 
 
-_started = {}
-_config = None
+SUITE = GuestSuite("tcmuvm", HERE, IN_GUEST,
+                   "runs in the tcmuvm guest: python tests/vm/run.py -- "
+                   "'$TCMUVM_PYTHON -m pytest -q tests/vm/guest'", unit="s")
 
 
 def pytest_configure(config):
-    global _config
-    _config = config
-
-
-def _progress(text):
-    """One progress line on the console, flushed at once (the guest may be killed next)."""
-    reporter = _config.pluginmanager.get_plugin("terminalreporter") if _config else None
-    if reporter is None:
-        raise RuntimeError("tcmuvm progress lines need pytest's terminal reporter")
-    tw = reporter._tw
-    if tw.width_of_current_line:            # after -q's progress dots
-        tw.line()
-    tw.line(f"@@tcmuvm {text}")
-    tw.flush()
+    SUITE.configure(config)
 
 
 def pytest_runtest_logstart(nodeid, location):
-    _started[nodeid] = time.monotonic()
-    _progress(f"start {nodeid}")
+    SUITE.logstart(nodeid)
 
 
 def pytest_runtest_logfinish(nodeid, location):
-    _progress(f"done {nodeid} {time.monotonic() - _started.pop(nodeid, time.monotonic()):.1f}s")
+    SUITE.logfinish(nodeid)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Named explicitly on the host (collect_ignore does not stop that): skip, don't fail."""
-    if IN_GUEST:
-        return
-    skip = pytest.mark.skip(reason="runs in the tcmuvm guest: python tests/vm/run.py -- "
-                                   "'$TCMUVM_PYTHON -m pytest -q tests/vm/guest'")
-    for item in items:
-        if HERE in Path(str(item.fspath)).resolve().parents:
-            item.add_marker(skip)
+    SUITE.skip_outside_guest(items)
 
 
 def _wait_for(predicate, timeout=60.0, interval=0.05, what="a condition"):
