@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -83,6 +84,9 @@ def turbo_seeds(tmp):
         write_seed("fuzz_turbo", bytes([0x2c]) + raw)          # gzip, streamed, erofs entries
         write_seed("fuzz_turbo", bytes([0x01]) + dumped)       # --import
         write_seed("fuzz_turbo", bytes([0x29]) + dumped)       # --import, streamed, erofs entries
+    rng = random.Random(5)
+    for mode in (0x40, 0x70):                                   # tar recipes (bit 6)
+        write_seed("fuzz_turbo", bytes([mode]) + rng.randbytes(400))
     return raw, path
 
 
