@@ -81,3 +81,18 @@ def test_sparse_member_is_refused(tmp_path):
         unpack(tmp_path, gzip.compress(sparse_member(1 << 36)))
     assert "erofs.fs.meta" in str(e.value) and "sparse" in str(e.value)
     assert os.listdir(tmp_path / "layer") == []
+
+
+def test_bad_pax_sparse_map_is_damage(tmp_path):
+    # Python's tarfile raises ValueError (not a TarError) for a GNU sparse
+    # 1.0 map that is not numbers; before, it escaped unpack_meta
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        ti = tarfile.TarInfo("erofs.fs.meta")
+        ti.size = 512
+        ti.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": "10",
+                          "GNU.sparse.name": "erofs.fs.meta"}
+        t.addfile(ti, io.BytesIO(b"zz\n" + bytes(509)))
+    with pytest.raises(ManifestError) as e:
+        unpack(tmp_path, gzip.compress(buf.getvalue()))
+    assert "reg/layers[0]" in str(e.value) and "meta archive" in str(e.value)

@@ -34,7 +34,8 @@ FS_PREFERENCE = ("erofs", "ext4")          # the snapshotter's turboFsType defau
 _STAMP = ".tcmu-obd-meta-digest"           # which meta blob a dir holds (so a second run reuses it)
 CHUNK = 1 << 20
 # what tarfile and the decompressors it uses raise on a damaged archive
-_DAMAGE = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
+_DAMAGE = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError,
+           ValueError)      # tarfile: a GNU sparse 1.0 map that is not numbers
 
 
 def kernel_has_erofs():
