@@ -13,14 +13,16 @@ Byte 0 picks the mode, the rest is the input file:
   bit 3  read through a pipe-like stream (no seeking) instead of the file
   bit 4  for a tar: --export it and walk the dump with --import semantics,
          which must yield the same members
-  bit 5  run the members through erofs_entries too
+  bit 5  run the members through erofs_entries and an ErofsBuilder (the
+         metadata of an erofs meta layer, as --fstype erofs makes it)
   bit 6  the rest is not a tar but the recipe of one, written with Python's
          tarfile (PAX or GNU format): member kinds, names, sizes and PAX
          records (size, uid, gid, mtime, path, linkpath, xattrs) with values
          chosen by the fuzzer, negative and huge ones included
 A result or an ObdError (tcmu_obd.errors) is fine; any other exception,
-a hang or a huge allocation is a finding.  Not a test of the ext4 or erofs
-writers (fuzz_ext4, fuzz_erofs) nor of the gzip index parser (fuzz_gzindex).
+a hang or a huge allocation is a finding.  Not a test of the ext4 writer
+or the erofs reader (fuzz_ext4, fuzz_erofs) nor of the gzip index parser
+(fuzz_gzindex).
 """
 
 import gzip
@@ -37,6 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 with atheris.instrument_imports():
     from tcmu_obd.build import turbo
     from tcmu_obd.errors import ObdError
+    from tcmu_obd.format.erofs import ErofsBuilder
 
 TMP = tempfile.mkdtemp(prefix="fuzz-turbo-")
 INPUT = os.path.join(TMP, "layer")
@@ -109,9 +112,12 @@ class _Pipe(io.RawIOBase):
 def _members(walk, erofs):
     out = []
     if erofs:
+        b = ErofsBuilder(4096, name="fuzz")
         for e in turbo.erofs_entries(walk, "fuzz"):
             assert e.data_offset is None or e.data_offset >= 0, e
             out.append((e.path, e.type, e.size, e.data_offset))
+            b.add(e)
+        b.finish()
         return out
     for info, content, blocks in walk:
         assert content >= 0 and content % 512 == 0, content

@@ -83,3 +83,27 @@ def test_uid_gid_outside_32_bits_are_refused(tmp_path, key, value):
     with pytest.raises(ApplyError) as e:
         walk(one_member_tar({key: value}), tmp_path, seekable=True)
     assert "a:" in str(e.value) and f"{key} {value}" in str(e.value)
+
+
+@pytest.mark.parametrize("fmt,pax,shown", [
+    (tarfile.PAX_FORMAT, {"mtime": "99999999999999999999999"}, "mtime 99999999999999999999999"),
+    (tarfile.PAX_FORMAT, {"mtime": "-9223372036854775809.5"}, "mtime -9223372036854775809.5"),
+    (tarfile.PAX_FORMAT, {"atime": "1" + "0" * 30}, "atime 1" + "0" * 30),
+    (tarfile.GNU_FORMAT, None, f"mtime {1 << 70}"),
+])
+def test_times_outside_64_bit_seconds_are_refused(tmp_path, fmt, pax, shown):
+    # before: the erofs writer failed with struct.error (i_mtime is 64-bit)
+    # and the ext4 side's utime with OverflowError
+    raw = bytearray(one_member_tar(pax, fmt=fmt))
+    if pax is None:                     # a base-256 mtime field in the GNU header
+        k = 0
+        raw[k + 136:k + 148] = b"\x80" + (1 << 70).to_bytes(11, "big")
+        raw[k + 148:k + 156] = b" " * 8
+        raw[k + 148:k + 156] = b"%06o\0 " % sum(raw[k:k + 512])
+    with pytest.raises(ApplyError) as e:
+        walk(bytes(raw), tmp_path, seekable=True)
+    assert "a:" in str(e.value) and shown in str(e.value)
+    # the erofs entries of the same tar: the same error, named by the input
+    with pytest.raises(ApplyError) as e:
+        list(turbo.erofs_entries(turbo.HeaderWalk(io.BytesIO(bytes(raw))), "l.tar"))
+    assert str(e.value).startswith("l.tar: a:") and shown in str(e.value)

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 from tcmu_obd.build.untar import Untar
 from tcmu_obd.errors import ApplyError, FormatError, LayerTooBig, ObdError, UnsupportedError, UsageError
+from tcmu_obd.format.erofs import pax_time_ns
 
 log = logging.getLogger(__name__)
 
@@ -253,8 +254,9 @@ class HeaderWalk:
     offset in the tar, raw header blocks for a dump).  from_dump: the stream
     is an --export dump (header blocks only: no member's data is skipped;
     content offsets in bytes 329..345; header checksums not checked, as
-    overlaybd's TAR_IGNORE_CRC).  A negative size, or a uid/gid outside 32
-    bits (PAX or base-256), is an ApplyError."""
+    overlaybd's TAR_IGNORE_CRC).  A negative size, a uid/gid outside 32
+    bits or an mtime/atime outside 64-bit seconds (PAX or base-256) is an
+    ApplyError."""
 
     def __init__(self, stream, from_dump=False, seekable=False):
         self.stream, self.from_dump, self.seekable = stream, from_dump, seekable
@@ -355,6 +357,10 @@ class HeaderWalk:
                 if not 0 <= getattr(info, key) < 1 << 32:
                     raise ApplyError(f"{info.name}: {key} {getattr(info, key)} is outside 0..4294967295 "
                                      f"(header at byte {at})")
+            for key, seconds in (("mtime", info.mtime), ("atime", 0)):
+                if not -(1 << 63) <= pax_time_ns(headers.get(key), seconds) // 10**9 < 1 << 63:
+                    raise ApplyError(f"{info.name}: {key} {headers.get(key, seconds)} is outside the "
+                                     f"64-bit seconds a file system stores (header at byte {at})")
             for key in ("uname", "gname"):
                 if key in headers:
                     setattr(info, key, headers[key])
