@@ -121,6 +121,9 @@ def meta_seeds(tmp, tar_path):
     meta_archive(ldir, [".turbo.ociv1", "gzip.meta"], small)          # no fs.meta: refused
     with open(small, "rb") as f:
         write_seed("fuzz_turbometa", bytes([0]) + f.read())
+    rng = random.Random(9)
+    for _ in range(3):                                                 # archive recipes (mode 3)
+        write_seed("fuzz_turbometa", bytes([3]) + rng.randbytes(300))
 
 
 def main():
