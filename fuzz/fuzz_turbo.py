@@ -29,7 +29,6 @@ import gzip
 import io
 import os
 import sys
-import tarfile
 import tempfile
 
 import atheris
@@ -37,6 +36,7 @@ import atheris
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 with atheris.instrument_imports():
+    import tarfile          # instrumented: its branches guide the fuzzer
     from tcmu_obd.build import turbo
     from tcmu_obd.errors import ObdError
     from tcmu_obd.format.erofs import ErofsBuilder

@@ -22,7 +22,6 @@ import io
 import os
 import shutil
 import sys
-import tarfile
 import tempfile
 
 import atheris
@@ -30,6 +29,7 @@ import atheris
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 with atheris.instrument_imports():
+    import tarfile          # instrumented: its branches guide the fuzzer
     from tcmu_obd.image import turbometa
     from tcmu_obd.errors import ObdError
 
