@@ -55,7 +55,7 @@ def main():
         work = [p + 4096 - des[bisect.bisect_right(des, p) - 1] for p in picks]
 
         def fresh():
-            return core.GzipBacking(target, idx, "blob.gz[gzip]")
+            return gzindex.open_backing(target, idx, "blob.gz[gzip]")
 
         g = fresh()
         assert g.pread(0, size) == data

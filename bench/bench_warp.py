@@ -75,9 +75,9 @@ def main():
         fds = [os.open(p, os.O_RDONLY) for p in (tar_path, gz_path)]
         plain = core.RawBacking(fds[0], 0, size, tar_path)
         gzraw = core.RawBacking(fds[1], 0, os.path.getsize(gz_path), gz_path)
-        gzv = core.GzipBacking(gzraw, idx_path, "gz")
+        gzv = gzindex.open_backing(gzraw, idx_path, "gz")
         cache = FileCache(os.path.join(tmp, "gzcache"), 1, 1 << 20)
-        blob = cache.open("sha256:" + "0" * 64, size, warp._GzipSource(core.GzipBacking(gzraw, idx_path, "gz2")))
+        blob = cache.open("sha256:" + "0" * 64, size, warp._GzipSource(gzindex.open_backing(gzraw, idx_path, "gz2")))
         cached = core.RawBacking(blob.fd, 0, size, "cache")
         cached.attach(blob.presence, blob)
         images = {"plain tar": image_with_target(meta, plain), "gzip index": image_with_target(meta, gzv),

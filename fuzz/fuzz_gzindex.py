@@ -70,7 +70,7 @@ def _read_all(M, blob, idx, ranges):
     """Per range: bytes, or the error class name."""
     out = []
     try:
-        g = M.GzipBacking(M.RawBacking(blob["fd"], 0, len(blob["gz"]), PATH + ".gz"), idx, PATH + "[gzip]")
+        g = gzindex.open_backing(M.RawBacking(blob["fd"], 0, len(blob["gz"]), PATH + ".gz"), idx, PATH + "[gzip]", impl=M)
     except BAD_INPUT as e:
         return [type(e).__name__]
     for off, n in ranges:
@@ -122,7 +122,7 @@ def TestOneInput(data):
         fd = os.memfd_create("built")
         try:
             os.write(fd, rest)
-            g = C.GzipBacking(C.RawBacking(fd, 0, len(rest), PATH), idx, PATH + "[gzip]")
+            g = gzindex.open_backing(C.RawBacking(fd, 0, len(rest), PATH), idx, PATH + "[gzip]", impl=C)
             assert g.pread(0, len(first)) == first
         finally:
             os.close(fd)

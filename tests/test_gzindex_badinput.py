@@ -172,7 +172,7 @@ def _backing(M, tmp_path, gz, index, name="blob.gz"):
     p = tmp_path / f"{M.__name__.split('.')[-1]}-{len(gz)}.gz"
     p.write_bytes(gz)
     fd = os.open(p, os.O_RDONLY)
-    return fd, M.GzipBacking(M.RawBacking(fd, 0, len(gz), name), index, name + "[gzip]")
+    return fd, gzindex.open_backing(M.RawBacking(fd, 0, len(gz), name), index, name + "[gzip]", impl=M)
 
 
 @pytest.mark.parametrize("M", [C, R])
@@ -235,13 +235,13 @@ def test_stream_shorter_than_the_index_says(M, tmp_path, good):
 def test_backing_checks_an_index_object_it_is_given(M, tmp_path, good):
     # an index object not from the parser must not make the reader read outside its windows
     cases = [
-        (lambda e: [], "entry 0 de_pos"),
-        (lambda e: [e[0]._replace(de_pos=7)] + e[1:], "entry 0 de_pos"),
-        (lambda e: e[:1] + [e[2], e[1]] + e[3:], "entry 2 de_pos"),
-        (lambda e: e[:1] + [e[1]._replace(en_pos=len(GZ) + 1)] + e[2:], "entry 1 en_pos"),
-        (lambda e: e[:1] + [e[1]._replace(bits=9)] + e[2:], "entry 1 en_pos"),
-        (lambda e: e[:1] + [e[1]._replace(win_len=1 << 30)] + e[2:], "entry 1 win_pos"),
-        (lambda e: e[:1] + [e[1]._replace(win_pos=3)] + e[2:], "entry 1 win_pos"),
+        (lambda e: [], "access point 0 de_pos"),
+        (lambda e: [e[0]._replace(de_pos=7)] + e[1:], "access point 0 de_pos"),
+        (lambda e: e[:1] + [e[2], e[1]] + e[3:], "access point 2 de_pos"),
+        (lambda e: e[:1] + [e[1]._replace(en_pos=len(GZ) + 1)] + e[2:], "access point 1 en_pos"),
+        (lambda e: e[:1] + [e[1]._replace(bits=9)] + e[2:], "access point 1 bits"),
+        (lambda e: e[:1] + [e[1]._replace(win_len=1 << 30)] + e[2:], "access point 1 win_off"),
+        (lambda e: e[:1] + [e[1]._replace(win_pos=3)] + e[2:], "access point 1 win_off"),
     ]
     for change, field in cases:
         idx = gzindex.parse_index(good)
@@ -250,7 +250,7 @@ def test_backing_checks_an_index_object_it_is_given(M, tmp_path, good):
         os.write(fd, GZ)
         try:
             with pytest.raises(FormatError) as e:
-                M.GzipBacking(M.RawBacking(fd, 0, len(GZ), "b"), idx, "g")
+                gzindex.open_backing(M.RawBacking(fd, 0, len(GZ), "b"), idx, "g", impl=M)
             assert e.value.field == field
         finally:
             os.close(fd)

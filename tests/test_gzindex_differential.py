@@ -53,7 +53,7 @@ def outcome(fn):
 def both(idx, fd, ranges):
     res = {}
     for M in (C, R):
-        made = outcome(lambda: M.GzipBacking(M.RawBacking(fd, 0, len(GZ), "blob.gz"), idx, "blob.gz[gzip]"))
+        made = outcome(lambda: gzindex.open_backing(M.RawBacking(fd, 0, len(GZ), "blob.gz"), idx, "blob.gz[gzip]", impl=M))
         if made[0] != "ok":             # an index object the backing refuses (check_points)
             res[M] = [made]
             continue

@@ -56,7 +56,7 @@ def test_remote_gzip_reads_fetch_through_recover(M, pushed, tmp_path):
         cb = cache.open(pushed["digest"], len(pushed["gz"]), blob)
         raw = M.RawBacking(cb.fd, 0, len(pushed["gz"]), "remote.gz")
         raw.attach(cb.presence, cb)
-        g = M.GzipBacking(raw, pushed["idx"], "remote.gz[gzip]")
+        g = gzindex.open_backing(raw, pushed["idx"], "remote.gz[gzip]", impl=M)
         assert g.fetcher is cb
         data, idx = pushed["data"], pushed["idx"]
         # one read in the middle fetches only around its access point's span
@@ -84,7 +84,7 @@ def test_remote_gzip_reads_fetch_through_recover(M, pushed, tmp_path):
         cb2 = cache2.open(pushed["digest"], len(pushed["gz"]), blob)
         raw2 = M.RawBacking(cb2.fd, 0, len(pushed["gz"]), "remote2.gz")
         raw2.attach(cb2.presence, None)
-        g2 = M.GzipBacking(raw2, pushed["idx"], "remote2.gz[gzip]")
+        g2 = gzindex.open_backing(raw2, pushed["idx"], "remote2.gz[gzip]", impl=M)
         with pytest.raises(ReadError) as e:
             g2.pread(0, 100)
         assert "remote2.gz[gzip]" in str(e.value) and "not in the cache" in str(e.value)

@@ -20,13 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "tcmu_obd"
 ROOMS = ["base", "core", "format", "remote", "image", "serve", "build", "cli"]
 
 # (importer, imported module or name) -> why it must stay
-ALLOWED_UPWARD = {
-    ("tcmu_obd.core._lsmt", "tcmu_obd.format.gzindex"):
-        "GzipBacking takes the gzip index as a parsed object or a path (its contract with the warp "
-        "layer) and checks an object it is given with gzindex.check_points; function-level import",
-    ("tcmu_obd.core.reference.gz", "tcmu_obd.format.gzindex"):
-        "the twin of GzipBacking, same contract as tcmu_obd.core._lsmt's",
-}
+ALLOWED_UPWARD = {}
 ALLOWED_CLI_IMPORTERS = {
     "tcmu_obd.__main__": "`python -m tcmu_obd` is the tcmu-obd console script, the CLI's entry point",
 }

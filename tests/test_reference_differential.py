@@ -878,7 +878,7 @@ def test_warp_gzip_target_zero_fill(tmp_path):
         size = os.fstat(f.fileno()).st_size
 
         def view(M, flag):
-            g = M.GzipBacking(M.RawBacking(f.fileno(), 0, size, "gz"), str(tmp_path / "t.idx"), "view")
+            g = gzindex.open_backing(M.RawBacking(f.fileno(), 0, size, "gz"), str(tmp_path / "t.idx"), "view", impl=M)
             g.zero_fill_past_end = flag
             return g
         want = plain[2560:] + bytes(1536 - 440)

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 from tcmu_obd.build.untar import Untar
 from tcmu_obd.errors import ApplyError, FormatError, LayerTooBig, ObdError, UnsupportedError, UsageError
+from tcmu_obd.format.erofs import pax_time_ns
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +252,11 @@ def _pax_records(data, where):
 class HeaderWalk:
     """Tar members from a stream, header by header: yields (TarInfo, content
     offset in the tar, raw header blocks for a dump).  from_dump: the stream
-    is an --export dump (no file data; content offsets in bytes 329..345;
-    header checksums not checked, as overlaybd's TAR_IGNORE_CRC)."""
+    is an --export dump (header blocks only: no member's data is skipped;
+    content offsets in bytes 329..345; header checksums not checked, as
+    overlaybd's TAR_IGNORE_CRC).  A negative size, a uid/gid outside 32
+    bits or an mtime/atime outside 64-bit seconds (PAX or base-256) is an
+    ApplyError."""
 
     def __init__(self, stream, from_dump=False, seekable=False):
         self.stream, self.from_dump, self.seekable = stream, from_dump, seekable
@@ -347,6 +351,16 @@ class HeaderWalk:
                     except ValueError:
                         raise ApplyError(f"{info.name}: PAX {key} = {headers[key]!r} is not a "
                                          f"number (header at byte {at})") from None
+            if info.size < 0:
+                raise ApplyError(f"{info.name}: size {info.size} is negative (header at byte {at})")
+            for key in ("uid", "gid"):
+                if not 0 <= getattr(info, key) < 1 << 32:
+                    raise ApplyError(f"{info.name}: {key} {getattr(info, key)} is outside 0..4294967295 "
+                                     f"(header at byte {at})")
+            for key, seconds in (("mtime", info.mtime), ("atime", 0)):
+                if not -(1 << 63) <= pax_time_ns(headers.get(key), seconds) // 10**9 < 1 << 63:
+                    raise ApplyError(f"{info.name}: {key} {headers.get(key, seconds)} is outside the "
+                                     f"64-bit seconds a file system stores (header at byte {at})")
             for key in ("uname", "gname"):
                 if key in headers:
                     setattr(info, key, headers[key])
@@ -360,7 +374,7 @@ class HeaderWalk:
                                      "non-negative multiple of 512")
             elif info.type in REG_TYPES:
                 self._skip(_round(info.size))
-            elif info.size and info.type not in (tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.DIRTYPE,
+            elif info.size and not self.from_dump and info.type not in (tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.DIRTYPE,
                                                  tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE):
                 self._skip(_round(info.size))
             if info.type in REG_TYPES:

@@ -5,7 +5,7 @@ finds the access points while it decompresses a blob once (the index writer,
 tcmu_obd.format.gzindex, drives it and writes the file).
 
 It does not parse or write index files (tcmu_obd.format.gzindex does; a
-GzipBacking takes the parsed index) and it does not fetch: the compressed
+GzipBacking takes the access points as plain ints and bytes, and checks them) and it does not fetch: the compressed
 bytes are read only through the target Backing's C read, so a cached remote
 target reports its misses (E_MISS, in the target's own file coordinates)
 and _lsmt_cache.recover() fetches them through the target's fetcher.
@@ -367,62 +367,104 @@ cdef int gz_read(GzC *g, char *dst, uint64_t off, uint64_t n, Err *err) noexcept
     return 0
 
 
+cdef list gz_check_points(points, windows_len, size, target_size, bint raw_windows, str name):
+    """The access points as a list of int 5-tuples, each value checked
+    against what gz_read relies on; FormatError(name, "access point I
+    FIELD", value, why) otherwise.  The pure-Python twin checks the same
+    (tcmu_obd.core.reference.gz)."""
+    if type(size) is not int or not 0 <= size < (1 << 63):
+        raise FormatError(name, "size", size, "the decompressed size must be an int 0..2**63-1")
+    out = []
+    prev = 0
+    for i, p in enumerate(points):
+        try:
+            de, en, bits, woff, wlen = p
+        except (TypeError, ValueError):
+            raise FormatError(name, f"access point {i}", p,
+                              "must be (de_pos, en_pos, bits, win_off, win_len)") from None
+        for field, v in (("de_pos", de), ("en_pos", en), ("bits", bits), ("win_off", woff), ("win_len", wlen)):
+            if type(v) is not int:
+                raise FormatError(name, f"access point {i} {field}", v, "must be an int")
+        if i == 0 and de != 0:
+            raise FormatError(name, "access point 0 de_pos", de, "the first access point is at byte 0")
+        if not prev <= de <= size:
+            raise FormatError(name, f"access point {i} de_pos", de,
+                              f"must be sorted (previous {prev}) and inside the {size}-byte stream")
+        if not 0 <= bits <= 7:
+            raise FormatError(name, f"access point {i} bits", bits, "must be 0..7")
+        if not (1 if bits else 0) <= en <= target_size:
+            raise FormatError(name, f"access point {i} en_pos", en,
+                              f"outside the {target_size}-byte gzip blob (bits {bits})")
+        if not 1 <= wlen < (1 << 32) or (raw_windows and wlen != GZ_WIN):
+            raise FormatError(name, f"access point {i} win_len", wlen,
+                              f"must be {GZ_WIN} (raw windows)" if raw_windows else "must be 1..2**32-1")
+        if not 0 <= woff <= windows_len - wlen:
+            raise FormatError(name, f"access point {i} win_off", woff,
+                              f"the {wlen}-byte window lies outside the {windows_len} bytes of windows")
+        out.append((de, en, bits, woff, wlen))
+        prev = de
+    if not out:
+        raise FormatError(name, "access point 0 de_pos", None, "there must be at least one access point")
+    return out
+
+
 cdef class GzipBacking(Backing):
     """The decompressed stream of a gzip blob, read at random through its
-    ddgzidx index.  `target` is the Backing holding the .gz blob (raw local
-    file, or a cached remote one: attach() the target before making this);
-    `index` is a tcmu_obd.format.gzindex.GzIndex or the index file's path.
-    size = the index's uncompress_file_size.  A read past the end serves the
-    bytes inside the stream and then fails with E_SHORT (ReadError), as a
-    RawBacking over a short file does.  `cache_slots` decoded pieces (at
-    most 1.3 MiB each) are kept; 0 keeps none (inflate states are still
-    resumed)."""
+    access points.  `target` is the Backing holding the .gz blob (raw local
+    file, or a cached remote one: attach() the target before making this).
+    The access points come as plain values (tcmu_obd.format.gzindex parses
+    an index file into them): `points`, a sequence of (de_pos, en_pos, bits,
+    win_off, win_len) ints in de_pos order, the first at 0; `windows`, the
+    bytes holding each point's 32 KiB dictionary at [win_off, win_off +
+    win_len), zlib-compressed (or raw, 32768 bytes each, when raw_windows);
+    `size`, the decompressed stream's length.  Every value is checked here
+    (FormatError naming `name`, the point and the field), so nothing passed
+    in makes a read go outside the windows or the blob.
+    A read past the end serves the bytes inside the stream and then fails
+    with E_SHORT (ReadError), as a RawBacking over a short file does.
+    `cache_slots` decoded pieces (at most 1.3 MiB each) are kept; 0 keeps
+    none (inflate states are still resumed)."""
     cdef GzC *g
     cdef readonly Backing target
-    cdef readonly object index
     cdef bytes _wins
 
-    def __init__(self, Backing target, index, str name="<gzip>", int cache_slots=8):
+    def __init__(self, Backing target, points, windows, size, str name="<gzip>", int cache_slots=8,
+                 *, bint raw_windows=False):
         cdef uint64_t i, n
-        from tcmu_obd.format import gzindex
-        if isinstance(index, (str, bytes)) or hasattr(index, "__fspath__"):
-            index = gzindex.load_index(index, gzip_size=target.c.size)
-        elif index.gzip_file_size != target.c.size:
-            raise FormatError(index.path, "gzip_file_size", index.gzip_file_size,
-                              f"the gzip blob {target.name} has {target.c.size} bytes")
+        self.name = name
+        wins = windows if type(windows) is bytes else bytes(memoryview(windows))
+        pts = gz_check_points(points, len(wins), size, target.c.size, raw_windows, name)
         if not 0 <= cache_slots <= GZ_MAX_SLOTS:
             raise UsageError(f"cache_slots {cache_slots}: must be 0..{GZ_MAX_SLOTS}")
-        self.name = name
         self.target = target
-        self.index = index
         self.fetcher = target.fetcher
-        self._wins = bytes(index.window_area)
-        n = len(index.entries)
-        gzindex.check_points(index, len(self._wins), target.c.size)
+        self._wins = wins
+        n = len(pts)
         self.g = <GzC *>calloc(1, sizeof(GzC))
         if self.g == NULL:
             raise MemoryError()
         pthread_mutex_init(&self.g.lock, NULL)
-        self.g.pts = <GzPoint *>malloc(max(1, n) * sizeof(GzPoint))
+        self.g.pts = <GzPoint *>malloc(n * sizeof(GzPoint))
         if self.g.pts == NULL:
             raise MemoryError()
-        for i, e in enumerate(index.entries):
-            self.g.pts[i].de = e.de_pos
-            self.g.pts[i].en = e.en_pos
-            self.g.pts[i].bits = e.bits
-            self.g.pts[i].woff = e.win_pos - index.window_start
-            self.g.pts[i].wlen = e.win_len
+        for i in range(n):
+            de, en, bits, woff, wlen = pts[i]
+            self.g.pts[i].de = de
+            self.g.pts[i].en = en
+            self.g.pts[i].bits = bits
+            self.g.pts[i].woff = woff
+            self.g.pts[i].wlen = wlen
         for i in range(GZ_MAX_SLOTS):
             self.g.slots[i].pt = -1
         self.g.npts = n
         self.g.target = &target.c
-        self.g.size = index.uncompress_file_size
+        self.g.size = size
         self.g.wins = <const unsigned char *>PyBytes_AS_STRING(self._wins)
-        self.g.algo = index.dict_compress_algo
+        self.g.algo = 0 if raw_windows else 1
         self.g.nslots = cache_slots
         self.c.kind = K_GZIP
         self.c.fd = target.c.fd
-        self.c.size = index.uncompress_file_size
+        self.c.size = size
         self.c.gz = self.g
 
     def attach(self, Presence presence, fetcher):

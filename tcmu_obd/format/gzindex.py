@@ -12,7 +12,9 @@ is CRC32C over its first 329 bytes with initial register 0 and no final
 xor (tcmu_obd.core.crc32c with seed 0).
 
 Reading the decompressed stream through an index is the core's job
-(tcmu_obd.core GzipBacking); this module only knows the file.  The writer's
+(tcmu_obd.core GzipBacking, which takes the access points as plain values:
+open_backing() here parses and hands them over); this module only knows the
+file.  The writer's
 inflate loop is the core's GzipScanner (zlib's block boundaries are not
 visible from Python's zlib module).
 
@@ -60,6 +62,11 @@ class GzIndex:
         e = self.entries[i]
         raw = self.window_area[e.win_pos - HEADER_SIZE:e.win_pos - HEADER_SIZE + e.win_len]
         return raw if self.dict_compress_algo == 0 else zlib.decompress(raw)
+
+    def access_points(self):
+        """The entries as the core's GzipBacking takes them: (de_pos, en_pos,
+        bits, win_off, win_len) with win_off relative to window_area."""
+        return [(e.de_pos, e.en_pos, e.bits, e.win_pos - self.window_start, e.win_len) for e in self.entries]
 
     def __repr__(self):
         return (f"GzIndex({self.path!r}, {len(self.entries)} points, "
@@ -182,28 +189,22 @@ def parse_index(data, *, path="<gzindex>", gzip_size=None, check_windows=True):
     return index
 
 
-def check_points(index, window_area_len, gzip_size):
-    """What a reader relies on, for an index object that may not come from
-    parse_index (which checks all of it): GzipBacking calls it before
-    trusting the entries.  FormatError otherwise."""
-    es, path, size = index.entries, index.path, index.uncompress_file_size
-    if index.dict_compress_algo not in (0, 1):
-        raise FormatError(path, "dict_compress_algo", index.dict_compress_algo, "only 0 (raw) and 1 (zlib) are known")
-    if not es or es[0].de_pos != 0:
-        raise FormatError(path, "entry 0 de_pos", es[0].de_pos if es else None, "the first access point is at byte 0")
-    prev = 0
-    for i, e in enumerate(es):
-        if not prev <= e.de_pos <= size:
-            raise FormatError(path, f"entry {i} de_pos", e.de_pos, "entries must be sorted and inside the stream")
-        if not 0 <= e.bits <= 7 or not (1 if e.bits else 0) <= e.en_pos <= gzip_size:
-            raise FormatError(path, f"entry {i} en_pos", e.en_pos,
-                              f"outside the {gzip_size}-byte gzip blob (bits {e.bits})")
-        woff = e.win_pos - HEADER_SIZE
-        if woff < 0 or e.win_len < 1 or woff + e.win_len > window_area_len or \
-                (index.dict_compress_algo == 0 and e.win_len != WINDOW):
-            raise FormatError(path, f"entry {i} win_pos", e.win_pos,
-                              f"window of {e.win_len} bytes outside the window area")
-        prev = e.de_pos
+def open_backing(target, index, name="<gzip>", cache_slots=8, *, impl=None):
+    """The core's GzipBacking over `target` (the Backing holding the .gz
+    blob) through `index`, a GzIndex or an index file's path (parsed with
+    load_index).  The index must be the blob's: its gzip_file_size is
+    checked against target.size (FormatError naming the index file).  The
+    core checks the access points again on its own terms.  impl: the core
+    module to use (default tcmu_obd.core; tests pass _lsmt or its twin)."""
+    if impl is None:
+        from tcmu_obd import core as impl
+    if isinstance(index, (str, bytes)) or hasattr(index, "__fspath__"):
+        index = load_index(index, gzip_size=target.size)
+    elif index.gzip_file_size != target.size:
+        raise FormatError(index.path, "gzip_file_size", index.gzip_file_size,
+                          f"the gzip blob {target.name} has {target.size} bytes")
+    return impl.GzipBacking(target, index.access_points(), index.window_area, index.uncompress_file_size,
+                            name, cache_slots, raw_windows=index.dict_compress_algo == 0)
 
 
 def load_index(path, *, gzip_size=None):

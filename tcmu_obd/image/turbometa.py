@@ -16,8 +16,12 @@ erofs), and every layer above uses the same file name.
 It does not read the layers (tcmu_obd.image.assemble does) nor make TurboOCI
 images (tcmu_obd.build.convert)."""
 import logging
+import lzma
 import os
+import shutil
 import tarfile
+import tempfile
+import zlib
 
 from tcmu_obd.core import fileio
 from tcmu_obd.errors import ManifestError, UsageError
@@ -28,6 +32,10 @@ log = logging.getLogger(__name__)
 META_NAMES = ("ext4.fs.meta", "erofs.fs.meta", ".turbo.ociv1", "gzip.meta")
 FS_PREFERENCE = ("erofs", "ext4")          # the snapshotter's turboFsType default
 _STAMP = ".tcmu-obd-meta-digest"           # which meta blob a dir holds (so a second run reuses it)
+CHUNK = 1 << 20
+# what tarfile and the decompressors it uses raise on a damaged archive
+_DAMAGE = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError,
+           ValueError)      # tarfile: a GNU sparse 1.0 map that is not numbers
 
 
 def kernel_has_erofs():
@@ -42,12 +50,34 @@ def is_gzip_media_type(media_type):
     return media_type.endswith(("+gzip", ".gzip"))
 
 
+def _write_member(src, path):
+    """Copy a member's bytes to path in pieces (never the whole member in
+    memory), through a synced temporary file and a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=".meta-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            shutil.copyfileobj(src, f, CHUNK)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
 def unpack_meta(archive, layer_dir, where):
     """Unpack a turboOCIv1.tar.gz into layer_dir: only the known names, as
-    regular files at the archive's root; anything else is refused by name."""
+    regular (not sparse) files at the archive's root; anything else is
+    refused by name.  The compressed stream is read to its end, so its
+    trailer (gzip's CRC and length) is checked; a damaged archive is a
+    ManifestError, and the files it left are not stamped (fetch_meta)."""
     try:
         tf = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except _DAMAGE as e:
         raise ManifestError(f"{where}: cannot open the TurboOCI meta archive: {e}") from None
     seen = set()
     with tf:
@@ -60,12 +90,16 @@ def unpack_meta(archive, layer_dir, where):
                     raise ManifestError(f"{where}: TurboOCI meta archive member {m.name!r} "
                                         f"(type {m.type!r}): expected regular files named "
                                         f"{', '.join(META_NAMES)}")
+                if m.issparse():
+                    raise ManifestError(f"{where}: TurboOCI meta archive member {m.name!r} is a sparse "
+                                        f"file (type {m.type!r}, {m.size} bytes): expected a regular file")
                 if name in seen:
                     raise ManifestError(f"{where}: TurboOCI meta archive has {name!r} twice")
                 seen.add(name)
-                data = tf.extractfile(m).read()
-                fileio.write_atomic(os.path.join(layer_dir, name), data, 0o644, prefix=".meta-")
-        except (tarfile.TarError, OSError, EOFError) as e:
+                _write_member(tf.extractfile(m), os.path.join(layer_dir, name))
+            while tf.fileobj.read(CHUNK):      # to the end: the trailer's checks run there
+                pass
+        except _DAMAGE as e:
             raise ManifestError(f"{where}: TurboOCI meta archive is damaged: {e}") from None
     if not any(n.endswith(".fs.meta") for n in seen):
         raise ManifestError(f"{where}: TurboOCI meta archive has no ext4.fs.meta or erofs.fs.meta "

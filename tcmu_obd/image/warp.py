@@ -19,6 +19,7 @@ import threading
 
 from tcmu_obd import core
 from tcmu_obd.errors import FormatError, ReadError
+from tcmu_obd.format import gzindex
 from tcmu_obd.format.lsmt import SECTOR
 from tcmu_obd.remote.cache import FileCache
 
@@ -82,7 +83,7 @@ def _gzip_view(where, lower, blob, blob_closer, service_cfg):
     """The decompressed stream of a gzip target: (backing, closer)."""
     path = lower["gzipIndex"]
     try:
-        gz = core.GzipBacking(blob, path, f"{blob.name} (gzip, index {path})")
+        gz = gzindex.open_backing(blob, path, f"{blob.name} (gzip, index {path})")
     except OSError as e:
         raise ReadError(f"{where}.gzipIndex = {path!r}: cannot read: {e.strerror or e}") from e
     gcfg = getattr(service_cfg, "gzip_cache_config", None)

@@ -22,7 +22,7 @@ import threading
 from tcmu_obd import core
 from tcmu_obd.core.fileio import punch_hole, pwrite_all
 from tcmu_obd.errors import FormatError, UsageError
-from tcmu_obd.format import lsmt
+from tcmu_obd.format import gzindex, lsmt
 from tcmu_obd.format.lsmt import FLAG_HEADER, HT_SPACE, MAX_IO, MAX_LENGTH, SECTOR, LsmtHeader
 from tcmu_obd.image.rw import create_exclusive, read_index_file
 
@@ -116,7 +116,7 @@ class WarpRWLayer:
             raw = core.RawBacking(fd, 0, size, path) if size else None
             if raw is not None and gzip_index:
                 self._target_fd = fd
-                return core.GzipBacking(raw, gzip_index, path)
+                return gzindex.open_backing(raw, gzip_index, path)
             if raw is not None and os.pread(fd, 2, 0) != b"\x1f\x8b":
                 self._target_fd = fd
                 return raw

@@ -10,8 +10,8 @@ dictionary after priming), so for bits != 0 a raw deflate prefix is built
 the window, `bits` bits of byte en_pos-1 pending, byte alignment kept.  Errors are the C core's, with
 one difference: for a zlib data error the offset in the message's text is
 the end of the compressed bytes read so far (the fields are the same).
-It does not parse index files (tcmu_obd.format.gzindex does) and it does
-not fetch (a miss of the target is reported in the target's coordinates).
+It does not parse index files (tcmu_obd.format.gzindex does: the access
+points come as plain ints and bytes, checked here) and it does not fetch (a miss of the target is reported in the target's coordinates).
 """
 import zlib
 
@@ -84,32 +84,66 @@ def primed_prefix(window, bits, byte):
     return w.v.to_bytes(w.n // 8, "little"), 6 + extra + len(window)
 
 
+def check_points(points, windows_len, size, target_size, raw_windows, name):
+    """As the C core's gz_check_points: the access points as a list of int
+    5-tuples, or FormatError(name, "access point I FIELD", value, why)."""
+    if type(size) is not int or not 0 <= size < (1 << 63):
+        raise FormatError(name, "size", size, "the decompressed size must be an int 0..2**63-1")
+    out = []
+    prev = 0
+    for i, p in enumerate(points):
+        try:
+            de, en, bits, woff, wlen = p
+        except (TypeError, ValueError):
+            raise FormatError(name, f"access point {i}", p,
+                              "must be (de_pos, en_pos, bits, win_off, win_len)") from None
+        for field, v in (("de_pos", de), ("en_pos", en), ("bits", bits), ("win_off", woff), ("win_len", wlen)):
+            if type(v) is not int:
+                raise FormatError(name, f"access point {i} {field}", v, "must be an int")
+        if i == 0 and de != 0:
+            raise FormatError(name, "access point 0 de_pos", de, "the first access point is at byte 0")
+        if not prev <= de <= size:
+            raise FormatError(name, f"access point {i} de_pos", de,
+                              f"must be sorted (previous {prev}) and inside the {size}-byte stream")
+        if not 0 <= bits <= 7:
+            raise FormatError(name, f"access point {i} bits", bits, "must be 0..7")
+        if not (1 if bits else 0) <= en <= target_size:
+            raise FormatError(name, f"access point {i} en_pos", en,
+                              f"outside the {target_size}-byte gzip blob (bits {bits})")
+        if not 1 <= wlen < (1 << 32) or (raw_windows and wlen != WINDOW):
+            raise FormatError(name, f"access point {i} win_len", wlen,
+                              f"must be {WINDOW} (raw windows)" if raw_windows else "must be 1..2**32-1")
+        if not 0 <= woff <= windows_len - wlen:
+            raise FormatError(name, f"access point {i} win_off", woff,
+                              f"the {wlen}-byte window lies outside the {windows_len} bytes of windows")
+        out.append((de, en, bits, woff, wlen))
+        prev = de
+    if not out:
+        raise FormatError(name, "access point 0 de_pos", None, "there must be at least one access point")
+    return out
+
+
 class GzipBacking(Backing):
     """As _lsmt.GzipBacking (same arguments; cache_slots is accepted and
     only range-checked)."""
 
-    def __init__(self, target, index, name="<gzip>", cache_slots=8):
-        from tcmu_obd.format import gzindex
+    def __init__(self, target, points, windows, size, name="<gzip>", cache_slots=8, *, raw_windows=False):
         super().__init__()
         if not isinstance(target, Backing):
             raise TypeError(f"Argument 'target' has incorrect type (expected Backing, got {type(target).__name__})")
         name = check_name(name)
-        if isinstance(index, (str, bytes)) or hasattr(index, "__fspath__"):
-            index = gzindex.load_index(index, gzip_size=target.size)
-        elif index.gzip_file_size != target.size:
-            raise FormatError(index.path, "gzip_file_size", index.gzip_file_size,
-                              f"the gzip blob {target.name} has {target.size} bytes")
+        self.name = name
+        wins = windows if type(windows) is bytes else bytes(memoryview(windows))
+        pts = check_points(points, len(wins), size, target.size, bool(raw_windows), name)
         if not 0 <= cache_slots <= 64:
             raise UsageError(f"cache_slots {cache_slots}: must be 0..64")
-        gzindex.check_points(index, len(index.window_area), target.size)
-        self.name = name
         self.target = target
-        self.index = index
         self.fetcher = target.fetcher
         self._fd = target.fd
-        self._size = index.uncompress_file_size
-        self._pts = [(e.de_pos, e.en_pos, e.bits, e.win_pos - index.window_start, e.win_len)
-                     for e in index.entries]
+        self._size = size
+        self._wins = wins
+        self._raw = bool(raw_windows)
+        self._pts = pts
         self._des = [p[0] for p in self._pts]
 
     def attach(self, presence, fetcher):
@@ -122,8 +156,8 @@ class GzipBacking(Backing):
 
     def _window(self, i):
         _, _, _, woff, wlen = self._pts[i]
-        raw = self.index.window_area[woff:woff + wlen]
-        if self.index.dict_compress_algo == 0:
+        raw = self._wins[woff:woff + wlen]
+        if self._raw:
             return raw
         d = zlib.decompressobj()
         try:
