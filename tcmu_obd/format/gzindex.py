@@ -14,7 +14,9 @@ xor (tcmu_obd.core.crc32c with seed 0).
 Reading the decompressed stream through an index is the core's job
 (tcmu_obd.core GzipBacking); this module only knows the file.  The writer's
 inflate loop is the core's GzipScanner (zlib's block boundaries are not
-visible from Python's zlib module).
+visible from Python's zlib module).  GzipIndexReader runs that loop in a
+worker thread and hands the decompressed stream to one reader (turboOCI-apply's
+tar header walk), so the blob is inflated once, ahead of what the reader does.
 
 Where the writer must differ from overlaybd: nowhere in the bytes.  It
 takes gzip_file_size from the bytes it was fed (or the caller), not from
