@@ -111,52 +111,10 @@ class _BackingStream(io.RawIOBase):
         return len(data)
 
 
-class _GzipStream(io.RawIOBase):
-    """The decompressed stream of a gzip input, building its index (wip-gzip's
-    GzipIndexWriter) from the very bytes it decompresses: one pass."""
-
-    def __init__(self, raw, writer):
-        self.raw, self.writer = raw, writer
-        self.buf, self.off = b"", 0
-        self._gen = None
-        self.eof = False
-
-    def readable(self):
-        return True
-
-    def _more(self):
-        while True:
-            if self._gen is not None:
-                for out in self._gen:
-                    return out
-                self._gen = None
-            if self.eof:
-                return b""
-            chunk = self.raw.read(CHUNK)
-            if not chunk:
-                self.eof = True
-                return b""
-            self._gen = self.writer.feed(chunk)
-
-    def readinto(self, b):
-        if self.off >= len(self.buf):
-            self.buf, self.off = self._more(), 0
-            if not self.buf:
-                return 0
-        n = min(len(b), len(self.buf) - self.off)
-        b[:n] = self.buf[self.off:self.off + n]
-        self.off += n
-        return n
-
-    def drain_input(self):
-        """Feed the rest of the blob (after the tar's end) to the index writer."""
-        while self._more():
-            pass
-
-
 class TurboInput:
     """The uncompressed tar of input_path: a gzip blob (index built on the
-    way, at gz_index_path), a ZFile (decompressed), or a plain tar/dump.
+    way, at gz_index_path, by format.gzindex.GzipIndexReader, which inflates
+    in a worker thread ahead of the header walk), a ZFile (decompressed), or a plain tar/dump.
     `.stream` is read sequentially; `.seekable` when skipping may seek."""
 
     def __init__(self, path, gz_index_path=None):
@@ -173,9 +131,9 @@ class TurboInput:
         if head.startswith(GZIP_MAGIC):
             self.compression = "gzip"
             if gz_index_path:
-                from tcmu_obd.format.gzindex import GzipIndexWriter
+                from tcmu_obd.format.gzindex import GzipIndexReader, GzipIndexWriter
                 self.writer = GzipIndexWriter(gz_index_path, name=path)
-                self.stream = _GzipStream(self.raw, self.writer)
+                self.stream = GzipIndexReader(self.raw, self.writer)
             else:
                 import gzip
                 self.stream = gzip.GzipFile(fileobj=self.raw, mode="rb")
@@ -194,14 +152,14 @@ class TurboInput:
     def finish(self):
         """Complete the gzip index (the rest of the blob is read first)."""
         if self.writer is not None:
-            self.stream.drain_input()
-            info = self.writer.finish(os.fstat(self.raw.fileno()).st_size)
+            info = self.stream.finish(os.fstat(self.raw.fileno()).st_size)
             self.writer = None
             return info
         return None
 
     def close(self):
         if self.writer is not None:
+            self.stream.close()         # the inflate worker stops before its input is closed
             self.writer.abort()
         self.raw.close()
         for fd in self._fds:
@@ -271,6 +229,12 @@ class HeaderWalk:
 
     def _skip(self, n):
         if not n:
+            return
+        if hasattr(self.stream, "skip"):
+            done = self.stream.skip(n)
+            if done != n:
+                raise ApplyError(f"truncated tar: file data ends at byte {self.pos + done}")
+            self.pos += n
             return
         if self.seekable:
             size = os.fstat(self.stream.fileno()).st_size

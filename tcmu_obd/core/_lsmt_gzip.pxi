@@ -50,6 +50,7 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_unlock(pthread_mutex_t *)
 
 from libc.stdlib cimport calloc
+from libc.string cimport memmove
 
 cdef enum:
     GZ_WIN = 32768            # window (dictionary) bytes
@@ -507,69 +508,64 @@ cdef struct GzScan:
     GzCand last
     int npend
     GzCand pend[GZ_PEND]
-    unsigned char ring[GZ_WIN]
+    const unsigned char *out0     # the current step's output buffer (valid during a step)
+    unsigned char hist[GZ_WIN]    # the 32 KiB of output before out0 (zeros before the stream)
     unsigned char lastwin[GZ_WIN]
     unsigned char pendwin[GZ_PEND][GZ_WIN]
-    unsigned char curwin[GZ_WIN]
 
 
-cdef void gzscan_window(GzScan *s, unsigned char *out) noexcept nogil:
+cdef void gzscan_window(const GzScan *s, unsigned char *dst) noexcept nogil:
     """The 32 KiB before the current output position, oldest first (zeros
-    before the first 32 KiB of output)."""
-    cdef uint64_t p = s.ttout % GZ_WIN
-    memcpy(out, s.ring + p, GZ_WIN - p)
-    memcpy(out + (GZ_WIN - p), s.ring, p)
+    before the first 32 KiB of output): the end of hist + this step's output."""
+    cdef uint64_t made = <uint64_t>(s.strm.next_out - s.out0)
+    if made >= GZ_WIN:
+        memcpy(dst, s.out0 + made - GZ_WIN, GZ_WIN)
+    else:
+        memcpy(dst, s.hist + made, GZ_WIN - made)
+        memcpy(dst + GZ_WIN - made, s.out0, made)
 
 
-cdef void gzscan_emit(GzScan *s, const GzCand *c, const unsigned char *win) noexcept nogil:
-    s.pend[s.npend] = c[0]
-    memcpy(s.pendwin[s.npend], win, GZ_WIN)
-    s.npend += 1
+cdef void gzscan_hist(GzScan *s) noexcept nogil:
+    """At the end of a step: hist becomes the 32 KiB before the next step's output."""
+    cdef uint64_t made = <uint64_t>(s.strm.next_out - s.out0)
+    if made >= GZ_WIN:
+        memcpy(s.hist, s.out0 + made - GZ_WIN, GZ_WIN)
+    elif made:
+        memmove(s.hist, s.hist + made, GZ_WIN - made)
+        memcpy(s.hist + GZ_WIN - made, s.out0, made)
 
 
 cdef void gzscan_record(GzScan *s) noexcept nogil:
     """overlaybd's thinning rule: about one access point per `span` output
-    bytes, the last block boundary at or before each multiple of span."""
+    bytes, the last block boundary at or before each multiple of span.  A
+    candidate's window is copied only where it is kept: into lastwin (it may
+    be emitted later) or straight into its pending slot."""
     cdef GzCand c
     c.de = s.ttout
     c.en = s.ttin
     c.bits = s.strm.data_type & 7
-    gzscan_window(s, s.curwin)
     if c.de < s.expected:
         s.last = c
-        memcpy(s.lastwin, s.curwin, GZ_WIN)
+        gzscan_window(s, s.lastwin)
         s.has_last = 1
         return
     if c.de > s.expected:
         if s.has_last:
             s.has_last = 0
-            gzscan_emit(s, &s.last, s.lastwin)
+            s.pend[s.npend] = s.last
+            memcpy(s.pendwin[s.npend], s.lastwin, GZ_WIN)
+            s.npend += 1
         s.last = c
-        memcpy(s.lastwin, s.curwin, GZ_WIN)
+        gzscan_window(s, s.lastwin)
         s.has_last = 1
         while s.expected < c.de:
             s.expected += s.span
     if c.de == s.expected:
         s.has_last = 0
-        gzscan_emit(s, &c, s.curwin)
+        s.pend[s.npend] = c
+        gzscan_window(s, s.pendwin[s.npend])
+        s.npend += 1
         s.expected += s.span
-
-
-cdef void gzscan_ring(GzScan *s, const unsigned char *out, uint64_t n) noexcept nogil:
-    """Note n output bytes (the stream's bytes [ttout, ttout+n)) in the ring."""
-    cdef uint64_t pos = s.ttout, k
-    if n > GZ_WIN:
-        out += n - GZ_WIN
-        pos += n - GZ_WIN
-        n = GZ_WIN
-    while n:
-        k = GZ_WIN - pos % GZ_WIN
-        if k > n:
-            k = n
-        memcpy(s.ring + pos % GZ_WIN, out, k)
-        out += k
-        pos += k
-        n -= k
 
 
 cdef int gzscan_step(GzScan *s, const unsigned char *inp, uint64_t in_len, unsigned char *out,
@@ -579,19 +575,17 @@ cdef int gzscan_step(GzScan *s, const unsigned char *inp, uint64_t in_len, unsig
     candidate after every call that stopped at a block boundary other than
     after the last block.  -1 on a zlib error (s.zerr)."""
     cdef unsigned in0, out0
-    cdef unsigned char *o
     cdef int r
     cdef bint progress = True
     s.strm.next_in = inp
     s.strm.avail_in = <unsigned>in_len
     s.strm.next_out = out
     s.strm.avail_out = <unsigned>out_cap
+    s.out0 = out
     while not s.ended and s.strm.avail_out and s.npend <= GZ_PEND - 2 and (s.strm.avail_in or progress):
         in0 = s.strm.avail_in
         out0 = s.strm.avail_out
-        o = s.strm.next_out
         r = inflate(&s.strm, Z_BLOCK)
-        gzscan_ring(s, o, out0 - s.strm.avail_out)
         s.ttin += in0 - s.strm.avail_in
         s.ttout += out0 - s.strm.avail_out
         progress = in0 != s.strm.avail_in or out0 != s.strm.avail_out
@@ -600,6 +594,7 @@ cdef int gzscan_step(GzScan *s, const unsigned char *inp, uint64_t in_len, unsig
             break
         if r != Z_OK and r != Z_BUF_ERROR:
             s.zerr = r
+            gzscan_hist(s)
             used[0] = in_len - s.strm.avail_in
             made[0] = out_cap - s.strm.avail_out
             return -1
@@ -607,6 +602,7 @@ cdef int gzscan_step(GzScan *s, const unsigned char *inp, uint64_t in_len, unsig
             gzscan_record(s)
         if not progress:
             break
+    gzscan_hist(s)
     used[0] = in_len - s.strm.avail_in
     made[0] = out_cap - s.strm.avail_out
     return 0
@@ -643,26 +639,40 @@ cdef class GzipScanner:
         """Inflate from data[start:]: (input bytes used, output bytes); the
         output is at most 1 MiB, and a step may stop early to hand over
         access points.  Raises ValueError("zlib error N: msg") on bad data."""
-        cdef Py_buffer view
+        out = bytearray(GZ_OUT)
+        used, made = self.step_into(data, start, out, 0)
+        return used, bytes(memoryview(out)[:made])
+
+    def step_into(self, data, Py_ssize_t start, out, Py_ssize_t out_start=0):
+        """step() writing the output into the writable buffer out[out_start:]
+        (no allocation; the GIL is released while inflating): (input bytes
+        used, output bytes written).  A step may stop early, before the input
+        is used or out is full, to hand over access points (points())."""
+        cdef Py_buffer view, oview
         cdef uint64_t used = 0, made = 0
         cdef int rc
-        cdef uint64_t n
-        cdef unsigned char *o
-        out = PyBytes_FromStringAndSize(NULL, GZ_OUT)
-        o = <unsigned char *>PyBytes_AS_STRING(out)
+        cdef uint64_t n, cap
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            if start < 0 or start > view.len:
-                raise UsageError(f"start {start} outside the {view.len}-byte chunk")
-            n = min(<uint64_t>(view.len - start), <uint64_t>1 << 30)
-            with nogil:
-                rc = gzscan_step(self.s, <const unsigned char *>view.buf + start, n, o, GZ_OUT, &used, &made)
+            PyObject_GetBuffer(out, &oview, PyBUF_WRITABLE)
+            try:
+                if start < 0 or start > view.len:
+                    raise UsageError(f"start {start} outside the {view.len}-byte chunk")
+                if out_start < 0 or out_start > oview.len:
+                    raise UsageError(f"out_start {out_start} outside the {oview.len}-byte output buffer")
+                n = min(<uint64_t>(view.len - start), <uint64_t>1 << 30)
+                cap = min(<uint64_t>(oview.len - out_start), <uint64_t>1 << 30)
+                with nogil:
+                    rc = gzscan_step(self.s, <const unsigned char *>view.buf + start, n,
+                                     <unsigned char *>oview.buf + out_start, cap, &used, &made)
+            finally:
+                PyBuffer_Release(&oview)
         finally:
             PyBuffer_Release(&view)
         if rc:
             msg = self.s.strm.msg.decode("utf-8", "replace") if self.s.strm.msg != NULL else "?"
             raise ValueError(f"zlib error {self.s.zerr}: {msg}")
-        return used, out[:made]
+        return used, made
 
     def points(self):
         """The access points chosen since the last call: (de_pos, en_pos,

@@ -16,15 +16,20 @@ Reading the decompressed stream through an index is the core's job
 open_backing() here parses and hands them over); this module only knows the
 file.  The writer's
 inflate loop is the core's GzipScanner (zlib's block boundaries are not
-visible from Python's zlib module).
+visible from Python's zlib module).  GzipIndexReader runs that loop in a
+worker thread and hands the decompressed stream to one reader (turboOCI-apply's
+tar header walk), so the blob is inflated once, ahead of what the reader does.
 
 Where the writer must differ from overlaybd: nowhere in the bytes.  It
 takes gzip_file_size from the bytes it was fed (or the caller), not from
 fstat, and it rejects a gzip stream that ends before its first member does
 (overlaybd fails the same way, with a log line).
 """
+import io
 import os
+import queue
 import struct
+import threading
 import zlib
 from collections import namedtuple
 
@@ -245,7 +250,11 @@ class GzipIndexWriter:
         self._done = False
 
     def _take_points(self):
-        for de, en, bits, win in self._scan.points():
+        self._add_points(self._scan.points())
+
+    def _add_points(self, points):
+        """Store access points (de_pos, en_pos, bits, raw window) in order."""
+        for de, en, bits, win in points:
             stored = win if self.algo == 0 else zlib.compress(win, self.level)
             self._f.write(stored)
             self._entries.append(IndexEntry(de, en, self._pos, bits, len(stored)))
@@ -323,6 +332,163 @@ class GzipIndexWriter:
         self._done = True
         with open(self.out_path, "rb") as f:
             return parse_index(f.read(), path=self.out_path, gzip_size=gzip_size)
+
+
+_END = object()
+
+
+class GzipIndexReader(io.RawIOBase):
+    """The decompressed stream of a gzip blob, read once from the start,
+    with its index written on the way by `writer` (a new GzipIndexWriter).
+
+    A worker thread reads the blob (`raw`, any binary file object with
+    readinto) in `in_size` chunks and inflates it with the writer's scanner
+    (the core's GzipScanner, GIL released) into `ahead` buffers of
+    `buf_size` bytes that the reader takes in turn: inflating runs ahead of
+    whatever the reader does with the bytes (turboOCI-apply's ext4 metadata
+    work), on the other core.  The access points' windows are compressed
+    and written by the reader's thread as their buffers are reached, so the
+    file is the one build_index writes.  One reader thread: read(),
+    readinto(), skip(); then finish() (completes the index) or close().
+
+    A zlib error in the worker reaches the reader, after the bytes decoded
+    before it, as the same FormatError feed() raises (the index is then
+    removed); a blob that ends early just ends the stream (finish() says
+    so)."""
+
+    def __init__(self, raw, writer, *, in_size=2 << 20, buf_size=4 << 20, ahead=4):
+        super().__init__()
+        self.raw, self.writer = raw, writer
+        self.in_size, self.buf_size = in_size, buf_size
+        self.fed = 0                    # compressed bytes read (the worker's count)
+        self._q = queue.SimpleQueue()   # worker -> reader: (buffer, length, points), an exception, _END
+        self._free = queue.SimpleQueue()
+        for _ in range(max(2, ahead)):
+            self._free.put(bytearray(buf_size))
+        self._stop = False
+        self._buf = None
+        self._view = memoryview(b"")
+        self._off = 0
+        self._eof = False
+        self._worker = threading.Thread(target=self._work, name="gzindex-inflate", daemon=True)
+        self._worker.start()
+
+    # -- the worker --------------------------------------------------------------------------------
+    def _work(self):
+        scan = self.writer._scan
+        inbuf = bytearray(self.in_size)
+        inview = memoryview(inbuf)
+        inlen = inpos = 0
+        eof = False
+        try:
+            while not (scan.ended or eof):
+                out = self._free.get()
+                if out is None or self._stop:
+                    return
+                filled, points = 0, []
+                try:
+                    while filled < len(out) and not scan.ended:
+                        if inpos == inlen:
+                            n = self.raw.readinto(inbuf)
+                            if not n:
+                                eof = True
+                                break
+                            self.fed += n
+                            inlen, inpos = n, 0
+                        used, made = scan.step_into(inview[:inlen], inpos, out, filled)
+                        inpos += used
+                        filled += made
+                        points.extend(scan.points())
+                        if not (used or made) and inpos < inlen:
+                            raise RuntimeError("the gzip scanner made no progress")   # never: zlib errors instead
+                except ValueError as e:
+                    self._q.put((out, filled, points))
+                    self._q.put(FormatError(self.writer.name, "gzip data", scan.total_in, f"does not inflate: {e}"))
+                    return
+                self._q.put((out, filled, points))
+            while not self._stop:           # count the bytes after the first member (gzip_file_size)
+                n = self.raw.readinto(inbuf)
+                if not n:
+                    break
+                self.fed += n
+        except BaseException as e:          # handed to the reader, raised there
+            self._q.put(e)
+            return
+        self._q.put(_END)
+
+    # -- the reader --------------------------------------------------------------------------------
+    def _next(self):
+        """The next buffer; False at the end of the stream."""
+        if self._buf is not None:
+            self._free.put(self._buf)
+            self._buf = None
+        self._view, self._off = memoryview(b""), 0
+        if self._eof:
+            return False
+        item = self._q.get()
+        if item is _END:
+            self._eof = True
+            return False
+        if isinstance(item, BaseException):
+            self._eof = True
+            self.writer.abort()
+            raise item
+        buf, n, points = item
+        self.writer._add_points(points)
+        self._buf, self._view = buf, memoryview(buf)[:n]
+        return True
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        while self._off >= len(self._view):
+            if not self._next():
+                return 0
+        n = min(len(b), len(self._view) - self._off)
+        b[:n] = self._view[self._off:self._off + n]
+        self._off += n
+        return n
+
+    def read(self, n=-1):
+        if n is None or n < 0:
+            return self.readall()
+        out = bytearray(n)
+        got = 0
+        while got < n:
+            k = self.readinto(memoryview(out)[got:])
+            if not k:
+                break
+            got += k
+        del out[got:]
+        return bytes(out)
+
+    def skip(self, n):
+        """Pass over n bytes of the stream: the number passed (less at its end)."""
+        left = n
+        while left:
+            if self._off >= len(self._view) and not self._next():
+                break
+            k = min(left, len(self._view) - self._off)
+            self._off += k
+            left -= k
+        return n - left
+
+    def finish(self, gzip_size=None):
+        """Read the rest of the stream and complete the index: writer.finish()'s
+        parsed index (gzip_size: default the bytes the blob had)."""
+        while self._next():
+            pass
+        self._worker.join()
+        return self.writer.finish(self.fed if gzip_size is None else gzip_size)
+
+    def close(self):
+        """Stop the worker (it ends at its next buffer) and wait for it."""
+        self._stop = True
+        self._free.put(None)
+        self._worker.join()
+        self._view, self._buf = memoryview(b""), None
+        super().close()
 
 
 def build_index(src, out_path, *, span=DEFAULT_SPAN, level=DEFAULT_LEVEL, gzip_size=None, name=None):
