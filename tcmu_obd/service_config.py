@@ -11,10 +11,7 @@ opens no log files and reads no credentials.
 Parsing is tcmu_obd.configfile's, with a table made from the dataclasses
 below, the same mechanism and rules as config.v1.json.  Strictness: a key
 present with the wrong JSON type (overlaybd asserts there) is a ConfigError
-naming the file, the key path and the value.  A key that
-turns on a feature tcmu-obd does not have yet (serviceConfig.enable)
-is an UnsupportedError: start-up is
-refused rather than the feature silently missing.  A path given explicitly
+naming the file, the key path and the value.  A path given explicitly
 must exist; only "no path given" falls back (load_given).  Integers must
 be JSON integers inside the range of the C++ field (uint32/int32/uint64).  An
 unknown key is ignored with an UnknownKeyWarning naming its path.  A key given
@@ -366,10 +363,11 @@ def _check(cfg, source):
         why = _p2p_address_problem(cfg.p2p_config.address)
         if why:
             bad("p2pConfig.address", cfg.p2p_config.address, why)
-    for key, on, what in (("serviceConfig.enable", cfg.service_config.enable,
-                           "the live-snapshot HTTP API is not supported yet"),):
-        if on:
-            raise UnsupportedError(f"{source}: {key} = true: {what}")
+    if cfg.service_config.enable:
+        try:
+            service_address(cfg.service_config.address)
+        except ValueError as e:
+            bad("serviceConfig.address", cfg.service_config.address, str(e))
     if cfg.io_engine != 0:
         warnings.warn(f"{source}: ioEngine = {cfg.io_engine} ({IO_ENGINES[cfg.io_engine]}): "
                       "tcmu-obd reads local layers with pread or a mapping (psync); the same bytes, "
@@ -396,6 +394,25 @@ def _p2p_address_problem(address):
     if parts.query or parts.fragment:
         return "must not have a query or fragment (blob URLs are appended to it)"
     return None
+
+
+def service_address(address):
+    """(host, port) of serviceConfig.address, `http://host[:port]` (port 80
+    when left out, as in any http URL); ValueError saying why it is not one."""
+    try:
+        parts = urlsplit(address.strip())
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"not a URL ({e})") from None
+    if parts.scheme != "http":
+        raise ValueError(f"scheme {parts.scheme!r}: expected http://host:port")
+    if not parts.hostname:
+        raise ValueError("no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("only http://host:port (the API's path is /snapshot)")
+    if port == 0:
+        raise ValueError("port 0: give the port clients will use")
+    return parts.hostname, 80 if port is None else port
 
 
 def _refill_problem(size):

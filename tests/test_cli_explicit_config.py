@@ -70,14 +70,12 @@ def test_cli_explicit_config_missing_is_an_error(tmp_path, image_cfg, how):
 
 
 @pytest.mark.parametrize("how", list(COMMANDS))
-@pytest.mark.parametrize("key,words", [
-                                       ("serviceConfig", "the live-snapshot HTTP API is not supported yet")])
-def test_cli_explicit_config_unimplemented_feature_refused(tmp_path, image_cfg, how, key, words):
+def test_cli_explicit_config_bad_snapshot_api_address_refused(tmp_path, image_cfg, how):
     svc = tmp_path / "overlaybd.json"
-    svc.write_text(json.dumps({key: {"enable": True}}))
+    svc.write_text(json.dumps({"serviceConfig": {"enable": True, "address": "ftp://127.0.0.1:9862"}}))
     r = script(*COMMANDS[how](image_cfg, svc, tmp_path))
     assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
-    assert f"{svc}: {key}.enable = true: {words}" in r.stderr, r.stderr
+    assert f'{svc}: serviceConfig.address = "ftp://127.0.0.1:9862": scheme \'ftp\'' in r.stderr, r.stderr
     assert not (tmp_path / "merged").exists() and not (tmp_path / "result").exists()
 
 

@@ -9,7 +9,7 @@ import warnings
 import pytest
 
 from tcmu_obd import service_config as sc
-from tcmu_obd.errors import ConfigError, UnsupportedError
+from tcmu_obd.errors import ConfigError
 
 # Key path -> default, transcribed from overlaybd's defaults (docs/runtime.md, Global config keys).
 SPEC_DEFAULTS = {
@@ -321,20 +321,36 @@ def test_service_config_defaults_io_engine_range_ok(engine):
         assert sc.from_dict({"ioEngine": engine}).io_engine == engine
 
 
-# ------------------------------------------------------------------ unimplemented features
-UNSUPPORTED = [({"serviceConfig": {"enable": True}}, "serviceConfig.enable = true: the live-snapshot")]
-
-
-@pytest.mark.parametrize("obj,msg", UNSUPPORTED, ids=["snapshot-api"])
-def test_service_config_defaults_unimplemented_feature_refused(tmp_path, obj, msg):
-    path = write(tmp_path, obj)
-    with pytest.raises(UnsupportedError) as info:
-        sc.load(path)
-    assert str(info.value).startswith(f"{path}: {msg}")
-    assert "not supported yet" in str(info.value)
-    key = next(iter(obj))
+# ------------------------------------------------------------------ the live-snapshot API
+@pytest.mark.parametrize("address,host,port", [("http://127.0.0.1:9862", "127.0.0.1", 9862),
+                                               ("http://localhost", "localhost", 80),
+                                               ("http://[::1]:9000/", "::1", 9000)])
+def test_service_config_defaults_snapshot_api_accepted(address, host, port):
     with no_warnings():
-        sc.from_dict({key: {"enable": False}})        # off (the default) is fine
+        cfg = sc.from_dict({"serviceConfig": {"enable": True, "address": address}})
+    assert cfg.service_config.enable
+    assert sc.service_address(cfg.service_config.address) == (host, port)
+    with no_warnings():          # enabled with the default address
+        assert sc.from_dict({"serviceConfig": {"enable": True}}).service_config.address == \
+            "http://127.0.0.1:9862"
+
+
+@pytest.mark.parametrize("address,why", [("ftp://127.0.0.1:9862", "scheme 'ftp'"),
+                                         ("127.0.0.1:9862", "scheme ''"),
+                                         ("http://:9862", "no host"),
+                                         ("http://127.0.0.1:99999", "not a URL"),
+                                         ("http://127.0.0.1:x", "not a URL"),
+                                         ("http://127.0.0.1:0", "port 0"),
+                                         ("http://127.0.0.1:9862/api", "only http://host:port"),
+                                         ("", "scheme ''")])
+def test_service_config_defaults_snapshot_api_bad_address_refused(tmp_path, address, why):
+    path = write(tmp_path, {"serviceConfig": {"enable": True, "address": address}})
+    with pytest.raises(ConfigError) as info:
+        sc.load(path)
+    assert str(info.value).startswith(f"{path}: serviceConfig.address = {json.dumps(address)}: "), info.value
+    assert why in str(info.value)
+    with no_warnings():          # not checked while the API is off, as overlaybd never reads it then
+        sc.from_dict({"serviceConfig": {"enable": False, "address": address}})
 
 
 def test_service_config_defaults_p2p_enable_accepted():

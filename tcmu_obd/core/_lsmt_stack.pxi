@@ -31,40 +31,78 @@ cdef class Stack:
     cdef int upper_tag
     cdef int lower_tags     # lower tags must be below this (files[tag], not the upper's)
     cdef int upper_files    # upper record tag t reads files[upper_tag + t], t < upper_files
+    cdef pthread_rwlock_t swap      # a read holds it shared, restack() exclusive
+
+    def __cinit__(self):
+        self.files = NULL
+        if obd_rwlock_init_wpref(&self.swap) != 0:
+            raise MemoryError("cannot initialise the stack lock")
 
     def __init__(self, list files, Index lower=None, Index upper=None, int upper_files=1):
+        self.retired = []
+        self._set(files, lower, upper, upper_files)
+
+    cdef _set(self, list files, Index lower, Index upper, int upper_files):
+        """Check a file table and its indexes, then make them this stack's
+        (the caller holds `swap` exclusively, or no read can run yet)."""
         cdef Py_ssize_t i
         cdef Backing b
+        cdef BackingC **table
         if len(files) > 256:
             raise UsageError(f"too many backing files: {len(files)}")
-        self.files_py = list(files)
-        self.retired = []
-        self.files = <BackingC **>malloc(max(1, len(files)) * sizeof(BackingC *))
-        if self.files == NULL:
-            raise MemoryError()
-        for i, f in enumerate(files):
-            b = <Backing?>f
-            self.files[i] = &b.c
-        self.nfiles = len(files)
-        self.lower = lower
-        self.upper = upper
         if upper_files not in (1, 2) or (upper is None and upper_files != 1):
             raise UsageError(f"upper_files {upper_files}: 1, or 2 for a warp upper")
-        self.upper_files = upper_files
-        self.upper_tag = self.nfiles - upper_files
-        self.lower_tags = self.upper_tag if upper is not None else self.nfiles
-        if upper is not None and self.nfiles < upper_files:
+        if upper is not None and len(files) < upper_files:
             raise UsageError("an upper index needs its backing file last in `files`")
         if upper is not None and upper is lower:
             raise UsageError("the upper index cannot also be the lower one")
+        lower_tags = len(files) - upper_files if upper is not None else len(files)
         if lower is not None:
             lf = lower._flat()
             for i in range(lf.n):
-                if lf.recs[i].tag >= self.lower_tags:
+                if lf.recs[i].tag >= lower_tags:
                     raise UsageError(f"lower record {i} has tag {lf.recs[i].tag}, no such file")
+        for f in files:
+            b = <Backing?>f
+        table = <BackingC **>malloc(max(1, len(files)) * sizeof(BackingC *))
+        if table == NULL:
+            raise MemoryError()
+        for i, f in enumerate(files):
+            b = <Backing>f
+            table[i] = &b.c
+        free(self.files)
+        self.files = table
+        self.files_py = list(files)
+        self.nfiles = len(files)
+        self.lower = lower
+        self.upper = upper
+        self.upper_files = upper_files
+        self.upper_tag = self.nfiles - upper_files
+        self.lower_tags = lower_tags
+
+    def restack(self, int keep, list files, Index lower=None, Index upper=None, int upper_files=1):
+        """Serve a new file table and indexes from now on (a live snapshot,
+        tcmu_obd.image.stack.Image.restack): the first `keep` files of the
+        current table (as they are then: a replace_file() that ran meanwhile
+        stays), then `files`; checked as __init__ checks them.  Reads
+        running on the old table finish first (they hold the stack lock
+        shared); reads after this returns see the new one.  The previous
+        backings stay alive as long as this stack.  A refused table leaves
+        the stack as it was."""
+        with nogil:
+            pthread_rwlock_wrlock(&self.swap)
+        try:
+            if not 0 <= keep <= self.nfiles:
+                raise UsageError(f"keep {keep}: the stack has {self.nfiles} files")
+            old = self.files_py
+            self._set(old[:keep] + files, lower, upper, upper_files)
+            self.retired.extend(old[keep:])
+        finally:
+            pthread_rwlock_unlock(&self.swap)
 
     def __dealloc__(self):
         free(self.files)
+        pthread_rwlock_destroy(&self.swap)
 
     @property
     def lower(self):
@@ -154,6 +192,7 @@ cdef class Stack:
         cdef const Rec *r
         cdef int rc = 0, ut
         p.len = 0
+        pthread_rwlock_rdlock(&self.swap)
         if self.upper is None:
             rc = self._read_lower(s, e, dst, s, &p, err)
         else:
@@ -180,6 +219,7 @@ cdef class Stack:
             pthread_rwlock_unlock(&self.upper.lock)
         if rc == 0:
             rc = self._flush(&p, err)
+        pthread_rwlock_unlock(&self.swap)
         if rc == 0 and err.nmiss:
             err.code = E_MISS
             rc = -1

@@ -2,9 +2,14 @@
 writable upper layer, read through one core Stack (docs/formats.md, Stacking read-only layers and Writable layer on top of a stack).
 
 Builds the merged index once per stack and answers reads and writes of the
-virtual disk.  It does not parse config files (tcmu_obd.image.config) or fetch
-remote layers; it takes opened Layer and RWLayer objects.
+virtual disk; restack() turns the upper into the top lower and serves a new
+upper, in place, while the device runs (the live snapshot,
+tcmu_obd.image.snapshot).  It does not parse config files
+(tcmu_obd.image.config) or fetch remote layers; it takes opened Layer and
+RWLayer objects.
 """
+import threading
+
 from tcmu_obd import core
 from tcmu_obd.errors import FormatError, UsageError
 from tcmu_obd.format.lsmt import SECTOR
@@ -31,7 +36,7 @@ class Image:
         if len(files) > MAX_LAYERS:
             raise FormatError("<config>", "lowers", len(self.lowers),
                               f"{len(files)} files (meta files and TurboOCI targets); at most {MAX_LAYERS}")
-        self._bases = bases
+        self._tag_of = bases[::-1]           # lowers[i]'s own file number
         warp = len(files) > len(top_first)
         self.lower_index = (core.merge([layer.index for layer in top_first], bases if warp else None)
                             if top_first else None)
@@ -50,6 +55,10 @@ class Image:
         self.remote = None        # the RemoteContext its remote layers use, if any
         self.downloader = None    # its download.Downloader (background download), if any
         self.prefetch = None      # its prefetch handle (trace record/replay, file list), if any
+        # held by writes, discards and restack(): a write is in the upper it
+        # found, whole, before a restack seals that upper
+        self.lock = threading.Lock()
+        self._retired = []        # uppers a restack sealed: their files are closed with the image
 
     @property
     def virtual_size(self):
@@ -77,14 +86,16 @@ class Image:
         return data[offset - lo:end - lo]
 
     def write(self, data, offset):
-        if self.upper is None:
-            raise UsageError("the image has no upper layer: it is read-only")
-        return self.upper.write(data, offset)
+        with self.lock:
+            if self.upper is None:
+                raise UsageError("the image has no upper layer: it is read-only")
+            return self.upper.write(data, offset)
 
     def discard(self, offset, length):
-        if self.upper is None:
-            raise UsageError("the image has no upper layer: it is read-only")
-        self.upper.discard(offset, length)
+        with self.lock:
+            if self.upper is None:
+                raise UsageError("the image has no upper layer: it is read-only")
+            self.upper.discard(offset, length)
 
     def fsync(self):
         if self.upper is not None:
@@ -98,7 +109,7 @@ class Image:
 
     def files(self):
         """Backings in tag order (a warp lower's target right after its meta file)."""
-        out = [b for layer in self.lowers[::-1] for b in layer.backings]
+        out = [self.lowers[pos].backings[role] for pos, role in self.file_layer]
         if self.upper is not None:       # a warp upper (build tools): fsmeta, then its target
             out.extend(self.upper.upper_backings() if hasattr(self.upper, "upper_backings")
                        else [self.upper.backing])
@@ -106,7 +117,45 @@ class Image:
 
     def layer_tag(self, i):
         """The core's file number (tag) of lowers[i]'s own (meta) file."""
-        return self._bases[len(self.lowers) - 1 - i]
+        return self._tag_of[i]
+
+    def restack(self, sealed, new_upper):
+        """The live snapshot's stack change: `sealed` (the current upper's
+        data file, sealed in place and opened read-only) becomes the top
+        lower, `new_upper` (an open RWLayer) the upper.  The caller holds
+        self.lock (no write is in the old upper) and has sealed it.
+
+        File numbers of the layers already there do not change (the sealed
+        layer takes the next free number, the new upper the one after), so
+        a background download or a trace recording that named a file by
+        its number still names the same one.  Reads in flight finish on the
+        old stack; later ones see the new.  Nothing changes when this raises."""
+        if self.upper is None or hasattr(self.upper, "upper_backings") or hasattr(new_upper, "upper_backings"):
+            raise UsageError("restack needs a plain writable upper, before and after")
+        tag = len(self.file_layer)
+        if len(self.lowers) + 1 > MAX_LAYERS or tag + 1 > MAX_LAYERS:
+            raise FormatError("<config>", "lowers", len(self.lowers) + 1,
+                              f"a snapshot would make {tag + 1} read-only files; at most {MAX_LAYERS}")
+        if len(sealed.backings) != 1:
+            raise UsageError(f"{sealed.path}: a sealed upper has one file, not {len(sealed.backings)}")
+        layers, bases = [sealed.index], [tag]
+        if self.lower_index is not None:
+            layers.append(self.lower_index)
+            bases.append(0)
+        lower_index = core.merge(layers, bases)
+        if new_upper.vsize == 0:
+            new_upper.update_vsize(self.virtual_size)
+        self.stack.restack(tag, [sealed.backing, new_upper.backing], lower_index, new_upper.index, 1)
+        # the stack serves the new layers: now the bookkeeping follows
+        self.lowers.append(sealed)
+        self.file_layer.append((len(self.lowers) - 1, 0))
+        self._tag_of.append(tag)
+        self.lower_index = lower_index
+        self.lower_files = self.stack.backings[:tag + 1]
+        if sealed.virtual_size > 0:
+            self.ro_vsize = sealed.virtual_size
+        self._retired.append(self.upper)
+        self.upper = new_upper
 
     def close(self):
         if self.prefetch is not None:
@@ -117,6 +166,8 @@ class Image:
             layer.close()
         if self.upper is not None:
             self.upper.close()
+        for old in self._retired:
+            old.close()
 
     def __enter__(self):
         return self

@@ -23,7 +23,7 @@ import threading
 import time
 
 from tcmu_obd.serve import handler as handler_mod
-from tcmu_obd.serve import exporter
+from tcmu_obd.serve import exporter, snapshot_api
 from tcmu_obd import service_config
 
 from tcmu_obd.errors import ObdError
@@ -261,8 +261,9 @@ def missing_module_help():
 class Daemon:
     def __init__(self, cfg, workers=8, dbus="auto", pid_file=DEFAULT_PID_FILE, write_cache=None,
                  inline_max=INLINE_MAX, metrics=True):
-        """metrics: serve exporterConfig's endpoint when it is enabled (a tool's
-        private daemon does not: the port belongs to the real daemon)."""
+        """metrics: serve exporterConfig's endpoint and serviceConfig's snapshot
+        API when they are enabled (a tool's private daemon does not: the
+        ports belong to the real daemon)."""
         from tcmu_obd.serve import _tcmu
         self._tcmu = _tcmu
         self.cfg = cfg
@@ -280,9 +281,13 @@ class Daemon:
         self.dbus_service = None
         self.metrics = None
         self.want_metrics = metrics
+        self.api = None             # serviceConfig's snapshot API, when enabled
+        self.want_api = metrics
         self.stopping = False
 
     def start(self):
+        if self.want_api:           # first: a bound port refuses start-up before devices are re-added
+            self.api = snapshot_api.start(self.cfg, self.handler.snapshot)
         nofile = raise_nofile()
         self.pool = self._tcmu.Pool(self.workers)
         blocked = set_module_param("block_netlink", 1)
@@ -391,6 +396,9 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.stop()
             self.metrics = None
+        if self.api is not None:
+            self.api.stop()
+            self.api = None
         if self.ctx is not None:
             t0 = time.monotonic()
             self.ctx.close()            # flushes and closes every image
@@ -428,7 +436,7 @@ def serve(config_path=None, workers=8, dbus="auto",
         return 1
     try:
         d.start()
-    except ObdError as e:      # StartError, or the metrics port in use
+    except ObdError as e:      # StartError, or the metrics or snapshot API port in use
         log.error("%s", e)
         if not log_stderr:
             print(f"tcmu-obd serve: {e}", file=sys.stderr)

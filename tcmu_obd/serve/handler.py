@@ -5,7 +5,8 @@ added(dev): parse the cfgstring `overlaybd/<config path>[;<dev_id>]`, open
 the image (assemble.open_image writes the resultFile), set the geometry (512-byte
 blocks, num_lbas = vsize / 512, write-protected without an upper) and start
 the device's ring (tcmu_obd.serve._tcmu).  removed(dev): stop the ring, flush and
-close the image.  The per-command work is in _tcmu (its opcode table, the
+close the image.  snapshot(dev_id, config): the live snapshot of the device
+with that dev_id (tcmu_obd.image.snapshot), for serve.snapshot_api.  The per-command work is in _tcmu (its opcode table, the
 CDB checks, READ/WRITE) and in Backend below (the other commands, by name,
 through tcmu_obd.serve.scsi).
 """
@@ -15,7 +16,9 @@ import threading
 import time
 
 from tcmu_obd.image import assemble
+from tcmu_obd.image.snapshot import take_snapshot
 from tcmu_obd.serve import scsi
+from tcmu_obd.serve.snapshot_api import NoSuchDevice
 from tcmu_obd.errors import UsageError
 
 log = logging.getLogger("tcmu_obd.serve.handler")
@@ -108,6 +111,8 @@ class OverlaybdHandler:
         self.write_cache = write_cache
         self.lock = threading.Lock()
         self.dev_ids = {}           # dev_id -> uio name
+        self.images = {}            # dev_id -> (image, config path) of a device being served
+        self.snap_lock = threading.Lock()    # a snapshot and the device's close never overlap
 
     def added(self, dev):
         t0 = time.monotonic()
@@ -145,6 +150,9 @@ class OverlaybdHandler:
                              self.write_cache)
             dev.user = {"config": path, "dev_id": dev_id, "opened": time.time()}
             dev.start(Backend(image, info), self.inline_max)
+            if dev_id:
+                with self.lock:
+                    self.images[dev_id] = (image, path)
         except Exception as e:          # noqa: BLE001
             image.close()
             self._forget(dev_id)
@@ -166,13 +174,14 @@ class OverlaybdHandler:
         if backend is None:
             return
         err = None
-        try:
-            backend.image.fsync()
-        except Exception as e:          # noqa: BLE001
-            err = e
-            log.error("%s: flush failed: %s", dev.uio_name, e)
-        finally:
-            backend.image.close()
+        with self.snap_lock:
+            try:
+                backend.image.fsync()
+            except Exception as e:          # noqa: BLE001
+                err = e
+                log.error("%s: flush failed: %s", dev.uio_name, e)
+            finally:
+                backend.image.close()
         st = dev.stats()
         log.info("%s: closed %s: %s", dev.uio_name, user.get("config"),
                  " ".join(f"{k}={v}" for k, v in st.items()))
@@ -180,10 +189,25 @@ class OverlaybdHandler:
                    dev_id=user.get("dev_id", ""), result="success" if err is None else f"flush failed: {err}",
                    **st)
 
+    def snapshot(self, dev_id, new_config):
+        """The live snapshot of the device whose cfgstring ends in `;<dev_id>`
+        onto the upper of `new_config`, which is then renamed over the
+        device's config.  NoSuchDevice when no device has that id."""
+        with self.snap_lock:
+            with self.lock:
+                found = self.images.get(dev_id)
+            if found is None:
+                raise NoSuchDevice(f"no device with dev_id {dev_id!r} (devices: "
+                                   f"{', '.join(sorted(self.images)) or 'none with a dev_id'})")
+            image, path = found
+            take_snapshot(image, path, new_config)
+        self.audit("snapshot", dev_id=dev_id, config=path, new_config=new_config, result="success")
+
     def _forget(self, dev_id):
         if dev_id:
             with self.lock:
                 self.dev_ids.pop(dev_id, None)
+                self.images.pop(dev_id, None)
 
 
 def _result_file(path, text):

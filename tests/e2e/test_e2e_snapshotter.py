@@ -1,8 +1,8 @@
 """containerd 2 + accelerated-container-image's overlaybd-snapshotter driving
 tcmu-obd (the overlaybd-tcmu daemon and tools), in the guest: rpull + run of a
 tcmu-obd-converted image, the three rwModes, the daemon killed under a running
-container, commit of a writable layer, overlaybd-attacher, a non-default
-tenant, and teardown on image removal.  The cases share one stack (conftest)
+container, commit of a writable layer, overlaybd-attacher, the live-snapshot
+API, a non-default tenant, and teardown on image removal.  The cases share one stack (conftest)
 and run in file order; the ones that restart the snapshotter or remove the
 image come last.  Not a test of containerd or the snapshotter themselves.
 """
@@ -10,6 +10,11 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -140,6 +145,109 @@ def test_overlaybd_attacher(stack, pulled, tmp_path, with_devid):
         sh(stack.aci / "overlaybd-attacher", "detach", "--id", dev_id, timeout=120)
     assert not core.exists()
     assert not any(lb.endswith(dev_id) for lb in stack.loopbacks())
+
+
+API = "http://127.0.0.1:9862/snapshot"
+OBD_CREATE = "/opt/overlaybd/bin/overlaybd-create"
+
+
+def _api(query, method="POST"):
+    """(status, body) of one request to the daemon's snapshot API."""
+    req = urllib.request.Request(f"{API}?{urllib.parse.urlencode(query)}", method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _with_service_api(stack, on):
+    """Turn serviceConfig on or off in the installed overlaybd.json and restart the daemon."""
+    path = Path("/etc/overlaybd/overlaybd.json")
+    doc = json.loads(path.read_text())
+    doc["serviceConfig"] = {"enable": on, "address": "http://127.0.0.1:9862"}
+    path.write_text(json.dumps(doc, indent=1))
+    stack.restart_daemon()
+
+
+def test_live_snapshot_api(stack, pulled, tmp_path):
+    """(j) the live-snapshot API (serviceConfig): a writable device attached as aci's
+    `overlaybd-attacher --with-devid` does (aci v1.4.5 has no other caller of the API and
+    its snapshotter attaches without a dev id), a new upper made by overlaybd-create and a
+    new config with the old upper as top lower, then the request overlaybd's API takes.
+    The file system on the device reads and writes across it; the old upper is a sealed
+    layer holding what was written before; the config was renamed over, and a re-attach
+    from it sees everything."""
+    _with_service_api(stack, True)
+    dev_id, mnt = "42430", tmp_path / "mnt"
+    mnt.mkdir()
+    _, doc = _top_config()
+    up0 = {"data": str(tmp_path / "upper0.data"), "index": str(tmp_path / "upper0.index")}
+    sh(OBD_CREATE, up0["data"], up0["index"], "64")
+    cfg = tmp_path / "config.v1.json"
+    cfg.write_text(json.dumps(dict(doc, upper=up0, resultFile=str(tmp_path / "init-debug.log"))))
+    core = CONFIGFS / "core/user_999999999" / f"dev_{dev_id}"
+    attached = mounted = False
+    try:
+        dev = sh(stack.aci / "overlaybd-attacher", "attach", "--id", dev_id, "--config", cfg,
+                 "--with-devid", timeout=300).stdout.strip().splitlines()[-1]
+        attached = True
+        assert f"overlaybd/{cfg};{dev_id}" in (core / "info").read_text()
+        sh("mount", "-t", "ext4", dev, mnt)
+        mounted = True
+        before = os.urandom(1 << 20)
+        (mnt / "before").write_bytes(before)
+        sh("sync")
+        # the caller's part: a new upper, a config with the current upper as top lower
+        up1 = {"data": str(tmp_path / "upper1.data"), "index": str(tmp_path / "upper1.index")}
+        sh(OBD_CREATE, up1["data"], up1["index"], "64")
+        new_doc = dict(doc, lowers=doc["lowers"] + [{"file": up0["data"]}], upper=up1,
+                       resultFile=str(tmp_path / "init-debug.log"))
+        new_cfg = tmp_path / "new config.json"              # a space: the query is URL-encoded
+        new_cfg.write_text(json.dumps(new_doc))
+        assert _api({"dev_id": dev_id}) == \
+            (400, b'{"success": false, "message": "Missing dev_id or config in snapshot request"}')
+        assert _api({"dev_id": "no-such-id", "config": new_cfg}) == \
+            (404, b'{"success": false, "message": "Image file not found"}')
+        sh("fsfreeze", "-f", mnt)           # a consistent file system in the sealed layer
+        try:
+            got = _api({"dev_id": dev_id, "config": new_cfg})
+        finally:
+            sh("fsfreeze", "-u", mnt)
+        assert got == (200, b'{"success": true, "message": "Snapshot created successfully"}'), \
+            got + (stack.logs(),)
+        assert not new_cfg.exists() and json.loads(cfg.read_text()) == new_doc
+        # the file system goes on: reads (caches dropped) and writes, now into upper1
+        after = os.urandom(1 << 20)
+        (mnt / "after").write_bytes(after)
+        sh("sync")
+        _drop_caches()
+        assert (mnt / "before").read_bytes() == before and (mnt / "after").read_bytes() == after
+        assert _sums_of_dir(str(mnt)) == EXPECTED
+        sealed = subprocess.run([sys.executable, "-c", "import sys; from tcmu_obd.image.layer import open_layer; "
+                                 "l = open_layer(sys.argv[1]); print(hex(l.trailer.flags), len(l.index))",
+                                 up0["data"]], capture_output=True, text=True, timeout=120)
+        assert sealed.returncode == 0 and sealed.stdout.startswith("0x6 "), sealed.stdout + sealed.stderr
+        assert os.path.getsize(up1["data"]) > 1 << 20          # the new upper took the writes
+        sh("umount", mnt)
+        mounted = False
+        sh(stack.aci / "overlaybd-attacher", "detach", "--id", dev_id, timeout=120)
+        attached = False
+        # re-attached from the renamed config: both files
+        dev = sh(stack.aci / "overlaybd-attacher", "attach", "--id", dev_id, "--config", cfg,
+                 "--with-devid", timeout=300).stdout.strip().splitlines()[-1]
+        attached = True
+        sh("mount", "-o", "ro", "-t", "ext4", dev, mnt)
+        mounted = True
+        assert (mnt / "before").read_bytes() == before and (mnt / "after").read_bytes() == after
+        assert _sums_of_dir(str(mnt)) == EXPECTED
+    finally:
+        if mounted:
+            sh("umount", mnt, check=False)
+        if attached:
+            sh(stack.aci / "overlaybd-attacher", "detach", "--id", dev_id, timeout=120, check=False)
+        _with_service_api(stack, False)
+    assert not core.exists()
 
 
 def test_commit_writable_layer_seals_it(stack, pulled, tmp_path):

@@ -6,6 +6,8 @@ does it.
 It has no C entry point (the TCMU ring needs _lsmt), builds no indexes and
 decodes no blocks itself.
 """
+import threading
+
 from tcmu_obd.errors import UsageError
 from tcmu_obd.core.reference._common import (E_RANGE, E_TAG, ReadFail, SECTOR, U64, raise_fail, typed, u64,
                                              wbuf)
@@ -30,31 +32,46 @@ class Stack:
     lower stack; only holes fall through; a hole everywhere reads as zeros."""
 
     def __init__(self, files, lower=None, upper=None, upper_files=1):
+        self._swap = threading.Lock()          # a read holds it; restack() waits for it
+        self._set(files, lower, upper, upper_files)
+
+    def _set(self, files, lower, upper, upper_files):
         if files is not None and type(files) is not list:
             raise TypeError(f"Argument 'files' has incorrect type (expected list, got {type(files).__name__})")
         typed(lower, Index, "lower")
         typed(upper, Index, "upper")
         if len(files) > 256:
             raise UsageError(f"too many backing files: {len(files)}")
-        self._files = list(files)
-        for f in self._files:
+        for f in files:
             if not isinstance(f, Backing):
                 raise TypeError(f"Cannot convert {type(f).__name__} to tcmu_obd.core.reference.Backing")
-        self._lower = lower
-        self._upper = upper
         if upper_files not in (1, 2) or (upper is None and upper_files != 1):
             raise UsageError(f"upper_files {upper_files}: 1, or 2 for a warp upper")
-        self._upper_files = upper_files
-        self._upper_tag = len(self._files) - upper_files
-        self._lower_tags = self._upper_tag if upper is not None else len(self._files)
-        if upper is not None and len(self._files) < upper_files:
+        if upper is not None and len(files) < upper_files:
             raise UsageError("an upper index needs its backing file last in `files`")
         if upper is not None and upper is lower:
             raise UsageError("the upper index cannot also be the lower one")
+        lower_tags = len(files) - upper_files if upper is not None else len(files)
         if lower is not None:
             for i, r in enumerate(lower._recs):
-                if r[4] >= self._lower_tags:
+                if r[4] >= lower_tags:
                     raise UsageError(f"lower record {i} has tag {r[4]}, no such file")
+        self._files = list(files)
+        self._lower = lower
+        self._upper = upper
+        self._upper_files = upper_files
+        self._upper_tag = len(self._files) - upper_files
+        self._lower_tags = lower_tags
+
+    def restack(self, keep, files, lower=None, upper=None, upper_files=1):
+        """Serve a new file table and indexes from now on (a live snapshot):
+        the first `keep` files of the current table, then `files`.  Reads
+        running finish on the old ones first.  A refused table leaves the
+        stack as it was."""
+        with self._swap:
+            if not 0 <= keep <= len(self._files):
+                raise UsageError(f"keep {keep}: the stack has {len(self._files)} files")
+            self._set(self._files[:keep] + list(files), lower, upper, upper_files)
 
     @property
     def lower(self):
@@ -114,6 +131,10 @@ class Stack:
             dst[(pos - base) * SECTOR:(e - base) * SECTOR] = bytes((e - pos) * SECTOR)
 
     def _read(self, dst, s, e):
+        with self._swap:
+            self._read_stack(dst, s, e)
+
+    def _read_stack(self, dst, s, e):
         p = _Pending()
         if self._upper is None:
             self._read_lower(s, e, dst, s, p)
