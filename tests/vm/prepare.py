@@ -61,6 +61,7 @@ MODULE_DIRS = [
     "drivers/target", "drivers/scsi", "drivers/uio", "drivers/virtio", "drivers/block",
     "net/9p", "fs/9p", "fs/netfs", "fs/fscache", "fs/overlayfs", "fs/configfs",
     "fs/ext4", "fs/jbd2", "fs/mbcache.ko", "lib", "crypto", "block", "arch/x86/crypto",
+    "fs/erofs",     # loaded on demand (modprobe erofs): the e2e suite's erofs TurboOCI images
 ]
 
 INIT_SH = r"""#!/bin/sh
