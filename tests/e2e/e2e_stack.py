@@ -276,6 +276,12 @@ def guest_setup():
             sh("mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", d)
     for d in ("/run/containerd", "/run/overlaybd-snapshotter", "/run/lock"):
         Path(d).mkdir(parents=True, exist_ok=True)
+    # /dev/fuse: tcmu-obd's ext4 TurboOCI tools (overlaybd-create --turboOCI --mkfs, turboOCI-apply)
+    # write through the kernel's ext4 on a FUSE + loop device while `tcmu-obd serve` runs (the
+    # daemon does not serve a warp upper).  A systemd host has the node from boot (kmod
+    # static-nodes; opening it loads the module); the guest's init has no such step.
+    if not os.path.exists("/dev/fuse"):
+        sh("modprobe", "fuse")
 
 
 def checksum_script(paths=None):
