@@ -4,6 +4,7 @@ pwrite that writes everything, and an atomic whole-file write.  Not
 buffering, not fsync policy beyond the atomic write's own."""
 import ctypes
 import os
+import shutil
 import tempfile
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -32,13 +33,17 @@ def pwrite_all(fd, data, offset):
 
 
 def write_atomic(path, data, mode=0o600, prefix=".tmp-"):
-    """Write data to path through a synced temporary file in the same
-    directory and a rename, so a reader sees the old file or the new one."""
+    """Write data (bytes, or a readable binary file copied in 1 MiB pieces,
+    never whole in memory) to path through a synced temporary file in the
+    same directory and a rename, so a reader sees the old file or the new one."""
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=prefix, dir=d)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if hasattr(data, "read"):
+                shutil.copyfileobj(data, f, 1 << 20)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)

@@ -18,9 +18,7 @@ images (tcmu_obd.build.convert)."""
 import logging
 import lzma
 import os
-import shutil
 import tarfile
-import tempfile
 import zlib
 
 from tcmu_obd.core import fileio
@@ -53,20 +51,7 @@ def is_gzip_media_type(media_type):
 def _write_member(src, path):
     """Copy a member's bytes to path in pieces (never the whole member in
     memory), through a synced temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=".meta-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            shutil.copyfileobj(src, f, CHUNK)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    fileio.write_atomic(path, src, 0o644, prefix=".meta-")
 
 
 def unpack_meta(archive, layer_dir, where):
