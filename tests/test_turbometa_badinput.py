@@ -96,3 +96,30 @@ def test_bad_pax_sparse_map_is_damage(tmp_path):
     with pytest.raises(ManifestError) as e:
         unpack(tmp_path, gzip.compress(buf.getvalue()))
     assert "reg/layers[0]" in str(e.value) and "meta archive" in str(e.value)
+
+
+# an .lzma ("alone") header asking for a 4 GiB dictionary, as fuzz_turbometa
+# found it under AddressSanitizer: tarfile's "r:*" tried xz and liblzma
+# allocated the dictionary (MemoryError under a memory limit, an
+# out-of-memory kill without one)
+LZMA_BOMB = bytes.fromhex("00000000000000000000000000000000000000ffffffffff") + bytes(60)
+
+
+def test_xz_and_lzma_are_not_tried(tmp_path):
+    import subprocess
+    import sys
+    blob = tmp_path / "bomb"
+    blob.write_bytes(LZMA_BOMB)
+    # a child with 1 GiB of address space: the 4 GiB allocation cannot hide
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+            "from tcmu_obd.image import turbometa\n"
+            "from tcmu_obd.errors import ManifestError\n"
+            "try:\n"
+            "    turbometa.unpack_meta(sys.argv[1], sys.argv[2], 'reg/layers[0]')\n"
+            "except ManifestError as e:\n"
+            "    print('refused:', e)\n")
+    (tmp_path / "layer").mkdir()
+    p = subprocess.run([sys.executable, "-c", code, str(blob), str(tmp_path / "layer")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "refused:" in p.stdout and "reg/layers[0]" in p.stdout

@@ -16,7 +16,6 @@ erofs), and every layer above uses the same file name.
 It does not read the layers (tcmu_obd.image.assemble does) nor make TurboOCI
 images (tcmu_obd.build.convert)."""
 import logging
-import lzma
 import os
 import tarfile
 import zlib
@@ -32,7 +31,7 @@ FS_PREFERENCE = ("erofs", "ext4")          # the snapshotter's turboFsType defau
 _STAMP = ".tcmu-obd-meta-digest"           # which meta blob a dir holds (so a second run reuses it)
 CHUNK = 1 << 20
 # what tarfile and the decompressors it uses raise on a damaged archive
-_DAMAGE = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError,
+_DAMAGE = (tarfile.TarError, OSError, EOFError, zlib.error,
            ValueError)      # tarfile: a GNU sparse 1.0 map that is not numbers
 
 
@@ -61,7 +60,12 @@ def unpack_meta(archive, layer_dir, where):
     trailer (gzip's CRC and length) is checked; a damaged archive is a
     ManifestError, and the files it left are not stamped (fetch_meta)."""
     try:
-        tf = tarfile.open(archive, "r:*")
+        with open(archive, "rb") as f:
+            magic = f.read(2)
+        # gzip (what accelerated-container-image writes) or a plain tar, nothing
+        # else: tarfile's "r:*" would also try xz, whose header alone can make
+        # liblzma allocate a 4 GiB dictionary
+        tf = tarfile.open(archive, "r:gz" if magic == b"\x1f\x8b" else "r:")
     except _DAMAGE as e:
         raise ManifestError(f"{where}: cannot open the TurboOCI meta archive: {e}") from None
     seen = set()
