@@ -38,6 +38,9 @@ if complete; then
     exit 0
 fi
 
+if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
+    export PATH="$PATH:/usr/local/go/bin"      # the official tarball's place, often not on PATH
+fi
 if ! command -v go >/dev/null 2>&1; then
     echo "build-e2e: 'go' is not on PATH: install Go >= 1.26 (accelerated-container-image $ACI_VERSION's go.mod asks for go 1.26.3)" >&2
     exit 1

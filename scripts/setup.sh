@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 need_apt=()
-for pkg in e2fsprogs erofs-utils gcc systemd docker-registry apache2-utils fuse3 libfuse3-3 libtcmu2 qemu-system-x86 busybox-static kmod tcmu-runner sg3-utils targetcli-fb dbus open-iscsi fio prometheus; do
+for pkg in e2fsprogs erofs-utils gcc systemd docker-registry apache2-utils fuse3 libfuse3-3 libtcmu2 qemu-system-x86 busybox-static kmod tcmu-runner sg3-utils targetcli-fb dbus open-iscsi fio prometheus runc; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -2,8 +2,12 @@
 # The test command: set up, run each fuzz harness briefly (seeded from a
 # temporary copy of fuzz/corpus/<harness>/, so the repository's corpus is
 # only read), the same over an AddressSanitizer build of the core
-# (fuzz/asan.sh; FUZZ_ASAN=0 skips it), then the test suite.
+# (fuzz/asan.sh; FUZZ_ASAN=0 skips it), then the test suite, including the
+# end-to-end suite (tests/e2e: containerd 2 and accelerated-container-image's
+# snapshotter, built from the Go module proxy on first use, about 13 minutes,
+# then cached; TCMU_OBD_E2E=0 skips it).
 set -euo pipefail
+export TCMU_OBD_E2E=${TCMU_OBD_E2E:-1}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 bash scripts/setup.sh
